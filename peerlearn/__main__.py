@@ -1,0 +1,3 @@
+from peerlearn.cli.main import main
+
+main()

@@ -1,0 +1,324 @@
+"""``peerlearn`` command line: ``node`` (daemon and control), ``sim``, ``testnet``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from peerlearn import __version__
+from peerlearn.errors import ConfigError, LocalProtocolError, PeerlearnError, unwrap_group
+from peerlearn.learning.choices import ALGORITHMS, ATTACKS, FILTERS, PARTITIONS
+from peerlearn.node.config import LEARNING_ALGORITHMS, NodeConfig, load_config
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _fail(error: BaseException) -> None:
+    error = unwrap_group(error)
+    if not isinstance(error, PeerlearnError):
+        raise error
+    click.echo(f"error: {error}", err=True)
+    sys.exit(EXIT_USAGE if isinstance(error, LocalProtocolError) else EXIT_ERROR)
+
+
+def _config(config_file: Path | None, **flags: Any) -> NodeConfig:
+    return load_config(config_file=config_file, flags=flags)
+
+
+def _emit(value: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True) if as_json else render(value))
+
+
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Node data directory [default: ~/.peerlearn/node, or PEERLEARN_DATA_DIR].",
+)
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="TOML config file (settings at top level or under [node]).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="peerlearn")
+def cli() -> None:
+    """peerlearn: peer-to-peer decentralized learning."""
+
+
+@cli.group()
+def node() -> None:
+    """Run a node daemon and talk to it."""
+
+
+@node.command("start")
+@click.option(
+    "--listen", multiple=True, help="Listen multiaddr, repeatable [default: /ip4/0.0.0.0/tcp/0]."
+)
+@click.option("--bootstrap", multiple=True, help="Peer multiaddr with /p2p/<id>, repeatable.")
+@data_dir_option
+@config_option
+@click.option("--log-level", default=None, help="debug, info, warning or error.")
+@click.option("--shutdown-timeout", type=float, default=None, help="Seconds [default: 10].")
+@click.option("--bootstrap-timeout", type=float, default=None, help="Seconds [default: 30].")
+@click.option("--swarm", default=None, help="Join this swarm and learn in it.")
+@click.option("--task", default=None, help="Learning task [default: digits].")
+@click.option(
+    "--algo",
+    type=click.Choice(LEARNING_ALGORITHMS),
+    default=None,
+    help="Learning protocol [default: gossip-vca].",
+)
+@click.option(
+    "--filter",
+    "filter_",
+    type=click.Choice(FILTERS),
+    default=None,
+    help="Robust rule for received models [default: none].",
+)
+@click.option("--data-shard", default=None, help="i/n: train on shard i of n [default: 0/1].")
+@click.option(
+    "--partition",
+    type=click.Choice(["iid", "label-skew"]),
+    default=None,
+    help="How shards are cut [default: iid].",
+)
+@click.option("--round-interval", type=float, default=None, help="Seconds per round [default: 2].")
+@click.option("--min-members", type=int, default=None, help="Members to wait for [default: 1].")
+@click.option("--sample-size", type=int, default=None, help="MoDeST trainers per round.")
+@click.option("--max-rounds", type=int, default=None, help="Stop learning after N rounds.")
+def node_start(
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    data_dir: Path | None,
+    config_file: Path | None,
+    log_level: str | None,
+    shutdown_timeout: float | None,
+    bootstrap_timeout: float | None,
+    filter_: str | None,
+    **learning: Any,
+) -> None:
+    """Run the node daemon in the foreground until SIGINT/SIGTERM or `node stop`."""
+    import trio
+
+    from peerlearn.node.daemon import Daemon, run_daemon
+    from peerlearn.node.logs import configure_logging
+
+    try:
+        config = _config(
+            config_file,
+            listen=listen,
+            bootstrap=bootstrap,
+            data_dir=data_dir,
+            log_level=log_level,
+            shutdown_timeout=shutdown_timeout,
+            bootstrap_timeout=bootstrap_timeout,
+            filter=filter_,
+            **learning,
+        )
+    except ConfigError as exc:
+        _fail(exc)
+        return
+    configure_logging(config.log_level)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            daemon: Daemon = await nursery.start(run_daemon, config)
+            click.echo(f"peerlearn node ready: peer id {daemon.identity.peer_id}")
+            for addr in daemon.host.addrs():
+                click.echo(f"  listening on {addr}")
+            click.echo(f"  data dir {daemon.data_dir.root}")
+            sys.stdout.flush()
+
+    try:
+        trio.run(main)
+    except BaseException as exc:
+        _fail(exc)
+    click.echo("peerlearn node stopped")
+
+
+def _call(data_dir: Path | None, op: str, timeout: float = 30.0, **args: Any) -> Any:
+    from peerlearn.node.control import call
+    from peerlearn.node.datadir import DataDir
+
+    config = _config(None, data_dir=data_dir)
+    return call(DataDir(config.data_dir).control_socket, op, timeout=timeout, **args)
+
+
+def _render_status(s: dict[str, Any]) -> str:
+    lines = [
+        f"peer id          {s['peer_id']}",
+        f"phase            {s['phase']}",
+        f"uptime           {s['uptime_s']:.0f} s",
+        f"connected peers  {s['connected_peers']}",
+        f"updates          {s['updates_sent']} sent, {s['updates_received']} received, "
+        f"{s['updates_rejected']} rejected",
+        f"bytes            {s['bytes_out']} out, {s['bytes_in']} in",
+    ]
+    lines += [f"listening        {a}" for a in s["addrs"]]
+    learning = s.get("learning")
+    if learning:
+        acc = "-" if learning["accuracy"] is None else f"{learning['accuracy']:.3f}"
+        join = "-" if learning["join_seconds"] is None else f"{learning['join_seconds']:.2f} s"
+        lines += [
+            f"swarm            {s['swarm']} ({learning['members']} members, joined in {join})",
+            f"learning         {learning['algo']}/{learning['filter']} {learning['phase']}, "
+            f"round {learning['round']}, accuracy {acc}",
+        ]
+    return "\n".join(lines)
+
+
+def _render_peers(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no connected peers"
+    out = []
+    for row in rows:
+        rtt = "?" if row["rtt_ms"] is None else f"{row['rtt_ms']:.0f} ms"
+        out.append(f"{row['peer_id']}  rtt {rtt}  {' '.join(row['addrs'][:2])}")
+    return "\n".join(out)
+
+
+@node.command("status")
+@data_dir_option
+@json_option
+def node_status(data_dir: Path | None, as_json: bool) -> None:
+    """Show the running daemon's state."""
+    try:
+        _emit(_call(data_dir, "status"), as_json, _render_status)
+    except PeerlearnError as exc:
+        _fail(exc)
+
+
+@node.command("peers")
+@data_dir_option
+@json_option
+def node_peers(data_dir: Path | None, as_json: bool) -> None:
+    """List connected peers with their ping round-trip time."""
+    try:
+        _emit(_call(data_dir, "peers"), as_json, _render_peers)
+    except PeerlearnError as exc:
+        _fail(exc)
+
+
+@node.command("stop")
+@data_dir_option
+def node_stop(data_dir: Path | None) -> None:
+    """Ask the running daemon to shut down gracefully."""
+    try:
+        _call(data_dir, "stop")
+    except PeerlearnError as exc:
+        _fail(exc)
+    click.echo("stop requested")
+
+
+@node.command("connect")
+@click.argument("address")
+@data_dir_option
+def node_connect(address: str, data_dir: Path | None) -> None:
+    """Connect the running daemon to ADDRESS (/ip4/.../tcp/.../p2p/<id>)."""
+    try:
+        result = _call(data_dir, "connect", address=address)
+    except PeerlearnError as exc:
+        _fail(exc)
+    click.echo(f"connected to {result['peer_id']}")
+
+
+@node.command("share")
+@click.argument("state_dict_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@data_dir_option
+@json_option
+def node_share(state_dict_file: Path, data_dir: Path | None, as_json: bool) -> None:
+    """Send a saved torch state_dict to every connected peer as a signed model update."""
+    try:
+        results = _call(data_dir, "share", timeout=600.0, path=str(state_dict_file.resolve()))
+    except PeerlearnError as exc:
+        _fail(exc)
+
+    def render(rows: list[dict[str, Any]]) -> str:
+        return "\n".join(
+            f"{r['peer_id']}: delivered {r['bytes']} bytes in {r['seconds']:.2f} s"
+            if r["ok"]
+            else f"{r['peer_id']}: NOT delivered: {r['error']}"
+            for r in rows
+        )
+
+    _emit(results, as_json, render)
+    if not all(r["ok"] for r in results):
+        sys.exit(EXIT_ERROR)
+
+
+@cli.group()
+def sim() -> None:
+    """Deterministic in-process simulations with the learning cores."""
+
+
+@sim.command("run")
+@click.option("--algo", type=click.Choice(ALGORITHMS), default="gossip-vca", show_default=True)
+@click.option("--filter", "filter_", type=click.Choice(FILTERS), default="none", show_default=True)
+@click.option("--nodes", type=int, default=20, show_default=True)
+@click.option("--byzantine", type=float, default=0.0, show_default=True, help="Fraction.")
+@click.option("--attack", type=click.Choice(ATTACKS), default="none", show_default=True)
+@click.option("--rounds", type=int, default=30, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--partition", type=click.Choice(PARTITIONS), default="iid", show_default=True)
+@click.option(
+    "--model", type=click.Choice(["auto", "mlp", "transfer"]), default="auto", show_default=True
+)
+@click.option("--fanout", type=int, default=4, show_default=True, help="Gossip/D-PSGD degree.")
+@click.option("--sample-size", type=int, default=10, show_default=True, help="MoDeST/FedAvg.")
+@click.option("--local-steps", type=int, default=10, show_default=True)
+@click.option("--kill-fraction", type=float, default=0.0, show_default=True)
+@click.option("--kill-round", type=int, default=0, show_default=True)
+@click.option("--eval-every", type=int, default=1, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Report folder [default: runs/sim-ALGO-FILTER-seedS].",
+)
+@click.option("--quiet", is_flag=True, help="Only print the summary.")
+def sim_run(**options: Any) -> None:
+    """Simulate ROUNDS of ALGO on scikit-learn's digits; print accuracy and bytes per round."""
+    from peerlearn.learning.report import write_report
+    from peerlearn.learning.sim import SimConfig, run_simulation
+
+    out = options.pop("out")
+    quiet = options.pop("quiet")
+    options["filter"] = options.pop("filter_")
+    try:
+        config = SimConfig(**options).resolved()
+    except PeerlearnError as exc:
+        _fail(exc)
+    out = out or Path("runs") / f"sim-{config.algo}-{config.filter}-seed{config.seed}"
+
+    def progress(r: Any) -> None:
+        if not quiet:
+            click.echo(
+                f"round {r.round:4d}  t={r.time:8.1f}s  acc mean {r.acc_mean:.3f} "
+                f"min {r.acc_min:.3f}  sent {r.bytes_sent / 1e6:9.2f} MB  alive {r.alive}"
+            )
+
+    result = run_simulation(config, progress)
+    paths = write_report(result, out)
+    click.echo(
+        f"final accuracy (mean of last 5 evaluations) {result.final():.3f}; "
+        f"{result.records[-1].bytes_sent / 1e6:.2f} MB sent; {result.wall_seconds:.1f} s wall"
+    )
+    click.echo(f"trace hash {result.trace_hash}")
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="peerlearn")

@@ -1,0 +1,90 @@
+"""Attacks for experiments: data poisoning (label flip) and model poisoning.
+
+Model-poisoning attacks are omniscient, as in the literature: they see the honest models
+of the round (``honest``) and return the model a Byzantine node sends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from statistics import NormalDist
+
+import torch
+
+from peerlearn.errors import LocalProtocolError
+from peerlearn.learning.aggregate import StateDict, is_averaged
+from peerlearn.learning.choices import ATTACKS
+from peerlearn.learning.data import NUM_CLASSES
+
+GAUSSIAN_STD = 1.0
+IPM_EPSILON = 0.1
+SIGN_FLIP_SCALE = 1.0
+
+ModelAttack = Callable[[StateDict, Sequence[StateDict], torch.Generator], StateDict]
+
+
+def flip_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Bristle's LABEL_FLIP_ALL: y -> (y + 1) mod C."""
+    return (labels + 1) % NUM_CLASSES
+
+
+def _stats(honest: Sequence[StateDict], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    stacked = torch.stack([h[name] for h in honest])
+    return stacked.mean(0), stacked.std(0, unbiased=False)
+
+
+def _map(own: StateDict, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> StateDict:
+    return {n: (fn(n, t) if is_averaged(n, t) else t.clone()) for n, t in own.items()}
+
+
+def sign_flip(own: StateDict, honest: Sequence[StateDict], g: torch.Generator) -> StateDict:
+    """The negated honest mean model."""
+    return _map(own, lambda n, t: -SIGN_FLIP_SCALE * _stats(honest, n)[0])
+
+
+def gaussian(own: StateDict, honest: Sequence[StateDict], g: torch.Generator) -> StateDict:
+    """The honest mean plus N(0, GAUSSIAN_STD^2) noise."""
+    return _map(
+        own, lambda n, t: _stats(honest, n)[0] + GAUSSIAN_STD * torch.randn(t.shape, generator=g)
+    )
+
+
+def alie_z(nodes: int, byzantine: int) -> float:
+    """z_max of "A little is enough" (Baruch et al. 2019)."""
+    supporters = math.floor(nodes / 2 + 1) - byzantine
+    return NormalDist().inv_cdf(max(min((nodes - supporters) / nodes, 0.999), 0.5))
+
+
+def make_alie(nodes: int, byzantine: int) -> ModelAttack:
+    z = alie_z(nodes, byzantine)
+
+    def shifted(honest: Sequence[StateDict], name: str) -> torch.Tensor:
+        mean, std = _stats(honest, name)
+        return mean - z * std
+
+    def alie(own: StateDict, honest: Sequence[StateDict], g: torch.Generator) -> StateDict:
+        """mean - z * std, coordinate-wise over the honest models."""
+        return _map(own, lambda n, t: shifted(honest, n))
+
+    return alie
+
+
+def ipm(own: StateDict, honest: Sequence[StateDict], g: torch.Generator) -> StateDict:
+    """Inner-product manipulation: -epsilon times the honest mean."""
+    return _map(own, lambda n, t: -IPM_EPSILON * _stats(honest, n)[0])
+
+
+def model_attack(name: str, *, nodes: int, byzantine: int) -> ModelAttack | None:
+    """The model-poisoning function for ``name`` (None for none and label-flip)."""
+    if name in ("none", "label-flip"):
+        return None
+    if name == "sign-flip":
+        return sign_flip
+    if name == "gaussian":
+        return gaussian
+    if name == "alie":
+        return make_alie(nodes, byzantine)
+    if name == "ipm":
+        return ipm
+    raise LocalProtocolError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")

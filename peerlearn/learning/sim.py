@@ -1,0 +1,526 @@
+"""Deterministic in-process simulator: many nodes, virtual time, seeded, the real learning cores.
+
+Algorithms:
+
+* ``fedavg``: a central server (reference only) averages the models of ``sample_size`` clients.
+* ``dpsgd``: every node trains, then averages with its neighbours on a fixed random graph.
+* ``gossip`` / ``gossip-vca``: every node trains and sends its model to ``fanout`` random peers,
+  then merges what it received with ``beta*own + (1-beta)*rule(received)`` (plus VCA).
+* ``modest``: the ``ModestNode`` protocol cores exchange messages through a discrete-event
+  network with latency, bandwidth and ping timeouts; the same cores the daemon runs.
+
+Filters (``none``, ``median``, ``trimmed``, ``krum``, ``clip``, ``bristle``) replace the rule that
+combines received models. Byzantine nodes poison data (``label-flip``) or models
+(``sign-flip``, ``gaussian``, ``alie``, ``ipm``). Same config -> same trace hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from peerlearn.errors import LocalProtocolError
+from peerlearn.learning import attacks, bristle, data, modest, protocols, robust
+from peerlearn.learning.choices import ALGORITHMS, ATTACKS, FILTERS, PARTITIONS
+from peerlearn.learning.model import ModelSpec, StateDict, accuracy, featurize, sgd
+
+MESSAGE_OVERHEAD = 64  # bytes counted for each control message (ping, pong, ack)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One experiment. Times are virtual seconds; sizes are counts."""
+
+    algo: str = "gossip-vca"
+    filter: str = "none"
+    nodes: int = 20
+    byzantine: float = 0.0  # fraction of nodes that attack
+    attack: str = "none"
+    rounds: int = 30
+    seed: int = 0
+    partition: str = "iid"
+    classes_per_node: int = 4  # label-skew
+    dirichlet_alpha: float = 0.5
+    model: str = "auto"  # mlp, transfer, or auto (transfer for bristle, else mlp)
+    hidden: int = 0  # 0: 32 for mlp, 256 for transfer
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 0.0  # 0: 0.1 for mlp, 0.5 for transfer
+    fanout: int = 4  # gossip peers per round; dpsgd graph degree
+    beta: float = 0.5  # weight of a node's own model when merging
+    sample_size: int = 10  # modest/fedavg participants per round (<= nodes)
+    aggregators: int = 1
+    success_fraction: float = 1.0
+    kill_fraction: float = 0.0
+    kill_round: int = 0  # 0: never
+    latency: float = 0.05  # seconds per message
+    bandwidth: float = 10e6  # bytes per second per message
+    train_time: float = 1.0  # seconds per local training
+    eval_every: int = 1
+
+    def resolved(self) -> SimConfig:
+        if self.algo not in ALGORITHMS:
+            raise LocalProtocolError(f"unknown algo {self.algo!r}; known: {', '.join(ALGORITHMS)}")
+        if self.filter not in FILTERS:
+            raise LocalProtocolError(f"unknown filter {self.filter!r}; known: {', '.join(FILTERS)}")
+        if self.partition not in PARTITIONS:
+            raise LocalProtocolError(f"unknown partition {self.partition!r}")
+        if self.attack not in ATTACKS:
+            raise LocalProtocolError(f"unknown attack {self.attack!r}")
+        if self.filter == "bristle" and self.algo not in ("gossip", "gossip-vca", "dpsgd"):
+            raise LocalProtocolError(
+                "bristle merges gossiped layers: use gossip, gossip-vca or dpsgd"
+            )
+        if not 0 <= self.byzantine < 1 or not 0 <= self.kill_fraction < 1:
+            raise LocalProtocolError("byzantine and kill fractions must be in [0, 1)")
+        if self.nodes < 2 or self.rounds < 1:
+            raise LocalProtocolError("need at least 2 nodes and 1 round")
+        model = (
+            self.model
+            if self.model != "auto"
+            else ("transfer" if self.filter == "bristle" else "mlp")
+        )
+        if self.filter == "bristle" and model != "transfer":
+            raise LocalProtocolError("bristle needs the transfer model (frozen extractor)")
+        transfer = model == "transfer"
+        return SimConfig(
+            **{
+                **asdict(self),
+                "model": model,
+                "hidden": self.hidden or (256 if transfer else 32),
+                "lr": self.lr or (0.5 if transfer else 0.1),
+                "sample_size": min(self.sample_size, self.nodes),
+                "aggregators": min(self.aggregators, self.nodes),
+                "fanout": min(self.fanout, self.nodes - 1),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    time: float  # virtual seconds
+    acc_mean: float  # over honest alive nodes (the aggregate for fedavg/modest)
+    acc_min: float
+    bytes_sent: int  # cumulative, all nodes
+    alive: int
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    records: list[RoundRecord] = field(default_factory=list)
+    trace_hash: str = ""
+    wall_seconds: float = 0.0
+
+    def rounds_to(self, target: float) -> int | None:
+        """First round whose mean honest accuracy reaches ``target``."""
+        return next((r.round for r in self.records if r.acc_mean >= target), None)
+
+    def final(self, last: int = 5) -> float:
+        """Mean honest accuracy over the last ``last`` evaluations."""
+        tail = self.records[-last:]
+        return sum(r.acc_mean for r in tail) / len(tail) if tail else 0.0
+
+
+@dataclass
+class _Node:
+    index: int
+    pk: bytes
+    train: data.Dataset
+    test: data.Dataset  # Bristle's small local test set
+    familiar: list[int]
+    byzantine: bool
+    generator: torch.Generator
+    model: StateDict
+    alive: bool = True
+    merger: bristle.BristleMerger | None = None
+
+
+class _Trace:
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def add(self, *items: object) -> None:
+        self._hash.update(repr(items).encode())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class Simulation:
+    """Builds the nodes for a config and runs the chosen algorithm."""
+
+    def __init__(
+        self, config: SimConfig, progress: Callable[[RoundRecord], None] | None = None
+    ) -> None:
+        self.config = config = config.resolved()
+        self.progress = progress
+        self.rng = random.Random(config.seed)
+        torch.manual_seed(config.seed)
+        self.spec = ModelSpec(config.model, config.hidden)
+        train, test = data.digits()
+        self.test = featurize(self.spec, test)
+        self.trace = _Trace()
+        self.bytes_sent = 0
+        self.result = SimResult(config)
+        self.nodes = self._make_nodes(featurize(self.spec, train))
+        self.honest = [n for n in self.nodes if not n.byzantine]
+        self.model_bytes = sum(t.numel() * t.element_size() for t in self.nodes[0].model.values())
+        self.rule = robust.create_rule(
+            config.filter if config.filter != "bristle" else "mean",
+            f=max(1, round(config.byzantine * config.nodes)),
+        )
+        self.attack = attacks.model_attack(
+            config.attack, nodes=config.nodes, byzantine=len(self.nodes) - len(self.honest)
+        )
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _make_nodes(self, train: data.Dataset) -> list[_Node]:
+        c = self.config
+        rng = np.random.default_rng(c.seed)
+        labels = train.y.numpy()
+        n_byz = round(c.byzantine * c.nodes)
+        byzantine = set(self.rng.sample(range(c.nodes), n_byz))
+        honest_count = c.nodes - n_byz
+        if c.partition == "iid":
+            parts = data.partition_iid(labels, c.nodes, rng)
+        elif c.partition == "label-skew":
+            # Honest nodes hold a few classes; Byzantine nodes hold everything (as in Bristle).
+            skewed = data.partition_label_skew(labels, honest_count, c.classes_per_node, rng)
+            iid = data.partition_iid(labels, max(n_byz, 1), rng)
+            parts = [skewed.pop(0) if i not in byzantine else iid.pop(0) for i in range(c.nodes)]
+        else:
+            parts = data.partition_dirichlet(labels, c.nodes, c.dirichlet_alpha, rng)
+        shared_init = self.spec.init(torch.Generator().manual_seed(c.seed))
+        nodes = []
+        for i, part in enumerate(parts):
+            local = train.subset(part)
+            if c.filter == "bristle":
+                local_test, local_train = bristle.split_local_test(local, rng)
+            else:
+                local_test, local_train = local, local
+            generator = torch.Generator().manual_seed(c.seed * 100_003 + i)
+            if c.algo in ("fedavg", "modest"):
+                model = {k: v.clone() for k, v in shared_init.items()}
+            else:  # decentralized learners initialise independently (the VCA setting)
+                model = self.spec.init(generator)
+            pk = hashlib.sha256(f"peer-{c.seed}-{i}".encode()).digest()
+            nodes.append(
+                _Node(
+                    i,
+                    pk,
+                    local_train,
+                    local_test,
+                    data.classes_present(local.y),
+                    i in byzantine,
+                    generator,
+                    model,
+                )
+            )
+        if c.filter == "bristle":
+            for node in nodes:
+                node.merger = bristle.BristleMerger(
+                    self.spec, node.test, node.familiar, random.Random(c.seed * 7919 + node.index)
+                )
+        return nodes
+
+    # -- shared steps ---------------------------------------------------------------------
+
+    def _local_train(self, node: _Node, model: StateDict) -> StateDict:
+        c = self.config
+        train = node.train
+        if node.byzantine and c.attack == "label-flip":
+            train = data.Dataset(train.x, attacks.flip_labels(train.y))
+        trained = sgd(
+            self.spec,
+            model,
+            train,
+            steps=c.local_steps,
+            batch_size=c.batch_size,
+            lr=c.lr,
+            generator=node.generator,
+        )
+        if c.filter == "bristle" and not node.byzantine:
+            trained = bristle.consolidate(model, trained, node.familiar)
+        return trained
+
+    def _outgoing(
+        self, node: _Node, model: StateDict, honest_models: Sequence[StateDict]
+    ) -> StateDict:
+        if node.byzantine and self.attack is not None and honest_models:
+            return self.attack(model, honest_models, node.generator)
+        return model
+
+    def _merge(self, node: _Node, received: list[StateDict]) -> StateDict:
+        if node.merger is not None:
+            return node.merger(node.model, received)
+        return protocols.merge_received(
+            node.model,
+            received,
+            rule=self.rule,
+            beta=self.config.beta,
+            variance_correction=self.config.algo == "gossip-vca",
+        )
+
+    def _kill(self, round_: int) -> None:
+        c = self.config
+        if c.kill_round != round_ or c.kill_fraction <= 0:
+            return
+        alive = [n for n in self.nodes if n.alive]
+        for node in self.rng.sample(alive, int(len(alive) * c.kill_fraction)):
+            node.alive = False
+        self.trace.add("kill", round_, [n.index for n in self.nodes if not n.alive])
+
+    def _record(self, round_: int, now: float, models: Sequence[StateDict]) -> None:
+        accs = [accuracy(self.spec, m, self.test) for m in models] or [0.0]
+        record = RoundRecord(
+            round_,
+            now,
+            sum(accs) / len(accs),
+            min(accs),
+            self.bytes_sent,
+            sum(n.alive for n in self.nodes),
+        )
+        self.result.records.append(record)
+        self.trace.add(record)
+        if self.progress is not None:
+            self.progress(record)
+
+    def _evaluate_nodes(self, round_: int, now: float) -> None:
+        if round_ % self.config.eval_every == 0 or round_ == self.config.rounds:
+            self._record(round_, now, [n.model for n in self.honest if n.alive])
+
+    # -- algorithms ------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        started = time.perf_counter()
+        torch.set_num_threads(1)  # tiny models: threads only add overhead and nondeterminism
+        runner = {
+            "fedavg": self._run_fedavg,
+            "dpsgd": self._run_dpsgd,
+            "gossip": self._run_gossip,
+            "gossip-vca": self._run_gossip,
+            "modest": self._run_modest,
+        }[self.config.algo]
+        runner()
+        self.result.trace_hash = self.trace.hexdigest()
+        self.result.wall_seconds = time.perf_counter() - started
+        return self.result
+
+    def _run_fedavg(self) -> None:
+        c = self.config
+        global_model = self.nodes[0].model
+        for r in range(1, c.rounds + 1):
+            self._kill(r)
+            alive = [n for n in self.nodes if n.alive]
+            clients = self.rng.sample(alive, min(c.sample_size, len(alive)))
+            trained = [(n, self._local_train(n, global_model)) for n in clients]
+            honest = [m for n, m in trained if not n.byzantine]
+            uploads = [self._outgoing(n, m, honest) for n, m in trained]
+            self.bytes_sent += 2 * len(clients) * self.model_bytes
+            global_model = self.rule(global_model, uploads)
+            self.trace.add(r, sorted(n.index for n in clients))
+            if r % c.eval_every == 0 or r == c.rounds:
+                self._record(r, r * c.train_time, [global_model])
+
+    def _graph(self) -> list[list[int]]:
+        """Union of fanout/2 random Hamiltonian cycles: a connected, ~fanout-regular graph."""
+        n = self.config.nodes
+        neighbours: list[set[int]] = [set() for _ in range(n)]
+        for _ in range(max(1, self.config.fanout // 2)):
+            cycle = list(range(n))
+            self.rng.shuffle(cycle)
+            for a, b in itertools.pairwise([*cycle, cycle[0]]):
+                if a != b:
+                    neighbours[a].add(b)
+                    neighbours[b].add(a)
+        return [sorted(s) for s in neighbours]
+
+    def _run_dpsgd(self) -> None:
+        c = self.config
+        graph = self._graph()
+        for r in range(1, c.rounds + 1):
+            self._kill(r)
+            alive = [n for n in self.nodes if n.alive]
+            trained = {n.index: self._local_train(n, n.model) for n in alive}
+            honest = [trained[n.index] for n in alive if not n.byzantine]
+            sent = {n.index: self._outgoing(n, trained[n.index], honest) for n in alive}
+            for n in alive:
+                n.model = trained[n.index]
+            for n in alive:
+                inbox = [sent[j] for j in graph[n.index] if self.nodes[j].alive]
+                self.bytes_sent += len(inbox) * self.model_bytes
+                n.model = (
+                    self._merge(n, inbox)
+                    if n.merger
+                    else protocols.neighbourhood_mean(n.model, inbox, rule=self.rule)
+                )
+            self._evaluate_nodes(r, r * c.train_time)
+
+    def _run_gossip(self) -> None:
+        c = self.config
+        for r in range(1, c.rounds + 1):
+            self._kill(r)
+            alive = [n for n in self.nodes if n.alive]
+            for n in alive:
+                n.model = self._local_train(n, n.model)
+            honest = [n.model for n in alive if not n.byzantine]
+            inboxes: dict[int, list[StateDict]] = {n.index: [] for n in alive}
+            for n in alive:
+                outgoing = self._outgoing(n, n.model, honest)
+                targets = self.rng.sample([m for m in range(c.nodes) if m != n.index], c.fanout)
+                self.bytes_sent += len(targets) * self.model_bytes
+                for t in targets:
+                    if t in inboxes:
+                        inboxes[t].append(outgoing)
+            for n in alive:
+                n.model = self._merge(n, inboxes[n.index])
+            self._evaluate_nodes(r, r * c.train_time)
+
+    def _run_modest(self) -> None:
+        _ModestNetwork(self).run()
+
+
+class _ModestNetwork:
+    """Discrete-event network for ``ModestNode`` cores: latency, bandwidth, timers, crashes."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        c = sim.config
+        self.settings = modest.ModestSettings(
+            sample_size=c.sample_size,
+            aggregators=c.aggregators,
+            success_fraction=c.success_fraction,
+            ping_interval=0.5,
+            ping_timeout=2.0,
+            aggregation_timeout=10 * c.train_time,
+            ack_timeout=30 * c.train_time,
+            round_timeout=40 * c.train_time,
+            stall_timeout=60 * c.train_time,
+        )
+        self.by_pk = {n.pk: n for n in sim.nodes}
+        peers = [n.pk for n in sim.nodes]
+        self.cores = {
+            n.pk: modest.ModestNode(n.pk, peers, self.settings, self._aggregate_for(n))
+            for n in sim.nodes
+        }
+        self.queue: list[tuple[float, int, str, Any]] = []
+        self.counter = itertools.count()
+        self.timers: dict[bytes, float] = {}
+        self.now = 0.0
+        self.recorded_round = 0
+        self.latest_honest: dict[bytes, StateDict] = {}
+
+    def _aggregate_for(self, node: _Node) -> Callable[[list[Any]], Any]:
+        def aggregate_models(models: list[Any]) -> Any:
+            return self.sim.rule(node.model, models)
+
+        return aggregate_models
+
+    def _push(self, at: float, kind: str, payload: Any) -> None:
+        heapq.heappush(self.queue, (at, next(self.counter), kind, payload))
+
+    def _size(self, message: modest.Message) -> int:
+        if isinstance(message, modest.TrainedModel | modest.AggregatedModel):
+            return self.sim.model_bytes + 48 * len(message.view)
+        return MESSAGE_OVERHEAD
+
+    def _flush(self, pk: bytes) -> None:
+        core = self.cores[pk]
+        for send in core.messages_to_send():
+            size = self._size(send.message)
+            self.sim.bytes_sent += size
+            delay = self.sim.config.latency + size / self.sim.config.bandwidth
+            self._push(self.now + delay, "deliver", (pk, send.dst, send.message))
+        while (event := core.next_event()) is not None:
+            self._on_event(pk, event)
+        timer = core.get_timer()
+        if timer is not None and self.timers.get(pk) != timer:
+            self.timers[pk] = timer
+            self._push(max(timer, self.now), "timer", (pk, timer))
+
+    def _on_event(self, pk: bytes, event: modest.Event) -> None:
+        node = self.by_pk[pk]
+        if isinstance(event, modest.TrainRequest):
+            node.model = event.model
+            self._push(
+                self.now + self.sim.config.train_time, "trained", (pk, event.round, event.model)
+            )
+        elif isinstance(event, modest.RoundAggregated) and event.round > self.recorded_round:
+            self.recorded_round = event.round
+            self.sim.trace.add(
+                "aggregated", event.round, [self.by_pk[c].index for c in event.contributors]
+            )
+            if (
+                event.round % self.sim.config.eval_every == 0
+                or event.round >= self.sim.config.rounds
+            ):
+                self.sim._record(event.round, self.now, [event.model])
+            self.sim._kill(event.round)
+            # Swarm-wide progress, as the daemon learns it from the CRDT round record.
+            for other in self.sim.nodes:
+                if other.alive and other.pk != pk:
+                    self.cores[other.pk].observe_round(event.round, self.now)
+                    self._flush(other.pk)
+            self.cores[pk].observe_round(event.round, self.now)
+
+    def run(self) -> None:
+        c = self.sim.config
+        initial = self.sim.nodes[0].model
+        for pk, core in self.cores.items():
+            core.start(initial, 0.0)
+            self._flush(pk)
+        deadline = (c.rounds + 5) * 60 * c.train_time  # virtual seconds: a stuck run ends
+        while self.queue and self.recorded_round < c.rounds:
+            self.now, _, kind, payload = heapq.heappop(self.queue)
+            if self.now > deadline:
+                break
+            if kind == "deliver":
+                src, dst, message = payload
+                if not self.by_pk[dst].alive:
+                    continue
+                self.sim.trace.add(
+                    round(self.now, 9),
+                    self.by_pk[src].index,
+                    self.by_pk[dst].index,
+                    type(message).__name__,
+                    getattr(message, "round", None),
+                )
+                self.cores[dst].receive(src, message, self.now)
+                self._flush(dst)
+            elif kind == "timer":
+                pk, at = payload
+                if self.timers.get(pk) != at or not self.by_pk[pk].alive:
+                    continue
+                del self.timers[pk]
+                self.cores[pk].handle_timer(self.now)
+                self._flush(pk)
+            else:  # trained
+                pk, round_, model = payload
+                node = self.by_pk[pk]
+                if not node.alive:
+                    continue
+                trained = self.sim._local_train(node, model)
+                if not node.byzantine:
+                    self.latest_honest[pk] = trained
+                outgoing = self.sim._outgoing(node, trained, list(self.latest_honest.values()))
+                self.cores[pk].training_done(round_, outgoing, self.now)
+                self._flush(pk)
+
+
+def run_simulation(
+    config: SimConfig, progress: Callable[[RoundRecord], None] | None = None
+) -> SimResult:
+    """Run one experiment; ``progress`` is called after every evaluated round."""
+    return Simulation(config, progress).run()

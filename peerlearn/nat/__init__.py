@@ -1,0 +1,1 @@
+"""NAT traversal: reachability, relay reservations and hole punching."""

@@ -1,0 +1,1 @@
+"""The node daemon: libp2p adapter, control API, blob transfer, configuration."""

@@ -1,0 +1,250 @@
+"""Node configuration: defaults < TOML file < environment (``PEERLEARN_*``) < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from peerlearn.errors import ConfigError
+
+ENV_PREFIX = "PEERLEARN_"
+MIB = 2**20
+DEFAULT_DATA_DIR = Path("~/.peerlearn/node").expanduser()
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node daemon needs; each field documents its unit."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    """Identity key, lock, control socket, received updates and checkpoints live here."""
+
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    """libp2p listen multiaddrs (TCP); 0.0.0.0 is expanded to each interface address."""
+
+    bootstrap: tuple[str, ...] = ()
+    """Peers to connect to at start (``/ip4/.../tcp/.../p2p/<id>``)."""
+
+    bootstrap_timeout: float = 30.0
+    """Seconds to keep retrying bootstrap peers before failing with an error."""
+
+    shutdown_timeout: float = 10.0
+    """Seconds allowed for a graceful shutdown after SIGINT/SIGTERM or `node stop`."""
+
+    max_connections: int = 256
+    """Upper bound on simultaneous libp2p connections."""
+
+    max_blob_size: int = 1024 * MIB
+    """Largest model/blob (bytes) we accept from a peer."""
+
+    blob_chunk_size: int = 1 * MIB
+    """Bytes per write when sending a blob."""
+
+    blob_timeout: float = 300.0
+    """Seconds allowed for one blob transfer (offer to acknowledgement)."""
+
+    log_level: str = "info"
+    """debug, info, warning or error."""
+
+    swarm: str = ""
+    """Swarm to join and learn in (empty: no swarm, the node only serves `share`)."""
+
+    mdns: bool = True
+    """Announce and discover peers with mDNS on the local network (never on loopback)."""
+
+    task: str = "digits"
+    """Learning task (scikit-learn's bundled digits)."""
+
+    algo: str = "gossip-vca"
+    """gossip-vca, gossip, dpsgd or modest."""
+
+    filter: str = "none"
+    """Robust rule for received models: none, median, trimmed, krum or clip."""
+
+    byzantine_bound: int = 1
+    """Assumed number of Byzantine peers among received models (krum, trimmed)."""
+
+    data_shard: str = "0/1"
+    """i/n: this node trains on the i-th of n shards of the training data."""
+
+    partition: str = "iid"
+    """How shards are cut: iid, or label-skew (each shard holds classes_per_node classes)."""
+
+    classes_per_node: int = 4
+    """Classes per shard with partition = label-skew."""
+
+    round_interval: float = 2.0
+    """Seconds between gossip/D-PSGD rounds."""
+
+    local_steps: int = 10
+    """SGD steps per round."""
+
+    batch_size: int = 16
+    """Samples per SGD step."""
+
+    lr: float = 0.0
+    """SGD learning rate (0: 0.1 for the MLP, 0.5 for Bristle's output layer)."""
+
+    fanout: int = 4
+    """Peers each model is pushed to per round (gossip), or graph degree (dpsgd)."""
+
+    beta: float = 0.5
+    """Weight of the node's own model when merging."""
+
+    sample_size: int = 10
+    """MoDeST trainers per round."""
+
+    aggregators: int = 1
+    """MoDeST aggregators per round."""
+
+    min_members: int = 1
+    """Wait until the swarm has this many members before learning starts."""
+
+    max_rounds: int = 0
+    """Stop learning after this many rounds (0: never)."""
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+_TYPES = get_type_hints(NodeConfig)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = _TYPES[name]
+    try:
+        if kind is Path:
+            return Path(str(value)).expanduser()
+        if kind == tuple[str, ...]:
+            if isinstance(value, str):
+                value = [part for part in value.replace(",", " ").split() if part]
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise TypeError("expected a list of strings")
+            return tuple(value)
+        if kind is float and not isinstance(value, bool):
+            return float(value)
+        if kind is int and not isinstance(value, bool | float):
+            return int(value)
+        if kind is str and isinstance(value, str):
+            return value
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"1", "true", "yes", "0", "false", "no"}:
+                return value.lower() in {"1", "true", "yes"}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {name} = {value!r} is invalid: {exc}") from exc
+    raise ConfigError(f"{source}: {name} = {value!r} is not a valid {kind}")
+
+
+def _validate(config: NodeConfig) -> NodeConfig:
+    positive = ("bootstrap_timeout", "shutdown_timeout", "max_connections", "max_blob_size")
+    for name in (*positive, "blob_chunk_size", "blob_timeout"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+    if config.log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(f"log_level must be debug/info/warning/error, not {config.log_level!r}")
+    if not config.listen:
+        raise ConfigError("at least one listen address is required")
+    if config.swarm:
+        _validate_learning(config)
+    return config
+
+
+def _validate_learning(config: NodeConfig) -> None:
+    from peerlearn.learning.choices import FILTERS
+
+    if config.algo not in LEARNING_ALGORITHMS:
+        raise ConfigError(
+            f"algo must be one of {', '.join(LEARNING_ALGORITHMS)}, not {config.algo!r}"
+        )
+    if config.filter not in FILTERS:
+        raise ConfigError(f"filter must be one of {', '.join(FILTERS)}, not {config.filter!r}")
+    if config.filter == "bristle" and config.algo == "modest":
+        raise ConfigError("bristle merges gossiped output layers: use gossip, gossip-vca or dpsgd")
+    if config.partition not in ("iid", "label-skew"):
+        raise ConfigError(f"partition must be iid or label-skew, not {config.partition!r}")
+    if config.task != "digits":
+        raise ConfigError(f"unknown task {config.task!r}; known: digits")
+    if not all(c.isalnum() or c in "-_." for c in config.swarm) or len(config.swarm) > 64:
+        raise ConfigError("swarm names are 1-64 letters, digits, '-', '_' or '.'")
+    parse_shard(config.data_shard)
+    if config.lr < 0:
+        raise ConfigError(f"lr must not be negative, got {config.lr}")
+    for name in (
+        "round_interval",
+        "local_steps",
+        "batch_size",
+        "classes_per_node",
+        "fanout",
+        "sample_size",
+        "aggregators",
+        "min_members",
+    ):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+    if not 0.0 <= config.beta <= 1.0:
+        raise ConfigError(f"beta must be in [0, 1], got {config.beta}")
+
+
+LEARNING_ALGORITHMS = ("gossip-vca", "gossip", "dpsgd", "modest")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """ "i/n" -> (i, n) with 0 <= i < n."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"data_shard must look like 2/5, not {text!r}") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"data_shard {text!r}: need 0 <= i < n")
+    return index, count
+
+
+def _layer(values: dict[str, Any], updates: Mapping[str, Any], source: str) -> None:
+    for key, value in updates.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(f"{source}: unknown setting {key!r}; known: {', '.join(_FIELDS)}")
+        values[name] = _coerce(name, value, source)
+
+
+def load_config(
+    *,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Merge the four layers. ``flags`` entries that are None (flag not given) are skipped."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            document = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        _layer(values, document.get("node", document), str(config_file))
+    env = os.environ if env is None else env
+    from_env = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in env.items()
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in _FIELDS
+    }
+    _layer(values, from_env, "environment")
+    _layer(values, {k: v for k, v in (flags or {}).items() if v not in (None, ())}, "flags")
+    return _validate(dataclasses.replace(NodeConfig(), **values))
+
+
+def config_as_dict(config: NodeConfig) -> dict[str, Any]:
+    """JSON/msgpack-friendly view (paths as strings, tuples as lists)."""
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        value = getattr(config, name)
+        out[name] = (
+            str(value)
+            if isinstance(value, Path)
+            else (list(value) if isinstance(value, tuple) else value)
+        )
+    return out

@@ -1,0 +1,131 @@
+"""Local control API: msgpack request/response frames over a Unix socket in the data dir.
+
+Request ``{"op": str, "args": map}``; response ``{"ok": true, "result": ...}`` or
+``{"ok": false, "error": str}``. The server is trio; the client is plain blocking
+sockets so the CLI stays synchronous.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from peerlearn import wire
+from peerlearn.errors import ControlError, PeerlearnError, RemoteProtocolError
+from peerlearn.node.framing import receive_frame, send_frame
+
+logger = logging.getLogger(__name__)
+
+MAX_CONTROL_MESSAGE = 16 * 2**20  # bytes
+_LIMITS = wire.Limits(max_message_size=MAX_CONTROL_MESSAGE)
+_HEADER = struct.Struct(">I")
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+async def _serve_connection(stream: trio.SocketStream, handlers: Mapping[str, Handler]) -> None:
+    async with stream:
+        try:
+            request = wire.expect_map(
+                wire.unpack(await receive_frame(stream, MAX_CONTROL_MESSAGE), _LIMITS),
+                {"op", "args"},
+                "control request",
+            )
+            op = wire.expect(request["op"], str, "op")
+            args = wire.expect(request["args"], dict, "args")
+        except PeerlearnError as exc:
+            logger.warning("bad control request: %s", exc)
+            return
+        handler = handlers.get(op)
+        if handler is None:
+            response = {
+                "ok": False,
+                "error": f"unknown operation {op!r}; known: {sorted(handlers)}",
+            }
+        else:
+            try:
+                response = {"ok": True, "result": await handler(args)}
+            except PeerlearnError as exc:
+                response = {"ok": False, "error": str(exc)}
+            except Exception as exc:
+                logger.exception("control operation %s failed", op)
+                response = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+        try:
+            await send_frame(stream, wire.pack(response))
+        except trio.BrokenResourceError:
+            logger.debug("control client went away before the %s response", op)
+
+
+async def serve_control(
+    path: Path,
+    handlers: Mapping[str, Handler],
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,  # trio.TaskStatus; trio-stubs hide it
+) -> None:
+    """Listen on ``path`` until cancelled; the socket file is removed afterwards."""
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        path.chmod(0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(_serve_connection, stream, handlers)
+    finally:
+        sock.close()
+        path.unlink(missing_ok=True)
+
+
+def call(socket_path: Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
+    """Send one request to the daemon owning ``socket_path`` and return its result."""
+    if not socket_path.exists():
+        raise ControlError(f"no peerlearn daemon is running for {socket_path.parent} (no socket)")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(socket_path))
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                raise ControlError(
+                    f"no peerlearn daemon is running for {socket_path.parent} (stale socket)"
+                ) from exc
+            raise ControlError(f"cannot reach the daemon at {socket_path}: {exc}") from exc
+        try:
+            payload = wire.pack({"op": op, "args": args})
+            sock.sendall(_HEADER.pack(len(payload)) + payload)
+            header = _recv_exactly(sock, _HEADER.size)
+            (size,) = _HEADER.unpack(header)
+            if size > MAX_CONTROL_MESSAGE:
+                raise ControlError(f"daemon response of {size} bytes is too large")
+            response = wire.unpack(_recv_exactly(sock, size), _LIMITS)
+        except TimeoutError as exc:
+            raise ControlError(f"the daemon did not answer {op!r} within {timeout:.0f} s") from exc
+        except RemoteProtocolError as exc:
+            raise ControlError(f"malformed response from the daemon: {exc}") from exc
+    if not isinstance(response, dict) or "ok" not in response:
+        raise ControlError("malformed response from the daemon")
+    if not response["ok"]:
+        raise ControlError(str(response.get("error")))
+    return response.get("result")
+
+
+def _recv_exactly(sock: socket.socket, count: int) -> bytes:
+    parts = []
+    while count:
+        chunk = sock.recv(min(count, 1 << 20))
+        if not chunk:
+            raise ControlError("the daemon closed the control connection early")
+        parts.append(chunk)
+        count -= len(chunk)
+    return b"".join(parts)

@@ -1,0 +1,403 @@
+"""The node daemon: host + control API + blob exchange, with readiness and graceful shutdown."""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+
+from peerlearn import __version__, wire
+from peerlearn.errors import (
+    LocalProtocolError,
+    NetworkError,
+    PeerlearnError,
+    RemoteProtocolError,
+    unwrap_group,
+)
+from peerlearn.gossip.crdt import SwarmState
+from peerlearn.identity import Identity, load_or_create_identity
+from peerlearn.node import blob
+from peerlearn.node.config import NodeConfig
+from peerlearn.node.control import serve_control
+from peerlearn.node.datadir import DataDir, atomic_write_bytes, atomic_write_json
+from peerlearn.node.host import P2PHost, Stream, open_host
+from peerlearn.node.learner import MODEL_KIND, MODEST_KIND, Learner
+from peerlearn.node.swarm import SwarmService
+from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
+
+logger = logging.getLogger(__name__)
+
+MODEL_UPDATE_KIND = "model_update"
+LEARNER_KINDS = (MODEL_KIND, MODEST_KIND)
+PAYLOAD_KIND = "payload"
+EMBEDDED_KINDS = (MODEL_KIND, PAYLOAD_KIND)  # what an embedded node hands to its application
+RECENT_EVENTS = 100  # received updates remembered for `status`
+PING_TIMEOUT = 2.0  # seconds, for `peers`
+
+
+class ShutdownTimeoutError(PeerlearnError):
+    """Graceful shutdown did not finish within ``shutdown_timeout``."""
+
+
+@dataclass
+class Counters:
+    updates_sent: int = 0
+    updates_received: int = 0
+    updates_rejected: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    recent: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_EVENTS)
+    )
+
+
+class Daemon:
+    """State and operations of one running node (used by the control API)."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        data_dir: DataDir,
+        host: P2PHost,
+        stop: trio.Event,
+        *,
+        learn: bool = True,
+    ) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.host = host
+        self.identity: Identity = host.identity
+        self.stop = stop
+        self.phase = "starting"
+        self.started = time.monotonic()
+        self.counters = Counters()
+        self.sequence = wire.SequenceCounter(time.time())
+        self.replay_guard = wire.ReplayGuard()
+        self.swarm: SwarmService | None = None
+        self.learner: Learner | None = None
+        self.update_sink: Callable[[blob.ReceivedBlob], None] | None = None
+        if config.swarm:
+            self.swarm = SwarmService(
+                host, SwarmState(config.swarm), self.sequence, max_peers=config.max_connections
+            )
+            if learn:
+                self.learner = Learner(
+                    config,
+                    host,
+                    self.swarm,
+                    data_dir.root,
+                    self._count_bytes,
+                    self.sequence,
+                    self.replay_guard,
+                )
+
+        host.set_handler(blob.PROTOCOL, self._serve_blob)
+
+    def _count_bytes(self, sent: int, received: int) -> None:
+        self.counters.bytes_out += sent
+        self.counters.bytes_in += received
+
+    # --- blobs ----------------------------------------------------------------------------
+
+    async def _serve_blob(self, stream: Stream) -> None:
+        try:
+            with trio.fail_after(self.config.blob_timeout):
+                received = await blob.receive_blob(
+                    stream,
+                    max_size=self.config.max_blob_size,
+                    replay_guard=self.replay_guard,
+                    accept=self._accept_blob,
+                )
+        except (trio.TooSlowError, NetworkError) as exc:
+            logger.warning("blob from %s failed: %s", stream.remote_peer_id, exc)
+            received = None
+        finally:
+            await stream.close()
+        if received is None:
+            self.counters.updates_rejected += 1
+
+    async def _accept_blob(self, received: blob.ReceivedBlob) -> None:
+        if received.offer.kind in LEARNER_KINDS and self.learner is not None:
+            await self.learner.accept_blob(received)
+            return
+        if received.offer.kind in EMBEDDED_KINDS and self.update_sink is not None:
+            self.update_sink(received)
+            self.counters.updates_received += 1
+            self.counters.bytes_in += received.offer.size
+            return
+        if received.offer.kind != MODEL_UPDATE_KIND:
+            raise RemoteProtocolError(f"unexpected blob kind {received.offer.kind!r}")
+        state = state_dict_from_bytes(received.data, self.config.max_blob_size)
+        digest = received.offer.sha256.hex()
+        path = self.data_dir.received_dir / f"{received.sender_id[-12:]}-{digest[:16]}.pt"
+        await trio.to_thread.run_sync(_save_state_dict, state, path)
+        self.counters.updates_received += 1
+        self.counters.bytes_in += received.offer.size
+        event = {
+            "from": received.sender_id,
+            "sha256": digest,
+            "bytes": received.offer.size,
+            "tensors": len(state),
+            "path": str(path),
+            "at": time.time(),
+        }
+        self.counters.recent.append(event)
+        logger.info(
+            "verified model update from %s: %d tensors, %d bytes, sha256 %s",
+            received.sender_id,
+            len(state),
+            received.offer.size,
+            digest[:16],
+        )
+
+    async def share_model(self, path: Path) -> list[dict[str, Any]]:
+        """Send the state_dict saved at ``path`` to every connected peer."""
+        state = await trio.to_thread.run_sync(_load_state_dict, path)
+        return await self.push_to_peers(
+            state_dict_to_bytes(state), MODEL_UPDATE_KIND, {"tensors": len(state)}
+        )
+
+    async def push_to_peers(
+        self, data: bytes, kind: str, meta: dict[str, Any], peers: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Push a blob to ``peers`` (default: all connected); one result per peer, none dropped."""
+        if peers is None:
+            peers = [p.peer_id for p in self.host.connected_peers()]
+        if not peers:
+            raise LocalProtocolError("no connected peers to send to")
+        results: list[dict[str, Any]] = []
+
+        async def push(peer_id: str) -> None:
+            started = time.monotonic()
+            error = await blob.deliver(
+                self.host,
+                self.sequence,
+                peer_id,
+                data,
+                kind=kind,
+                meta=meta,
+                timeout=self.config.blob_timeout,
+                chunk_size=self.config.blob_chunk_size,
+            )
+            if error is not None:
+                logger.warning("%s to %s not delivered: %s", kind, peer_id, error)
+                results.append({"peer_id": peer_id, "ok": False, "error": error})
+                return
+            self.counters.updates_sent += 1
+            self.counters.bytes_out += len(data)
+            seconds = time.monotonic() - started
+            results.append({"peer_id": peer_id, "ok": True, "bytes": len(data), "seconds": seconds})
+
+        async with trio.open_nursery() as nursery:
+            for peer_id in peers:
+                nursery.start_soon(push, peer_id)
+        return sorted(results, key=lambda r: str(r["peer_id"]))
+
+    # --- bootstrap ------------------------------------------------------------------------
+
+    async def bootstrap(self) -> None:
+        """Connect to the configured bootstrap peers, retrying until ``bootstrap_timeout``.
+
+        Succeeds once at least one is connected; otherwise raises ``NetworkError``
+        naming every address and its last error.
+        """
+        if not self.config.bootstrap:
+            return
+        self.phase = "bootstrapping"
+        errors: dict[str, str] = {}
+        connected: list[str] = []
+        deadline = trio.current_time() + self.config.bootstrap_timeout
+
+        async def attempt(address: str) -> None:
+            delay = 0.2
+            while True:
+                try:
+                    await self.host.connect(address)
+                except NetworkError as exc:
+                    errors[address] = str(exc)
+                    if trio.current_time() + delay > deadline:
+                        return
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                else:
+                    connected.append(address)
+                    return
+
+        with trio.move_on_at(deadline):
+            async with trio.open_nursery() as nursery:
+                for address in self.config.bootstrap:
+                    nursery.start_soon(attempt, address)
+        if not connected:
+            details = "; ".join(f"{a}: {errors.get(a, 'timed out')}" for a in self.config.bootstrap)
+            raise NetworkError(
+                f"none of the {len(self.config.bootstrap)} bootstrap peers was reachable within "
+                f"{self.config.bootstrap_timeout:.0f} s: {details}"
+            )
+        for address in self.config.bootstrap:
+            if address not in connected:
+                logger.warning("bootstrap peer %s unreachable: %s", address, errors.get(address))
+        logger.info("bootstrapped via %d of %d peers", len(connected), len(self.config.bootstrap))
+
+    # --- control API ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "version": __version__,
+            "peer_id": self.identity.peer_id,
+            "phase": self.phase,
+            "addrs": self.host.addrs(),
+            "data_dir": str(self.data_dir.root),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "connected_peers": len(self.host.connected_peers()),
+            "updates_sent": c.updates_sent,
+            "updates_received": c.updates_received,
+            "updates_rejected": c.updates_rejected,
+            "bytes_out": c.bytes_out,
+            "bytes_in": c.bytes_in,
+            "recent_updates": list(c.recent),
+            "swarm": self.config.swarm or None,
+            "learning": self.learner.status() if self.learner is not None else None,
+        }
+
+    async def peers(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+
+        async def probe(peer_id: str, addrs: list[str]) -> None:
+            rtt: float | None = None
+            with trio.move_on_after(PING_TIMEOUT):
+                try:
+                    rtt = await self.host.ping(peer_id)
+                except NetworkError as exc:
+                    logger.debug("ping %s: %s", peer_id, exc)
+            rows.append({"peer_id": peer_id, "addrs": addrs, "rtt_ms": rtt})
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.host.connected_peers():
+                nursery.start_soon(probe, peer.peer_id, peer.addrs)
+        return sorted(rows, key=lambda r: str(r["peer_id"]))
+
+    def control_handlers(self) -> dict[str, Any]:
+        async def status(args: dict[str, Any]) -> dict[str, Any]:
+            return self.status()
+
+        async def peers(args: dict[str, Any]) -> list[dict[str, Any]]:
+            return await self.peers()
+
+        async def stop(args: dict[str, Any]) -> dict[str, Any]:
+            logger.info("stop requested through the control API")
+            self.stop.set()
+            return {"stopping": True}
+
+        async def connect(args: dict[str, Any]) -> dict[str, Any]:
+            return {"peer_id": await self.host.connect(str(args.get("address", "")))}
+
+        async def share(args: dict[str, Any]) -> list[dict[str, Any]]:
+            return await self.share_model(Path(str(args.get("path", ""))))
+
+        return {"status": status, "peers": peers, "stop": stop, "connect": connect, "share": share}
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise LocalProtocolError(f"cannot load a state_dict from {path}: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LocalProtocolError(f"{path} does not hold a state_dict of tensors")
+    return state
+
+
+def _save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+async def _watch_signals(stop: trio.Event, force: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                logger.warning("second %s: stopping now", signal.Signals(signum).name)
+                force.cancel()
+                return
+            logger.info("%s received: shutting down", signal.Signals(signum).name)
+            stop.set()
+
+
+async def run_daemon(
+    config: NodeConfig,
+    *,
+    handle_signals: bool = True,
+    learn: bool = True,
+    task_status: Any = trio.TASK_STATUS_IGNORED,  # trio.TaskStatus; trio-stubs hide it
+) -> None:
+    """Run a node until SIGINT/SIGTERM or a `stop` request, then shut down within the deadline.
+
+    With ``learn=False`` (embedded use) the swarm services run but the built-in learner does
+    not: the application trains and exchanges models and payloads itself.
+
+    ``task_status.started`` receives the ``Daemon`` once it is listening and bootstrapped.
+    Raises ``ShutdownTimeoutError`` if the graceful shutdown overran ``shutdown_timeout``.
+    """
+    data_dir = DataDir(config.data_dir)
+    data_dir.create()
+    with data_dir.lock():
+        identity = load_or_create_identity(data_dir.root)
+        stop = trio.Event()
+        shutdown = trio.CancelScope()
+        try:
+            with shutdown:
+                async with (
+                    open_host(
+                        identity,
+                        config.listen,
+                        max_connections=config.max_connections,
+                        swarm_services=bool(config.swarm),
+                        mdns=config.mdns and bool(config.swarm),
+                    ) as host,
+                    trio.open_nursery() as nursery,
+                ):
+                    daemon = Daemon(config, data_dir, host, stop, learn=learn)
+
+                    if handle_signals:
+                        nursery.start_soon(_watch_signals, stop, shutdown)
+                    await nursery.start(
+                        serve_control, data_dir.control_socket, daemon.control_handlers()
+                    )
+                    await daemon.bootstrap()
+                    if daemon.swarm is not None:
+                        await nursery.start(daemon.swarm.run)
+                    if daemon.learner is not None:
+                        await nursery.start(daemon.learner.run)
+
+                    daemon.phase = "running"
+                    atomic_write_json(
+                        data_dir.addrs_file, {"peer_id": identity.peer_id, "addrs": host.addrs()}
+                    )
+                    task_status.started(daemon)
+                    await stop.wait()
+                    daemon.phase = "stopping"
+                    shutdown.deadline = trio.current_time() + config.shutdown_timeout
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            error = unwrap_group(group)
+            if error is group:
+                raise
+            raise error from None
+        finally:
+            data_dir.addrs_file.unlink(missing_ok=True)
+        if shutdown.cancelled_caught:
+            overran = stop.is_set() and math.isfinite(shutdown.deadline)
+            reason = f"within {config.shutdown_timeout:.0f} s" if overran else "(forced)"
+            raise ShutdownTimeoutError(f"graceful shutdown did not finish {reason}")

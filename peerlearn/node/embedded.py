@@ -1,0 +1,494 @@
+"""Embedding a node in your own program: from trio, asyncio or plain synchronous code.
+
+    # trio (the node runs in your trio loop)        # asyncio (the node runs in a trio thread)
+    async with open_node(config) as node:           async with open_node(config) as node:
+        await node.share_model(model.state_dict())      await node.share({"rollouts": [...]})
+        async for update in node.updates(): ...         async for update in node.updates(): ...
+
+    # synchronous code (the node runs in a trio thread)
+    with Node(config) as node:
+        node.share_model(model.state_dict())
+        update = node.receive(timeout=5.0)
+
+All three expose the same operations. Models and payloads travel over direct, acknowledged
+streams (never gossip); ``share_*`` returns one ``Delivery`` per peer, so nothing is lost
+silently. Closing the node shuts it down gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import sniffio
+import torch
+import trio
+
+from peerlearn import wire
+from peerlearn.errors import LocalProtocolError, PeerlearnError, unwrap_group
+from peerlearn.learning import protocols, robust
+from peerlearn.node import blob
+from peerlearn.node.config import NodeConfig
+from peerlearn.node.daemon import PAYLOAD_KIND, Daemon, run_daemon
+from peerlearn.node.learner import MODEL_KIND
+from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+StateDict = dict[str, torch.Tensor]
+UPDATE_BUFFER = 1024  # updates held for the application before the oldest are dropped (counted)
+START_TIMEOUT = 120.0  # seconds for a threaded node to start
+PAYLOAD_LIMITS = wire.Limits(
+    max_message_size=64 * 2**20, max_array_len=1_000_000, max_map_len=100_000
+)
+
+
+@dataclass(frozen=True)
+class Update:
+    """A model or payload a peer sent to this node, already verified."""
+
+    sender: str  # peer ID
+    kind: str  # "model" or "payload"
+    model: StateDict | None = field(default=None, repr=False)
+    payload: Any = field(default=None, repr=False)
+    round: int | None = None
+    received_at: float = 0.0  # time.time()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The outcome of sending to one peer."""
+
+    peer_id: str
+    ok: bool
+    error: str | None = None
+    seconds: float | None = None
+
+
+def _to_update(received: blob.ReceivedBlob, max_size: int) -> Update:
+    meta = received.offer.meta
+    round_ = meta.get("round") if isinstance(meta.get("round"), int) else None
+    if received.offer.kind == MODEL_KIND:
+        model = state_dict_from_bytes(received.data, max_size)
+        return Update(
+            received.sender_id, MODEL_KIND, model=model, round=round_, received_at=time.time()
+        )
+    payload = wire.unpack(received.data, PAYLOAD_LIMITS)
+    return Update(
+        received.sender_id, PAYLOAD_KIND, payload=payload, round=round_, received_at=time.time()
+    )
+
+
+def _deliveries(results: list[dict[str, Any]]) -> list[Delivery]:
+    return [Delivery(r["peer_id"], r["ok"], r.get("error"), r.get("seconds")) for r in results]
+
+
+class AsyncNode:
+    """A running embedded node, used from the trio loop it runs in."""
+
+    def __init__(self, daemon: Daemon, sink: Callable[[Update], None]) -> None:
+        self._daemon = daemon
+        self._sink = sink
+        self.dropped_updates = 0
+        config = daemon.config
+        self._rule = robust.create_rule(
+            config.filter if config.filter != "bristle" else "mean", f=config.byzantine_bound
+        )
+        daemon.update_sink = self._on_blob
+
+    def _on_blob(self, received: blob.ReceivedBlob) -> None:
+        # Decoding errors become RemoteProtocolError, which rejects the blob to its sender.
+        self._sink(_to_update(received, self._daemon.config.max_blob_size))
+
+    @property
+    def peer_id(self) -> str:
+        return self._daemon.identity.peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        return self._daemon.host.addrs()
+
+    def peers(self) -> list[str]:
+        """Peer IDs of the peers we are connected to."""
+        return [p.peer_id for p in self._daemon.host.connected_peers()]
+
+    def members(self) -> list[str]:
+        """Peer IDs of every swarm member known through the shared state (needs a swarm)."""
+        return self._daemon.swarm.members() if self._daemon.swarm is not None else []
+
+    def status(self) -> dict[str, Any]:
+        return self._daemon.status()
+
+    def set_round(self, round_: int) -> None:
+        """Announce our current round in the swarm state."""
+        if self._daemon.swarm is None:
+            raise LocalProtocolError("set_round needs a swarm (NodeConfig.swarm)")
+        self._daemon.swarm.write("round", {"round": round_})
+
+    def swarm_rounds(self) -> dict[str, int]:
+        """Every member's announced round."""
+        if self._daemon.swarm is None:
+            return {}
+        from peerlearn.identity import peer_id_from_public_key
+
+        return {
+            peer_id_from_public_key(owner): value["round"]
+            for owner, value in self._daemon.swarm.state.records("round").items()
+            if isinstance(value, dict) and isinstance(value.get("round"), int)
+        }
+
+    async def connect(self, address: str) -> str:
+        return await self._daemon.host.connect(address)
+
+    async def share_model(
+        self, model: StateDict, *, round: int | None = None, peers: Sequence[str] | None = None
+    ) -> list[Delivery]:
+        """Send a state_dict (or any dict of tensors) to ``peers`` (default: all connected)."""
+        data = await trio.to_thread.run_sync(state_dict_to_bytes, model)
+        meta = {} if round is None else {"round": round}
+        return _deliveries(
+            await self._daemon.push_to_peers(
+                data, MODEL_KIND, meta, list(peers) if peers is not None else None
+            )
+        )
+
+    async def share(
+        self, payload: Any, *, round: int | None = None, peers: Sequence[str] | None = None
+    ) -> list[Delivery]:
+        """Send any msgpack-able payload (e.g. RL rollouts) to ``peers`` (default: all)."""
+        data = wire.pack(payload)
+        if len(data) > PAYLOAD_LIMITS.max_message_size:
+            raise LocalProtocolError(f"payload of {len(data)} bytes is too large")
+        meta = {} if round is None else {"round": round}
+        return _deliveries(
+            await self._daemon.push_to_peers(
+                data, PAYLOAD_KIND, meta, list(peers) if peers is not None else None
+            )
+        )
+
+    def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict:
+        """Merge received models into ``own`` with the configured rule, beta and VCA."""
+        models = [u.model if isinstance(u, Update) else u for u in updates]
+        received = [m for m in models if m is not None]
+        return protocols.merge_received(
+            own,
+            received,
+            rule=self._rule,
+            beta=self._daemon.config.beta,
+            variance_correction=self._daemon.config.algo == "gossip-vca",
+        )
+
+
+class TrioNode(AsyncNode):
+    """The trio flavour: ``async for update in node.updates()``."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._send, self._receive = trio.open_memory_channel[Update](UPDATE_BUFFER)
+        super().__init__(daemon, self._deliver)
+
+    def _deliver(self, update: Update) -> None:
+        try:
+            self._send.send_nowait(update)
+        except trio.WouldBlock:
+            self.dropped_updates += 1
+            logger.warning(
+                "update from %s dropped: the application is not reading updates", update.sender
+            )
+
+    async def updates(self) -> AsyncIterator[Update]:
+        async for update in self._receive:
+            yield update
+
+    async def receive(self) -> Update:
+        return await self._receive.receive()
+
+
+@asynccontextmanager
+async def _open_trio_node(config: NodeConfig) -> AsyncIterator[TrioNode]:
+    try:
+        async with trio.open_nursery() as nursery:
+            daemon: Daemon = await nursery.start(
+                lambda task_status: run_daemon(
+                    config, handle_signals=False, learn=False, task_status=task_status
+                )
+            )
+            node = TrioNode(daemon)
+            try:
+                yield node
+            finally:
+                daemon.stop.set()
+    except BaseExceptionGroup as group:
+        error = unwrap_group(group)
+        if error is group:
+            raise
+        raise error from None
+
+
+class _TrioThread:
+    """Runs a node's trio loop in a helper thread; calls cross over with trio.from_thread."""
+
+    def __init__(self, config: NodeConfig, deliver: Callable[[Update], None]) -> None:
+        self._deliver = deliver
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.node: AsyncNode | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(config,), daemon=True, name="peerlearn-node"
+        )
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT):
+            raise PeerlearnError(f"the node did not start within {START_TIMEOUT:.0f} s")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, config: NodeConfig) -> None:
+        async def main() -> None:
+            self._stop = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            async with _open_trio_node(config) as node:
+                node._sink = self._deliver  # threaded flavours deliver through their own sink
+                self.node = node
+                self._ready.set()
+                await self._stop.wait()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported to the caller's thread
+            self._error = unwrap_group(exc)
+        finally:
+            self._ready.set()
+
+    def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        if self._token is None or not self._thread.is_alive():
+            raise PeerlearnError("the node is not running")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._token is None or not self._thread.is_alive():
+            raise PeerlearnError("the node is not running")
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def close(self, timeout: float) -> None:
+        if self._thread.is_alive() and self._stop is not None and self._token is not None:
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise PeerlearnError(f"the node did not shut down within {timeout:.0f} s")
+        if self._error is not None and not isinstance(self._error, trio.Cancelled):
+            raise self._error
+
+
+class Node:
+    """A node for synchronous code: ``with Node(config) as node: ...``."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self._updates: queue.Queue[Update] = queue.Queue(UPDATE_BUFFER)
+        self.dropped_updates = 0
+        self._bridge: _TrioThread | None = None
+        self._callback: Callable[[Update], None] | None = None
+
+    def _deliver(self, update: Update) -> None:
+        if self._callback is not None:
+            self._callback(update)
+            return
+        try:
+            self._updates.put_nowait(update)
+        except queue.Full:
+            self.dropped_updates += 1
+            logger.warning(
+                "update from %s dropped: the application is not reading updates", update.sender
+            )
+
+    def __enter__(self) -> Node:
+        self._bridge = _TrioThread(self.config, self._deliver)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._bridge is not None:
+            bridge, self._bridge = self._bridge, None
+            bridge.close(self.config.shutdown_timeout + 5)
+
+    @property
+    def _node(self) -> AsyncNode:
+        if self._bridge is None or self._bridge.node is None:
+            raise LocalProtocolError("use the node inside `with Node(config) as node:`")
+        return self._bridge.node
+
+    @property
+    def peer_id(self) -> str:
+        return self._node.peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        return self._call_sync(lambda: self._node.addrs)
+
+    def _call_sync(self, fn: Callable[[], T]) -> T:
+        assert self._bridge is not None
+        return self._bridge.call_sync(fn)
+
+    def peers(self) -> list[str]:
+        return self._call_sync(self._node.peers)
+
+    def members(self) -> list[str]:
+        return self._call_sync(self._node.members)
+
+    def status(self) -> dict[str, Any]:
+        return self._call_sync(self._node.status)
+
+    def set_round(self, round_: int) -> None:
+        self._call_sync(lambda: self._node.set_round(round_))
+
+    def swarm_rounds(self) -> dict[str, int]:
+        return self._call_sync(self._node.swarm_rounds)
+
+    def connect(self, address: str) -> str:
+        assert self._bridge is not None
+        return self._bridge.call(self._node.connect, address)
+
+    def share_model(
+        self, model: StateDict, *, round: int | None = None, peers: Sequence[str] | None = None
+    ) -> list[Delivery]:
+        assert self._bridge is not None
+        node = self._node
+        return self._bridge.call(lambda: node.share_model(model, round=round, peers=peers))
+
+    def share(
+        self, payload: Any, *, round: int | None = None, peers: Sequence[str] | None = None
+    ) -> list[Delivery]:
+        assert self._bridge is not None
+        node = self._node
+        return self._bridge.call(lambda: node.share(payload, round=round, peers=peers))
+
+    def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict:
+        return self._node.merge(own, updates)
+
+    def receive(self, timeout: float | None = None) -> Update | None:
+        """The next update, or None after ``timeout`` seconds."""
+        try:
+            return self._updates.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def receive_all(self) -> list[Update]:
+        """Everything received so far, without waiting."""
+        out = []
+        while True:
+            try:
+                out.append(self._updates.get_nowait())
+            except queue.Empty:
+                return out
+
+    def on_update(self, callback: Callable[[Update], None]) -> None:
+        """Call ``callback`` (on the node's thread; keep it quick) instead of queueing."""
+        self._callback = callback
+
+    def updates(self, timeout: float | None = None) -> Iterator[Update]:
+        """Iterate over updates until none arrives within ``timeout`` seconds."""
+        while (update := self.receive(timeout)) is not None:
+            yield update
+
+
+class AsyncioNode:
+    """A node for asyncio code; the same operations as ``AsyncNode``, all awaitable."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Update] = asyncio.Queue(UPDATE_BUFFER)
+        self._sync = Node(config)
+        self._sync.on_update(self._deliver)
+
+    def _deliver(self, update: Update) -> None:
+        def put() -> None:
+            try:
+                self._queue.put_nowait(update)
+            except asyncio.QueueFull:
+                self._sync.dropped_updates += 1
+                logger.warning(
+                    "update from %s dropped: the application is not reading updates", update.sender
+                )
+
+        self._loop.call_soon_threadsafe(put)
+
+    async def _start(self) -> None:
+        await asyncio.to_thread(self._sync.__enter__)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._sync.close)
+
+    @property
+    def peer_id(self) -> str:
+        return self._sync.peer_id
+
+    def peers(self) -> list[str]:
+        return self._sync.peers()
+
+    def members(self) -> list[str]:
+        return self._sync.members()
+
+    def status(self) -> dict[str, Any]:
+        return self._sync.status()
+
+    def set_round(self, round_: int) -> None:
+        self._sync.set_round(round_)
+
+    def swarm_rounds(self) -> dict[str, int]:
+        return self._sync.swarm_rounds()
+
+    @property
+    def addrs(self) -> list[str]:
+        return self._sync.addrs
+
+    async def connect(self, address: str) -> str:
+        return await asyncio.to_thread(self._sync.connect, address)
+
+    async def share_model(self, model: StateDict, **kwargs: Any) -> list[Delivery]:
+        return await asyncio.to_thread(lambda: self._sync.share_model(model, **kwargs))
+
+    async def share(self, payload: Any, **kwargs: Any) -> list[Delivery]:
+        return await asyncio.to_thread(lambda: self._sync.share(payload, **kwargs))
+
+    def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict:
+        return self._sync.merge(own, updates)
+
+    async def receive(self) -> Update:
+        return await self._queue.get()
+
+    async def updates(self) -> AsyncIterator[Update]:
+        while True:
+            yield await self._queue.get()
+
+
+@asynccontextmanager
+async def open_node(config: NodeConfig) -> AsyncIterator[Any]:
+    """``async with open_node(config) as node``: native under trio, a trio thread under asyncio."""
+    library = sniffio.current_async_library()
+    if library == "trio":
+        async with _open_trio_node(config) as node:
+            yield node
+    elif library == "asyncio":
+        node_ = AsyncioNode(config)
+        await node_._start()
+        try:
+            yield node_
+        finally:
+            await node_.aclose()
+    else:
+        raise LocalProtocolError(f"open_node supports trio and asyncio, not {library}")
+
+
+__all__ = ["AsyncNode", "AsyncioNode", "Delivery", "Node", "TrioNode", "Update", "open_node"]

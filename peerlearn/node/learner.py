@@ -1,0 +1,501 @@
+"""Learning inside the daemon: the simulator's sans-I/O cores driven by real time and real peers.
+
+* ``gossip``/``gossip-vca``/``dpsgd``: every ``round_interval`` the node merges the models it
+  received (``protocols.merge_received`` / ``neighbourhood_mean``), trains, evaluates, and
+  pushes its model over ``/peerlearn/blob/1`` to random members (gossip) or to its ring
+  neighbours (D-PSGD).
+* ``modest``: a ``ModestNode`` core; its small messages travel as signed envelopes over
+  ``/peerlearn/msg/1``, its models as blobs; swarm-wide round progress comes from the CRDT.
+
+Progress is announced in the CRDT (``round``, ``model``, ``metrics`` records) and a
+checkpoint (model + round + CRDT) is written atomically after every round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trio
+
+from peerlearn import wire
+from peerlearn.errors import NetworkError, RemoteProtocolError
+from peerlearn.gossip.crdt import Entry, entries_from_wire, entries_to_wire
+from peerlearn.identity import peer_id_from_public_key
+from peerlearn.learning import bristle, data, modest, protocols, robust
+from peerlearn.learning.model import ModelSpec, StateDict, accuracy, featurize, sgd
+from peerlearn.node import blob
+from peerlearn.node.config import NodeConfig, parse_shard
+from peerlearn.node.datadir import atomic_write_bytes
+from peerlearn.node.framing import receive_frame, send_frame
+from peerlearn.node.host import P2PHost, Stream, public_key_from_peer_id
+from peerlearn.node.swarm import SwarmService
+from peerlearn.tensors import check_compatible, state_dict_from_bytes, state_dict_to_bytes
+
+logger = logging.getLogger(__name__)
+
+MSG_PROTOCOL = "/peerlearn/msg/1"
+MODEL_KIND = "model"
+MODEST_KIND = "modest"
+MODEST_MESSAGE = "modest"
+CHECKPOINT_FILE = "checkpoint.msgpack"
+SHARD_SEED = 1234  # every node must cut the training set into the same shards
+MAX_MODEL_BYTES = 16 * 2**20
+MESSAGE_TIMEOUT = 10.0  # seconds per small message
+_CHECKPOINT_LIMITS = wire.Limits(max_message_size=64 * 2**20, max_array_len=100_000)
+_MSG_LIMITS = wire.Limits(max_message_size=4096)
+
+
+class Learner:
+    """One node's learning loop (any algorithm) and its network plumbing."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        host: P2PHost,
+        swarm: SwarmService,
+        data_dir: Path,
+        on_bytes: Callable[[int, int], None],
+        sequence: wire.SequenceCounter,
+        replay_guard: wire.ReplayGuard,
+    ) -> None:
+        """``sequence`` and ``replay_guard`` are the node's own: one per identity."""
+        self.config = config
+        self.host = host
+        self.swarm = swarm
+        self.checkpoint_path = data_dir / CHECKPOINT_FILE
+        self.on_bytes = on_bytes
+        bristle_filter = config.filter == "bristle"
+        self.spec = ModelSpec("transfer", 256) if bristle_filter else ModelSpec("mlp", 32)
+        train, test = data.digits()
+        self.test = featurize(self.spec, test)
+        index, count = parse_shard(config.data_shard)
+        labels, shard_rng = train.y.numpy(), np.random.default_rng(SHARD_SEED)
+        if config.partition == "label-skew":
+            parts = data.partition_label_skew(labels, count, config.classes_per_node, shard_rng)
+        else:
+            parts = data.partition_iid(labels, count, shard_rng)
+        self.train = featurize(self.spec, train.subset(parts[index]))
+        seed = int.from_bytes(hashlib.sha256(host.identity.public_key).digest()[:8], "big")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)
+        self.lr = config.lr or (0.5 if bristle_filter else 0.1)
+        self.familiar = data.classes_present(self.train.y)
+        self.bristle: bristle.BristleMerger | None = None
+        if bristle_filter:
+            local_test, self.train = bristle.split_local_test(self.train, shard_rng)
+            self.bristle = bristle.BristleMerger(self.spec, local_test, self.familiar, self.rng)
+        # MoDeST starts every node from the same model; gossip/D-PSGD from independent ones.
+        shared = torch.Generator().manual_seed(
+            int.from_bytes(hashlib.sha256(config.swarm.encode()).digest()[:8], "big")
+        )
+        self.model: StateDict = self.spec.init(
+            shared if config.algo == "modest" else self.generator
+        )
+        self.rule = robust.create_rule(
+            "mean" if bristle_filter else config.filter, f=config.byzantine_bound
+        )
+        self.round = 0
+        self.accuracy: float | None = None
+        self.phase = "waiting for members"
+        self.inbox: dict[bytes, StateDict] = {}
+        self.models_sent = 0
+        self.models_received = 0
+        self.sequence = sequence
+        self.replay_guard = replay_guard
+
+        self.modest: _ModestDriver | None = None
+        self.resumed = self._load_checkpoint()
+        host.set_handler(MSG_PROTOCOL, self._serve_message)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "algo": self.config.algo,
+            "filter": self.config.filter,
+            "phase": self.phase,
+            "round": self.current_round(),
+            "accuracy": self.accuracy,
+            "members": len(self.swarm.members()),
+            "join_seconds": self.swarm.join_seconds,
+            "models_sent": self.models_sent,
+            "models_received": self.models_received,
+            "train_samples": len(self.train),
+            "resumed_from_round": self.resumed,
+            "gossip_undelivered": self.host.publish_failures,
+        }
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _load_checkpoint(self) -> int | None:
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            raw = wire.expect_map(
+                wire.unpack(self.checkpoint_path.read_bytes(), _CHECKPOINT_LIMITS),
+                {"round", "accuracy", "model", "crdt"},
+                "checkpoint",
+            )
+            model = state_dict_from_bytes(raw["model"], _CHECKPOINT_LIMITS.max_message_size)
+            check_compatible(model, self.model)
+            entries = entries_from_wire(raw["crdt"], self.config.swarm, _CHECKPOINT_LIMITS)
+        except (RemoteProtocolError, OSError) as exc:
+            logger.error("ignoring unreadable checkpoint %s: %s", self.checkpoint_path, exc)
+            return None
+        self.model, self.round, self.accuracy = model, int(raw["round"]), raw["accuracy"]
+        self.swarm.state.merge(entries)
+        logger.info("resumed from checkpoint at round %d", self.round)
+        return self.round
+
+    def _save_checkpoint(self, model_bytes: bytes) -> None:
+        """``model_bytes``: ``state_dict_to_bytes(self.model)``, already computed by the caller."""
+        payload = wire.pack(
+            {
+                "round": self.round,
+                "accuracy": self.accuracy,
+                "model": model_bytes,
+                "crdt": entries_to_wire(self.swarm.state.entries.values()),
+            }
+        )
+        atomic_write_bytes(self.checkpoint_path, payload)
+
+    # -- shared steps -----------------------------------------------------------------------
+
+    async def _train(self, model: StateDict) -> StateDict:
+        c = self.config
+
+        def train() -> StateDict:
+            trained = sgd(
+                self.spec,
+                model,
+                self.train,
+                steps=c.local_steps,
+                batch_size=c.batch_size,
+                lr=self.lr,
+                generator=self.generator,
+            )
+            if self.bristle is not None:
+                trained = bristle.consolidate(model, trained, self.familiar)
+            return trained
+
+        return await trio.to_thread.run_sync(train)
+
+    async def _finish_round(self, round_: int, model: StateDict) -> None:
+        """Adopt ``model`` as round ``round_``'s: evaluate, announce, checkpoint."""
+        if round_ <= self.round and self.config.algo == "modest":
+            return  # MoDeST: an aggregate we already know (as trainer and aggregator)
+        self.round = round_
+        self.model = model
+        self.accuracy = await trio.to_thread.run_sync(accuracy, self.spec, model, self.test)
+        model_bytes = state_dict_to_bytes(model)
+        digest = hashlib.sha256(model_bytes).hexdigest()
+        self.swarm.write("round", {"round": round_})
+        self.swarm.write("model", {"version": round_, "sha256": digest})
+        self.swarm.write("metrics", {"accuracy": round(self.accuracy, 4), "round": round_})
+        await trio.to_thread.run_sync(self._save_checkpoint, model_bytes)
+
+        logger.info("round %d: accuracy %.3f", round_, self.accuracy)
+
+    def _members_pk(self) -> list[bytes]:
+        return sorted(self.swarm.state.records("member"))
+
+    async def push_model(
+        self, peer_pk: bytes, model: StateDict, kind: str, meta: dict[str, Any]
+    ) -> bool:
+        """Send a model to one peer over the blob protocol; False (logged) if not delivered."""
+        peer_id = peer_id_from_public_key(peer_pk)
+        payload = state_dict_to_bytes(model)
+        error = await blob.deliver(
+            self.host,
+            self.sequence,
+            peer_id,
+            payload,
+            kind=kind,
+            meta=meta,
+            timeout=self.config.blob_timeout,
+            chunk_size=self.config.blob_chunk_size,
+        )
+        if error is not None:
+            logger.info("model to %s not delivered: %s", peer_id, error)
+            return False
+        self.models_sent += 1
+        self.on_bytes(len(payload), 0)
+        return True
+
+    async def accept_blob(self, received: blob.ReceivedBlob) -> None:
+        """Called by the daemon for blobs of kind ``model`` or ``modest``."""
+        model = state_dict_from_bytes(received.data, MAX_MODEL_BYTES)
+        check_compatible(model, self.model)
+        pk = public_key_from_peer_id(received.sender_id)  # checked against the signed offer
+        self.models_received += 1
+        self.on_bytes(0, received.offer.size)
+        if received.offer.kind == MODEL_KIND:
+            self.inbox[pk] = model
+        elif self.modest is not None:
+            self.modest.receive_model(pk, received.offer.meta, model)
+        else:
+            raise RemoteProtocolError("this node does not run MoDeST")
+
+    # -- main loop --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        enough = trio.Event()
+
+        def check_members(changed: list[Entry]) -> None:
+            if len(self.swarm.members()) >= self.config.min_members:
+                enough.set()
+
+        self.swarm.listeners.append(check_members)
+        check_members([])
+        await enough.wait()
+        self.swarm.listeners.remove(check_members)
+        self.phase = "learning"
+        if self.config.algo == "modest":
+            self.modest = _ModestDriver(self)
+            await self.modest.run()
+        else:
+            await self._rounds()
+        self.phase = "finished"
+
+    def current_round(self) -> int:
+        """Our last round, or the swarm's latest one MoDeST told us about."""
+        observed = self.modest.core.observed_round if self.modest is not None else 0
+        return max(self.round, observed)
+
+    def _done(self) -> bool:
+        return bool(self.config.max_rounds) and self.current_round() >= self.config.max_rounds
+
+    async def _rounds(self) -> None:
+        c = self.config
+        me = self.host.identity.public_key
+        while not self._done():
+            started = trio.current_time()
+            received, self.inbox = list(self.inbox.values()), {}
+            if self.bristle is not None:
+                merged = await trio.to_thread.run_sync(self.bristle, self.model, received)
+            elif c.algo == "dpsgd":
+                merged = protocols.neighbourhood_mean(self.model, received, rule=self.rule)
+            else:
+                merged = protocols.merge_received(
+                    self.model,
+                    received,
+                    rule=self.rule,
+                    beta=c.beta,
+                    variance_correction=c.algo == "gossip-vca",
+                )
+            trained = await self._train(merged)
+            members = self._members_pk()
+            if c.algo == "dpsgd":
+                targets = protocols.ring_neighbours(me, members, c.fanout)
+            else:
+                targets = protocols.gossip_targets(me, members, c.fanout, self.rng)
+            round_ = self.round + 1
+            async with trio.open_nursery() as nursery:
+                for pk in targets:
+                    nursery.start_soon(self.push_model, pk, trained, MODEL_KIND, {"round": round_})
+            await self._finish_round(round_, trained)
+            await trio.sleep_until(started + c.round_interval)
+
+    # -- small messages ---------------------------------------------------------------------
+
+    async def send_message(self, peer_pk: bytes, body: dict[str, Any]) -> bool:
+        peer_id = peer_id_from_public_key(peer_pk)
+        envelope = wire.seal(
+            self.host.identity,
+            MODEST_MESSAGE,
+            body,
+            seq=self.sequence.next(time.time()),
+            timestamp=time.time(),
+        )
+        try:
+            with trio.fail_after(MESSAGE_TIMEOUT):
+                stream = await self.host.open_stream(peer_id, MSG_PROTOCOL)
+                try:
+                    await send_frame(stream, envelope)
+                finally:
+                    await stream.close()
+        except (NetworkError, trio.TooSlowError) as exc:
+            logger.debug("message to %s not delivered: %s", peer_id, exc)
+            return False
+        return True
+
+    async def _serve_message(self, stream: Stream) -> None:
+        try:
+            with trio.fail_after(MESSAGE_TIMEOUT):
+                data = await receive_frame(stream, _MSG_LIMITS.max_message_size)
+            envelope = wire.open_envelope(
+                data, _MSG_LIMITS, expected_sender=stream.remote_public_key
+            )
+            self.replay_guard.check(envelope, time.time())
+            if envelope.type != MODEST_MESSAGE or self.modest is None:
+                raise RemoteProtocolError(f"unexpected {envelope.type!r} message")
+            self.modest.receive_small(envelope.sender, envelope.body)
+        except (RemoteProtocolError, NetworkError, trio.TooSlowError) as exc:
+            logger.info("message from %s rejected: %s", stream.remote_peer_id, exc)
+        finally:
+            await stream.close()
+
+
+def _view_to_wire(view: Any) -> list[list[Any]]:
+    return [[pk, e.last_active, e.index, e.status] for pk, e in sorted(view.items())]
+
+
+def _view_from_wire(raw: Any) -> dict[bytes, modest.ViewEntry]:
+    out: dict[bytes, modest.ViewEntry] = {}
+    for item in wire.expect(raw, list, "view"):
+        if (
+            not isinstance(item, list)
+            or len(item) != 4
+            or not isinstance(item[0], bytes)
+            or len(item[0]) != 32
+            or not all(isinstance(v, int) for v in item[1:3])
+            or item[3] not in (modest.JOIN, modest.LEAVE)
+        ):
+            raise RemoteProtocolError("malformed MoDeST view entry")
+        out[item[0]] = modest.ViewEntry(item[1], item[2], item[3])
+    return out
+
+
+class _ModestDriver:
+    """Drives a ``ModestNode`` core with real time, streams and threads."""
+
+    def __init__(self, learner: Learner) -> None:
+        self.learner = learner
+        c = learner.config
+        interval = c.round_interval
+        settings = modest.ModestSettings(
+            sample_size=min(c.sample_size, max(1, c.min_members)),
+            aggregators=c.aggregators,
+            ping_interval=0.5,
+            ping_timeout=2.0,
+            aggregation_timeout=10 * interval,
+            ack_timeout=20 * interval,
+            round_timeout=30 * interval,
+            stall_timeout=40 * interval,
+        )
+        self.core = modest.ModestNode(
+            learner.host.identity.public_key,
+            learner._members_pk(),
+            settings,
+            lambda models: learner.rule(learner.model, models),
+        )
+        self.wakeup = trio.Event()
+        self.training: trio.CancelScope | None = None
+        self.nursery: trio.Nursery | None = None
+        learner.swarm.listeners.append(self._on_crdt_change)
+
+    def _on_crdt_change(self, changed: list[Entry]) -> None:
+        now = trio.current_time()
+        for entry in changed:
+            if entry.name == "member":
+                self.core.view.merge({entry.owner: modest.ViewEntry(0, 0, modest.JOIN)})
+            elif entry.name == "round" and isinstance(entry.value, dict):
+                value = entry.value.get("round")
+                if isinstance(value, int) and entry.owner != self.core.me:
+                    self.core.observe_round(value, now)
+        self.wakeup.set()
+
+    def receive_small(self, src: bytes, body: Any) -> None:
+        kind = body.get("kind") if isinstance(body, dict) else None
+        try:
+            r = int(body["round"])
+            if kind == "ping":
+                message: modest.Message = modest.Ping(r, int(body["nonce"]))
+            elif kind == "pong":
+                message = modest.Pong(r, int(body["nonce"]))
+            elif kind == "ack":
+                message = modest.AggAck(r, bool(body["success"]))
+            elif kind == "membership":
+                message = modest.Membership(r, int(body["index"]), str(body["status"]))
+            else:
+                raise RemoteProtocolError(f"unknown MoDeST message {kind!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteProtocolError(f"malformed MoDeST {kind} message: {exc}") from exc
+        self.core.receive(src, message, trio.current_time())
+        self.wakeup.set()
+
+    def receive_model(self, src: bytes, meta: dict[str, Any], model: StateDict) -> None:
+        kind, r = meta.get("type"), meta.get("round")
+        if not isinstance(r, int) or kind not in ("trained", "aggregated"):
+            raise RemoteProtocolError("malformed MoDeST model metadata")
+        view = _view_from_wire(meta.get("view", []))
+        cls = modest.TrainedModel if kind == "trained" else modest.AggregatedModel
+        self.core.receive(src, cls(r, model, view), trio.current_time())
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        learner = self.learner
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            initial = learner.model
+            if learner.resumed:
+                self.core.observe_round(learner.round, trio.current_time())
+                self.core.latest_model = learner.model
+            self.core.start(initial, trio.current_time())
+            while not learner._done():
+                self._flush(nursery)
+                timer = self.core.get_timer()
+                with trio.move_on_at(timer if timer is not None else trio.current_time() + 1.0):
+                    await self.wakeup.wait()
+                self.wakeup = trio.Event()
+                self.core.handle_timer(trio.current_time())
+            nursery.cancel_scope.cancel()
+
+    def _flush(self, nursery: trio.Nursery) -> None:
+        learner = self.learner
+        for send in self.core.messages_to_send():
+            message = send.message
+            if isinstance(message, modest.TrainedModel | modest.AggregatedModel):
+                meta = {
+                    "type": "trained" if isinstance(message, modest.TrainedModel) else "aggregated",
+                    "round": message.round,
+                    "view": _view_to_wire(message.view),
+                }
+                nursery.start_soon(learner.push_model, send.dst, message.model, MODEST_KIND, meta)
+            else:
+                nursery.start_soon(learner.send_message, send.dst, _small_to_wire(message))
+        while (event := self.core.next_event()) is not None:
+            if isinstance(event, modest.TrainRequest):
+                if self.training is not None:
+                    self.training.cancel()
+                nursery.start_soon(learner._finish_round, event.round, event.model)
+                nursery.start_soon(self._train, event.round, event.model)
+            elif isinstance(event, modest.CancelTraining) and self.training is not None:
+                self.training.cancel()
+            elif isinstance(event, modest.RoundAggregated):
+                nursery.start_soon(learner._finish_round, event.round, event.model)
+
+    async def _train(self, round_: int, model: StateDict) -> None:
+        with trio.CancelScope() as scope:
+            self.training = scope
+            trained = await self.learner._train(model)
+            self.core.training_done(round_, trained, trio.current_time())
+            self.wakeup.set()
+        if self.training is scope:
+            self.training = None
+
+
+def _small_to_wire(message: modest.Message) -> dict[str, Any]:
+    if isinstance(message, modest.Ping):
+        return {"kind": "ping", "round": message.round, "nonce": message.nonce}
+    if isinstance(message, modest.Pong):
+        return {"kind": "pong", "round": message.round, "nonce": message.nonce}
+    if isinstance(message, modest.AggAck):
+        return {"kind": "ack", "round": message.round, "success": message.success}
+    if isinstance(message, modest.Membership):
+        return {
+            "kind": "membership",
+            "round": message.round,
+            "index": message.index,
+            "status": message.status,
+        }
+    raise TypeError(f"not a small message: {message!r}")

@@ -1,0 +1,247 @@
+"""Swarm membership and shared state in the daemon: DHT discovery, CRDT anti-entropy and deltas.
+
+* Discovery: every member provides the swarm key in the DHT and publishes a signed peer
+  record; a loop connects to the providers it finds and to every member listed in the CRDT.
+* State: ``SwarmState`` (``peerlearn.gossip.crdt``). Local writes are signed and published
+  as deltas over gossipsub; on every new connection, and periodically, the two sides run
+  anti-entropy over ``/peerlearn/sync/1`` (digest -> missing entries, both ways), which also
+  repairs anything gossip dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from peerlearn import wire
+from peerlearn.errors import NetworkError, RemoteProtocolError
+from peerlearn.gossip import records
+from peerlearn.gossip.crdt import SwarmState, entries_from_wire, entries_to_wire
+from peerlearn.identity import peer_id_from_public_key
+from peerlearn.node.framing import receive_frame, send_frame
+from peerlearn.node.host import P2PHost, Stream
+
+logger = logging.getLogger(__name__)
+
+SYNC_PROTOCOL = "/peerlearn/sync/1"
+MAX_SYNC_FRAME = 8 * 2**20  # bytes
+SYNC_LIMITS = wire.Limits(max_message_size=MAX_SYNC_FRAME, max_array_len=100_000, max_map_len=64)
+DISCOVERY_FAST = 0.5  # seconds between discovery rounds while joining
+DISCOVERY_SLOW = 5.0  # seconds between discovery rounds afterwards
+ANTI_ENTROPY_INTERVAL = 10.0  # seconds
+HEARTBEAT_INTERVAL = 5.0  # seconds
+SYNC_TIMEOUT = 10.0  # seconds per anti-entropy exchange
+MAX_DIALS_PER_ROUND = 16
+
+
+def topic(swarm: str) -> str:
+    return f"/peerlearn/{swarm}/crdt/1"
+
+
+class SwarmService:
+    """Runs discovery, heartbeats, gossip and anti-entropy for one node."""
+
+    def __init__(
+        self,
+        host: P2PHost,
+        state: SwarmState,
+        sequence: wire.SequenceCounter,
+        *,
+        max_peers: int,
+    ) -> None:
+        """``sequence`` is the node's single counter for everything its identity signs."""
+
+        self.host = host
+        self.state = state
+        self.max_peers = max_peers
+        self.join_started: float | None = None  # first moment we had a peer
+        self.join_seconds: float | None = None  # from then until all members were connected
+        self.synced_with: set[str] = set()
+        self.rejected_entries = 0
+        self.listeners: list[Callable[[list[Any]], None]] = []
+        self._pending: list[Any] = []
+        self._publish_wakeup = trio.Event()
+        self._sequence = sequence
+        host.set_handler(SYNC_PROTOCOL, self._serve_sync)
+
+    @property
+    def swarm(self) -> str:
+        return self.state.swarm
+
+    # -- local writes ---------------------------------------------------------------------
+
+    def write(self, name: str, value: Any) -> None:
+        """Sign and merge one of our records; it is gossiped shortly after."""
+        entry = self.state.write(self.host.identity, name, value)
+        self._pending.append(entry)
+        self._publish_wakeup.set()
+        self._notify([entry])
+
+    def members(self) -> list[str]:
+        """Peer IDs of every member that published a member record (ourselves included)."""
+        return sorted(peer_id_from_public_key(o) for o in self.state.records("member"))
+
+    def _notify(self, changed: list[Any]) -> None:
+        for listener in self.listeners:
+            listener(changed)
+
+    def _merge(self, data: bytes, source: str) -> int:
+        try:
+            entries = entries_from_wire(data, self.swarm, SYNC_LIMITS)
+        except RemoteProtocolError as exc:
+            self.rejected_entries += 1
+            logger.warning("rejected swarm state from %s: %s", source, exc)
+            return 0
+        changed = self.state.merge(entries)
+        if changed:
+            self._notify(changed)
+        return len(changed)
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.host.connected_peers():
+            self.join_started = time.monotonic()
+        self.write("member", {"addrs": self.host.addrs()})
+        self.write("heartbeat", {"t": time.time()})
+        async with self.host.subscribe(topic(self.swarm)) as next_message, trio.open_nursery() as n:
+            n.start_soon(self._receive_gossip, next_message)
+            n.start_soon(self._publisher)
+            n.start_soon(self._heartbeats)
+            n.start_soon(self._discovery)
+            n.start_soon(self._anti_entropy)
+            task_status.started()
+
+    async def _receive_gossip(self, next_message: Callable[[], Awaitable[Any]]) -> None:
+        while True:
+            message = await next_message()
+            self._merge(message.data, f"gossip from {message.sender_id}")
+
+    async def _publisher(self) -> None:
+        """Batches local writes into one gossip message (keeps under the rate limit)."""
+        while True:
+            await self._publish_wakeup.wait()
+            self._publish_wakeup = trio.Event()
+            batch, self._pending = self._pending, []
+            if batch:
+                await self.host.publish(topic(self.swarm), entries_to_wire(batch))
+            await trio.sleep(0.05)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(HEARTBEAT_INTERVAL)
+            self.write("heartbeat", {"t": time.time()})
+
+    async def _discovery(self) -> None:
+        key = records.swarm_provider_key(self.swarm)
+        try:
+            await self.host.provide(key)
+            record_key, value = records.make_peer_record(
+                self.host.identity, self.swarm, self.host.addrs(), self._sequence.next(time.time())
+            )
+            await self.host.put_value(record_key, value)
+        except NetworkError as exc:
+            logger.warning("DHT announcement failed (retrying with discovery): %s", exc)
+        while True:
+            await self._discover_once(key)
+            joined = self.join_seconds is not None
+            await trio.sleep(DISCOVERY_SLOW if joined else DISCOVERY_FAST)
+
+    async def _discover_once(self, key: str) -> None:
+        connected = {p.peer_id for p in self.host.connected_peers()}
+        if connected and self.join_started is None:
+            self.join_started = time.monotonic()
+        candidates: dict[str, list[str]] = {}
+        try:
+            for peer_id, addrs in await self.host.find_providers(key):
+                candidates[peer_id] = addrs
+        except NetworkError as exc:
+            logger.debug("find_providers: %s", exc)
+        for peer_id, addrs in self.host.take_mdns_discoveries():
+            candidates.setdefault(peer_id, addrs)  # not members yet: sync decides
+        for owner, value in self.state.records("member").items():
+            listed = value.get("addrs") if isinstance(value, dict) else None
+            if isinstance(listed, list):
+                candidates.setdefault(peer_id_from_public_key(owner), [str(a) for a in listed])
+        targets = [
+            (p, a)
+            for p, a in sorted(candidates.items())
+            if p != self.host.peer_id and p not in connected and a
+        ][: max(0, min(MAX_DIALS_PER_ROUND, self.max_peers - len(connected)))]
+        async with trio.open_nursery() as nursery:
+            for peer_id, addrs in targets:
+                nursery.start_soon(self._dial, peer_id, addrs)
+            for peer_id in sorted(connected - self.synced_with):
+                nursery.start_soon(self.sync_with, peer_id)
+        members = set(self.members()) - {self.host.peer_id}
+        now_connected = {p.peer_id for p in self.host.connected_peers()}
+        if (
+            self.join_seconds is None
+            and self.join_started is not None
+            and self.synced_with
+            and members <= now_connected
+        ):
+            self.join_seconds = time.monotonic() - self.join_started
+            logger.info(
+                "joined swarm %s in %.2f s: %d members connected",
+                self.swarm,
+                self.join_seconds,
+                len(members),
+            )
+
+    async def _dial(self, peer_id: str, addrs: list[str]) -> None:
+        for addr in addrs:
+            full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}"
+            try:
+                with trio.fail_after(SYNC_TIMEOUT):
+                    await self.host.connect(full)
+            except (NetworkError, trio.TooSlowError) as exc:
+                logger.debug("dial %s: %s", full, exc)
+                continue
+            await self.sync_with(peer_id)
+            return
+
+    async def _anti_entropy(self) -> None:
+        while True:
+            await trio.sleep(ANTI_ENTROPY_INTERVAL)
+            async with trio.open_nursery() as nursery:
+                for peer in self.host.connected_peers():
+                    nursery.start_soon(self.sync_with, peer.peer_id)
+
+    # -- anti-entropy protocol ------------------------------------------------------------
+
+    async def sync_with(self, peer_id: str) -> None:
+        """digest -> their missing entries + their digest -> our missing entries."""
+        try:
+            with trio.fail_after(SYNC_TIMEOUT):
+                stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
+                try:
+                    await send_frame(stream, wire.pack(self.state.digest()))
+                    self._merge(await receive_frame(stream, MAX_SYNC_FRAME), peer_id)
+                    their_digest = wire.unpack(
+                        await receive_frame(stream, MAX_SYNC_FRAME), SYNC_LIMITS
+                    )
+                    await send_frame(stream, entries_to_wire(self.state.missing_for(their_digest)))
+                finally:
+                    await stream.close()
+        except (NetworkError, RemoteProtocolError, trio.TooSlowError) as exc:
+            logger.debug("anti-entropy with %s failed: %s", peer_id, exc)
+            return
+        self.synced_with.add(peer_id)
+
+    async def _serve_sync(self, stream: Stream) -> None:
+        try:
+            with trio.fail_after(SYNC_TIMEOUT):
+                their_digest = wire.unpack(await receive_frame(stream, MAX_SYNC_FRAME), SYNC_LIMITS)
+                await send_frame(stream, entries_to_wire(self.state.missing_for(their_digest)))
+                await send_frame(stream, wire.pack(self.state.digest()))
+                self._merge(await receive_frame(stream, MAX_SYNC_FRAME), stream.remote_peer_id)
+        except (NetworkError, RemoteProtocolError, trio.TooSlowError) as exc:
+            logger.debug("anti-entropy from %s failed: %s", stream.remote_peer_id, exc)
+        finally:
+            await stream.close()
+        self.synced_with.add(stream.remote_peer_id)

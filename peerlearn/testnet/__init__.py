@@ -1,0 +1,1 @@
+"""Local multi-process testnets and the demo."""

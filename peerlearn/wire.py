@@ -1,0 +1,321 @@
+"""The wire format: bounded msgpack, signed envelopes, replay protection, raw tensors.
+
+Envelope on the wire (a msgpack map with exactly these keys)::
+
+    {type: str, version: int, sender: bin(32), seq: int, timestamp: float,
+     body: bin, signature: bin(64)}
+
+``body`` is the msgpack encoding of the message body. The signature covers the
+canonical bytes ``msgpack([DOMAIN, type, version, sender, seq, timestamp, body])``,
+so the body is only decoded once the signature has been checked.
+
+Every decoder here turns *any* input into a value or a ``RemoteProtocolError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import msgpack
+import numpy as np
+
+from peerlearn.errors import LocalProtocolError, RemoteProtocolError
+from peerlearn.identity import (
+    PUBLIC_KEY_SIZE,
+    SIGNATURE_SIZE,
+    Identity,
+    peer_id_from_public_key,
+    verify_signature,
+)
+
+WIRE_VERSION = 1
+SIGNATURE_DOMAIN = b"peerlearn/envelope/v1"
+MAX_TYPE_LENGTH = 64  # characters
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a peer can make us decode."""
+
+    max_message_size: int = 1 * 2**20  # bytes; control and gossip messages
+    max_array_len: int = 10_000  # elements per msgpack array
+    max_map_len: int = 1_000  # entries per msgpack map
+    max_tensor_dims: int = 8
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _reject_ext(code: int, data: bytes) -> NoReturn:
+    raise RemoteProtocolError(f"msgpack ext type {code} is not allowed")
+
+
+def pack(obj: Any) -> bytes:
+    """Encode ``obj`` as msgpack (bin for bytes, str for text, no ext types)."""
+    try:
+        return msgpack.packb(obj, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot encode {type(obj).__name__}: {exc}") from exc
+
+
+def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Decode one msgpack value from ``data`` within ``limits``; anything else is rejected."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise RemoteProtocolError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > limits.max_message_size:
+        raise RemoteProtocolError(
+            f"message of {len(data)} bytes exceeds the limit of {limits.max_message_size}"
+        )
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        use_list=True,
+        strict_map_key=True,
+        ext_hook=_reject_ext,
+        max_buffer_size=max(limits.max_message_size, 1),
+        max_array_len=limits.max_array_len,
+        max_map_len=limits.max_map_len,
+        max_ext_len=0,
+    )
+    try:
+        unpacker.feed(data)
+        value = unpacker.unpack()
+    except msgpack.OutOfData as exc:
+        raise RemoteProtocolError("truncated msgpack") from exc
+    except (ValueError, msgpack.UnpackException, RecursionError) as exc:
+        # ValueError covers ExtraData, FormatError, StackError and limit violations.
+        raise RemoteProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from exc
+    if unpacker.tell() != len(data):
+        raise RemoteProtocolError(f"{len(data) - unpacker.tell()} trailing bytes after msgpack")
+    return value
+
+
+# --- schema helpers -------------------------------------------------------------------------
+
+
+def expect_map(value: Any, keys: set[str], what: str) -> dict[str, Any]:
+    """Check that ``value`` is a map with exactly ``keys``."""
+    if not isinstance(value, dict):
+        raise RemoteProtocolError(f"{what}: expected a map, got {type(value).__name__}")
+    if set(value) != keys:
+        raise RemoteProtocolError(f"{what}: expected keys {sorted(keys)}, got {sorted(value)}")
+    return value
+
+
+def expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    """Check the type of a decoded field (bool is never accepted as int)."""
+    if isinstance(value, bool) and kind is not bool:
+        raise RemoteProtocolError(f"{what}: expected {kind}, got bool")
+    if not isinstance(value, kind):
+        raise RemoteProtocolError(f"{what}: expected {kind}, got {type(value).__name__}")
+    return value
+
+
+# --- envelopes ------------------------------------------------------------------------------
+
+_ENVELOPE_KEYS = {"type", "version", "sender", "seq", "timestamp", "body", "signature"}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A verified, signed message."""
+
+    type: str
+    version: int
+    sender: bytes
+    seq: int
+    timestamp: float
+    body: Any
+    signature: bytes = field(repr=False)
+
+    @property
+    def sender_id(self) -> str:
+        return peer_id_from_public_key(self.sender)
+
+
+def _signed_bytes(
+    msg_type: str, version: int, sender: bytes, seq: int, timestamp: float, body: bytes
+) -> bytes:
+    return pack([SIGNATURE_DOMAIN, msg_type, version, sender, seq, timestamp, body])
+
+
+def seal(identity: Identity, msg_type: str, body: Any, *, seq: int, timestamp: float) -> bytes:
+    """Sign ``body`` as a message of ``msg_type`` and return the envelope bytes."""
+    if not msg_type or len(msg_type) > MAX_TYPE_LENGTH:
+        raise LocalProtocolError(f"message type must be 1..{MAX_TYPE_LENGTH} characters")
+    if seq < 0:
+        raise LocalProtocolError("seq must be non-negative")
+    body_bytes = pack(body)
+    sender = identity.public_key
+    timestamp = float(timestamp)
+    signature = identity.sign(
+        _signed_bytes(msg_type, WIRE_VERSION, sender, seq, timestamp, body_bytes)
+    )
+    return pack(
+        {
+            "type": msg_type,
+            "version": WIRE_VERSION,
+            "sender": sender,
+            "seq": seq,
+            "timestamp": timestamp,
+            "body": body_bytes,
+            "signature": signature,
+        }
+    )
+
+
+def open_envelope(
+    data: bytes,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    expected_sender: bytes | None = None,
+) -> Envelope:
+    """Decode and verify an envelope. Raises ``RemoteProtocolError`` with a clear reason."""
+    raw = expect_map(unpack(data, limits), _ENVELOPE_KEYS, "envelope")
+    msg_type = expect(raw["type"], str, "envelope.type")
+    version = expect(raw["version"], int, "envelope.version")
+    sender = expect(raw["sender"], bytes, "envelope.sender")
+    seq = expect(raw["seq"], int, "envelope.seq")
+    timestamp = expect(raw["timestamp"], float, "envelope.timestamp")
+    body_bytes = expect(raw["body"], bytes, "envelope.body")
+    signature = expect(raw["signature"], bytes, "envelope.signature")
+    if version != WIRE_VERSION:
+        raise RemoteProtocolError(f"unsupported wire version {version} (we speak {WIRE_VERSION})")
+    if not msg_type or len(msg_type) > MAX_TYPE_LENGTH:
+        raise RemoteProtocolError("envelope.type has an invalid length")
+    if len(sender) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
+        raise RemoteProtocolError("envelope.sender or envelope.signature has the wrong size")
+    if not 0 <= seq < 2**64 or not math.isfinite(timestamp):
+        raise RemoteProtocolError("envelope.seq or envelope.timestamp is out of range")
+    if expected_sender is not None and sender != expected_sender:
+        raise RemoteProtocolError(
+            f"wrong sender: envelope signed by {peer_id_from_public_key(sender)}, "
+            f"but it came from {peer_id_from_public_key(expected_sender)}"
+        )
+    signed = _signed_bytes(msg_type, version, sender, seq, timestamp, body_bytes)
+    if not verify_signature(sender, signature, signed):
+        raise RemoteProtocolError(
+            f"bad signature on {msg_type!r} from {peer_id_from_public_key(sender)}"
+        )
+    body = unpack(body_bytes, limits)
+    return Envelope(msg_type, version, sender, seq, timestamp, body, signature)
+
+
+class SequenceCounter:
+    """Strictly increasing sequence numbers that stay increasing across restarts.
+
+    Seeded from the wall clock in microseconds, so a restarted daemon does not
+    reuse numbers its peers have already seen.
+    """
+
+    def __init__(self, now: float) -> None:
+        self._last = int(now * 1_000_000)
+
+    def next(self, now: float) -> int:
+        self._last = max(self._last + 1, int(now * 1_000_000))
+        return self._last
+
+
+class ReplayGuard:
+    """Rejects replayed, stale and future-dated envelopes (sans-I/O: pass ``now``).
+
+    A message is accepted once per (sender, seq). Messages older than
+    ``max_age`` seconds are rejected outright, so per-sender state only has to
+    cover that window and is evicted after it; the guard's memory is bounded by
+    ``max_senders`` and ``window`` seqs per sender.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_age: float = 600.0,
+        max_clock_skew: float = 60.0,
+        window: int = 4096,
+        max_senders: int = 100_000,
+    ) -> None:
+        self.max_age = max_age
+        self.max_clock_skew = max_clock_skew
+        self.window = window
+        self.max_senders = max_senders
+        self._seen: OrderedDict[bytes, tuple[float, set[int], int]] = OrderedDict()
+
+    def check(self, envelope: Envelope, now: float) -> None:
+        """Record ``envelope`` or raise ``RemoteProtocolError`` saying why it is rejected."""
+        who = envelope.sender_id
+        if envelope.timestamp < now - self.max_age:
+            raise RemoteProtocolError(
+                f"stale message from {who}: {now - envelope.timestamp:.0f} s old"
+            )
+        if envelope.timestamp > now + self.max_clock_skew:
+            raise RemoteProtocolError(
+                f"message from {who} is dated {envelope.timestamp - now:.0f} s in the future"
+            )
+        self._evict(now)
+        last_seen, seqs, high = self._seen.pop(envelope.sender, (now, set(), -1))
+        if envelope.seq in seqs or envelope.seq <= high - self.window:
+            self._seen[envelope.sender] = (last_seen, seqs, high)
+            raise RemoteProtocolError(f"replayed message from {who} (seq {envelope.seq})")
+        seqs.add(envelope.seq)
+        high = max(high, envelope.seq)
+        if len(seqs) > self.window:
+            seqs = {s for s in seqs if s > high - self.window}
+        self._seen[envelope.sender] = (now, seqs, high)
+
+    def _evict(self, now: float) -> None:
+        while self._seen:
+            sender, (last_seen, _, _) = next(iter(self._seen.items()))
+            if last_seen >= now - self.max_age - self.max_clock_skew and (
+                len(self._seen) < self.max_senders
+            ):
+                break
+            del self._seen[sender]
+
+
+# --- tensors --------------------------------------------------------------------------------
+
+_DTYPES = {
+    "float64": "<f8",
+    "float32": "<f4",
+    "float16": "<f2",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint8": "u1",
+    "bool": "?",
+}
+_TENSOR_KEYS = {"dtype", "shape", "data"}
+
+
+def encode_array(array: np.ndarray) -> dict[str, Any]:
+    """A numpy array as {dtype, shape, data} with raw little-endian bytes."""
+    name = array.dtype.name
+    if name not in _DTYPES:
+        raise LocalProtocolError(f"dtype {name} cannot be sent")
+    data = np.ascontiguousarray(array, dtype=np.dtype(_DTYPES[name])).tobytes()
+    return {"dtype": name, "shape": list(array.shape), "data": data}
+
+
+def decode_array(value: Any, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Inverse of ``encode_array``: a read-only, zero-copy view of the received bytes."""
+    raw = expect_map(value, _TENSOR_KEYS, "tensor")
+    dtype_name = expect(raw["dtype"], str, "tensor.dtype")
+    shape = expect(raw["shape"], list, "tensor.shape")
+    data = expect(raw["data"], bytes, "tensor.data")
+    if dtype_name not in _DTYPES:
+        raise RemoteProtocolError(f"tensor.dtype {dtype_name!r} is not supported")
+    if len(shape) > limits.max_tensor_dims:
+        raise RemoteProtocolError(f"tensor has {len(shape)} dims (limit {limits.max_tensor_dims})")
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise RemoteProtocolError("tensor.shape must be non-negative integers")
+    dtype = np.dtype(_DTYPES[dtype_name])
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(data):
+        raise RemoteProtocolError(
+            f"tensor data is {len(data)} bytes, shape {shape} of {dtype_name} needs "
+            f"{count * dtype.itemsize}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)

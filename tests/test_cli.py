@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from peerlearn.cli.main import cli
+from tests.conftest import wait_until
+
+STOP_TIMEOUT = 15  # seconds: shutdown deadline (10 s) plus process exit
+
+
+def test_status_without_daemon_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["node", "status", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no peerlearn daemon is running" in result.output
+
+
+def test_stale_socket_is_reported(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "control.sock"))  # bound but never listening, like a crash
+    result = CliRunner().invoke(cli, ["node", "peers", "--data-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 1
+    assert "stale socket" in result.output
+
+
+def test_invalid_config_exits_with_usage_error(tmp_path: Path) -> None:
+    config_file = tmp_path / "c.toml"
+    config_file.write_text("listen = 5\n")
+    result = CliRunner().invoke(
+        cli, ["node", "start", "--config", str(config_file), "--data-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "list of strings" in result.output
+
+
+def test_invalid_bootstrap_address_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "node",
+            "start",
+            "--data-dir",
+            str(tmp_path),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/1",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "invalid peer address" in result.output
+
+
+def _start(data_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "peerlearn",
+            "node",
+            "start",
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "peerlearn", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.integration
+def test_real_daemon_status_stop_and_lock(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    daemon = _start(data_dir)
+    try:
+        addrs = wait_until(lambda: json.loads((data_dir / "addrs.json").read_text()), 60)
+        status = json.loads(_cli("node", "status", "--json", "--data-dir", str(data_dir)).stdout)
+        assert status["peer_id"] == addrs["peer_id"]
+        assert status["phase"] == "running"
+        assert status["addrs"][0].startswith("/ip4/127.0.0.1/tcp/")
+        assert json.loads(_cli("node", "peers", "--json", "--data-dir", str(data_dir)).stdout) == []
+
+        second = _start(data_dir)
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 2
+        assert "already running" in err
+
+        assert _cli("node", "stop", "--data-dir", str(data_dir)).returncode == 0
+        out, err = daemon.communicate(timeout=STOP_TIMEOUT)
+    finally:
+        daemon.kill()
+    assert daemon.returncode == 0, err
+    assert "ready: peer id " + addrs["peer_id"] in out
+    assert "stopped" in out
+    assert not (data_dir / "control.sock").exists()
+    assert not (data_dir / "addrs.json").exists()
+    # restart reuses the identity
+    restarted = _start(data_dir)
+    try:
+        again = wait_until(lambda: json.loads((data_dir / "addrs.json").read_text()), 60)
+        assert again["peer_id"] == addrs["peer_id"]
+    finally:
+        restarted.send_signal(signal.SIGINT)
+        restarted.communicate(timeout=STOP_TIMEOUT)
+    assert restarted.returncode == 0
+
+
+@pytest.mark.integration
+def test_sigterm_shuts_down_gracefully(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    daemon = _start(data_dir)
+    try:
+        wait_until(lambda: (data_dir / "addrs.json").exists(), 60)
+        os.kill(daemon.pid, signal.SIGTERM)
+        _, err = daemon.communicate(timeout=STOP_TIMEOUT)
+    finally:
+        daemon.kill()
+    assert daemon.returncode == 0, err
+    assert "SIGTERM received" in err
+    assert "Traceback" not in err

@@ -1,0 +1,237 @@
+"""Real libp2p hosts and daemons on 127.0.0.1, in one trio run per test."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import multiaddr
+import pytest
+import torch
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+
+from peerlearn import wire
+from peerlearn.identity import Identity
+from peerlearn.node import blob
+from peerlearn.node.config import NodeConfig
+from peerlearn.node.daemon import Daemon, run_daemon
+from peerlearn.node.framing import receive_frame, send_frame
+from peerlearn.node.host import P2PHost, Stream, open_host
+from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
+
+pytestmark = pytest.mark.integration
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+TEST_TIMEOUT = 60  # seconds per test
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    async def bounded() -> None:
+        with trio.fail_after(TEST_TIMEOUT):
+            await test()
+
+    trio.run(bounded)
+
+
+def model_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    return model.state_dict()
+
+
+def test_three_hosts_exchange_a_bit_identical_state_dict() -> None:
+    state = model_state()
+    data = state_dict_to_bytes(state)
+
+    async def main() -> None:
+        received: dict[str, bytes] = {}
+
+        def serve(host: P2PHost) -> None:
+            async def accept(item: blob.ReceivedBlob) -> None:
+                received[host.peer_id] = item.data
+
+            async def handler(stream: Stream) -> None:
+                await blob.receive_blob(
+                    stream, max_size=2**24, replay_guard=wire.ReplayGuard(), accept=accept
+                )
+
+            host.set_handler(blob.PROTOCOL, handler)
+
+        identities = [Identity.generate() for _ in range(3)]
+        async with (
+            open_host(identities[0], LOOPBACK) as a,
+            open_host(identities[1], LOOPBACK) as b,
+            open_host(identities[2], LOOPBACK) as c,
+        ):
+            for receiver in (b, c):
+                serve(receiver)
+                assert await a.connect(receiver.addrs()[0]) == receiver.peer_id
+            assert {p.peer_id for p in a.connected_peers()} == {b.peer_id, c.peer_id}
+            assert await a.ping(b.peer_id) >= 0
+            for seq, receiver in enumerate((b, c)):
+                await blob.push_blob(
+                    lambda r=receiver: a.open_stream(r.peer_id, blob.PROTOCOL),
+                    a.identity,
+                    seq,
+                    data,
+                    kind="model_update",
+                    meta={},
+                    chunk_size=4096,
+                )
+        for peer in (identities[1].peer_id, identities[2].peer_id):
+            decoded = state_dict_from_bytes(received[peer], max_size=2**24)
+            for name, tensor in state.items():
+                assert decoded[name].numpy().tobytes() == tensor.numpy().tobytes()
+
+    run(main)
+
+
+def test_plaintext_dialer_is_refused() -> None:
+    async def main() -> None:
+        key_pair = create_new_key_pair()
+        plaintext = new_host(
+            key_pair=key_pair,
+            sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)},
+            listen_addrs=[multiaddr.Multiaddr(LOOPBACK[0])],
+        )
+        async with (
+            open_host(Identity.generate(), LOOPBACK) as ours,
+            plaintext.run([multiaddr.Multiaddr(LOOPBACK[0])]),
+        ):
+            info = info_from_p2p_addr(multiaddr.Multiaddr(ours.addrs()[0]))
+            with pytest.raises(Exception, match=r"unable to connect|negotiate"):
+                await plaintext.connect(info)
+            assert ours.connected_peers() == []
+
+    run(main)
+
+
+async def _offer(stream: Stream, identity: Identity, seq: int, data: bytes, size: int) -> None:
+    body = {
+        "sha256": hashlib.sha256(data).digest(),
+        "size": size,
+        "kind": "model_update",
+        "meta": {},
+    }
+    await send_frame(
+        stream, wire.seal(identity, blob.OFFER_TYPE, body, seq=seq, timestamp=time.time())
+    )
+
+
+async def _reply(stream: Stream) -> dict[str, object]:
+    reply: dict[str, object] = wire.unpack(await receive_frame(stream, 65536))
+    return reply
+
+
+def test_daemon_rejects_bad_blobs_and_survives_resets(tmp_path: Path) -> None:
+    """Tampered, replayed, oversized and reset transfers are refused; a good one still lands."""
+    state = model_state()
+    good = state_dict_to_bytes(state)
+    config = NodeConfig(data_dir=tmp_path / "node", listen=LOOPBACK, max_blob_size=len(good) + 10)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            daemon: Daemon = await nursery.start(
+                lambda task_status: run_daemon(
+                    config, handle_signals=False, task_status=task_status
+                )
+            )
+            sender = Identity.generate()
+            async with open_host(sender, LOOPBACK) as host:
+                await host.connect(daemon.host.addrs()[0])
+
+                async def stream() -> Stream:
+                    return await host.open_stream(daemon.identity.peer_id, blob.PROTOCOL)
+
+                # 1. bytes that do not match the signed sha256
+                s = await stream()
+                await _offer(s, sender, 1, good, len(good))
+                assert (await _reply(s))["ok"] is True
+                await s.send_all(b"\x00" * len(good))
+                reply = await _reply(s)
+                assert reply["ok"] is False
+                assert "sha256" in str(reply["reason"])
+                # 2. the same offer replayed
+                s = await stream()
+                await _offer(s, sender, 1, good, len(good))
+                reply = await _reply(s)
+                assert reply["ok"] is False
+                assert "replayed" in str(reply["reason"])
+                # 3. larger than max_blob_size
+                s = await stream()
+                await _offer(s, sender, 2, good, len(good) + 11)
+                assert "exceeds" in str((await _reply(s))["reason"])
+                # 4. reset half-way through the data
+                s = await stream()
+                await _offer(s, sender, 3, good, len(good))
+                assert (await _reply(s))["ok"] is True
+                await s.send_all(good[: len(good) // 2])
+                await s.reset()
+                # 5. valid bytes that are not a state_dict
+                junk = b"\x01" * 100
+                s = await stream()
+                await _offer(s, sender, 4, junk, len(junk))
+                await _reply(s)
+                await s.send_all(junk)
+                assert "msgpack" in str((await _reply(s))["reason"])
+                # 6. a good update after all that
+                await blob.push_blob(stream, sender, 5, good, kind="model_update", meta={})
+            status = daemon.status()
+            assert status["updates_received"] == 1
+            assert status["updates_rejected"] == 5
+            saved = torch.load(status["recent_updates"][0]["path"], weights_only=True)
+            assert all(torch.equal(saved[k], v) for k, v in state.items())
+            daemon.stop.set()
+
+    run(main)
+
+
+def test_two_daemons_share_a_model_file(tmp_path: Path) -> None:
+    state = model_state()
+    model_file = tmp_path / "model.pt"
+    torch.save(state, model_file)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            def start(name: str, bootstrap: tuple[str, ...] = ()) -> Awaitable[Daemon]:
+                config = NodeConfig(data_dir=tmp_path / name, listen=LOOPBACK, bootstrap=bootstrap)
+                return nursery.start(  # type: ignore[no-any-return]
+                    lambda task_status: run_daemon(
+                        config, handle_signals=False, task_status=task_status
+                    )
+                )
+
+            first = await start("a")
+            second = await start("b", (first.host.addrs()[0],))
+            results = await second.share_model(model_file)
+            assert [r["ok"] for r in results] == [True]
+            recent = first.status()["recent_updates"]
+            assert recent[0]["from"] == second.identity.peer_id
+            saved = torch.load(recent[0]["path"], weights_only=True)
+            assert all(torch.equal(saved[k], v) for k, v in state.items())
+            first.stop.set()
+            second.stop.set()
+
+    run(main)
+
+
+def test_unreachable_bootstrap_fails_with_a_specific_error(tmp_path: Path) -> None:
+    dead = f"/ip4/127.0.0.1/tcp/9/p2p/{Identity.generate().peer_id}"
+    config = NodeConfig(
+        data_dir=tmp_path / "n", listen=LOOPBACK, bootstrap=(dead,), bootstrap_timeout=1.0
+    )
+
+    async def main() -> None:
+        started = trio.current_time()
+        with pytest.raises(Exception, match="none of the 1 bootstrap peers was reachable") as info:
+            await run_daemon(config, handle_signals=False)
+        assert dead in str(info.value)
+        assert trio.current_time() - started < 10
+
+    run(main)
