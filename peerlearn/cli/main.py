@@ -11,9 +11,10 @@ from typing import Any
 import click
 
 from peerlearn import __version__
+from peerlearn.cli.testnet import testnet
 from peerlearn.errors import ConfigError, LocalProtocolError, PeerlearnError, unwrap_group
 from peerlearn.learning.choices import ALGORITHMS, ATTACKS, FILTERS, PARTITIONS
-from peerlearn.node.config import LEARNING_ALGORITHMS, NodeConfig, load_config
+from peerlearn.node.config import LEARNING_ALGORITHMS, NODE_ATTACKS, NodeConfig, load_config
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -98,6 +99,28 @@ def node() -> None:
 @click.option("--min-members", type=int, default=None, help="Members to wait for [default: 1].")
 @click.option("--sample-size", type=int, default=None, help="MoDeST trainers per round.")
 @click.option("--max-rounds", type=int, default=None, help="Stop learning after N rounds.")
+@click.option(
+    "--relay-service/--no-relay-service",
+    default=None,
+    help="Serve as a circuit relay for NATed peers (public nodes) [default: off].",
+)
+@click.option(
+    "--nat-traversal/--no-nat-traversal",
+    default=None,
+    help="Reachability checks, relay reservations, hole punching [default: on].",
+)
+@click.option(
+    "--relay-blobs/--no-relay-blobs",
+    default=None,
+    help="Let model blobs use relayed connections [default: off, models go direct].",
+)
+@click.option("--upnp/--no-upnp", default=None, help="UPnP port mapping [default: off].")
+@click.option(
+    "--attack",
+    type=click.Choice(NODE_ATTACKS),
+    default=None,
+    help="Experiments only: act as a Byzantine node [default: none].",
+)
 def node_start(
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
@@ -167,6 +190,17 @@ def _render_status(s: dict[str, Any]) -> str:
         f"bytes            {s['bytes_out']} out, {s['bytes_in']} in",
     ]
     lines += [f"listening        {a}" for a in s["addrs"]]
+    nat = s.get("nat")
+    if nat:
+        lines += [
+            f"reachability     {nat['reachability']} ({nat['reachability_servers']} servers asked)",
+            f"peer paths       {nat['direct_peers']} direct, {nat['relayed_peers']} relayed; "
+            f"hole punches {nat['hole_punch_successes']} ok, {nat['hole_punch_failures']} failed",
+        ]
+        lines += [f"relay address    {a}" for a in nat["circuit_addrs"]]
+        if nat["relayed_only"]:
+            lines.append(f"relay only       {', '.join(nat['relayed_only'])} (hole punch failed)")
+
     learning = s.get("learning")
     if learning:
         acc = "-" if learning["accuracy"] is None else f"{learning['accuracy']:.3f}"
@@ -317,6 +351,9 @@ def sim_run(**options: Any) -> None:
     )
     click.echo(f"trace hash {result.trace_hash}")
     click.echo(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+cli.add_command(testnet)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ import trio
 from peerlearn import wire
 from peerlearn.errors import NetworkError, RemoteProtocolError
 from peerlearn.identity import Identity
+from peerlearn.nat.policy import blob_path_allowed
 from peerlearn.node.framing import ByteStream, receive_exactly, receive_frame, send_frame
 from peerlearn.node.host import P2PHost, Stream
 
@@ -174,8 +175,15 @@ async def deliver(
     meta: dict[str, Any],
     timeout: float,  # noqa: ASYNC109 - the deadline is part of the outcome reported
     chunk_size: int,
+    relay_blobs: bool,
 ) -> str | None:
-    """Push ``data`` to ``peer_id`` within ``timeout`` s; None once acknowledged, else why not."""
+    """Push ``data`` to ``peer_id`` within ``timeout`` s; None once acknowledged, else why not.
+
+    Over a relayed-only connection the blob is not sent unless ``relay_blobs``: relays are
+    for small messages, models wait for the direct path hole punching is working on.
+    """
+    if not blob_path_allowed(host.paths().get(peer_id), relay_blobs):
+        return "only a relayed connection (models need a direct one; relay_blobs allows it)"
 
     try:
         with trio.fail_after(timeout):

@@ -108,6 +108,28 @@ class NodeConfig:
     max_rounds: int = 0
     """Stop learning after this many rounds (0: never)."""
 
+    nat_traversal: bool = True
+    """Check reachability, reserve relay slots when not public, hole punch relayed peers."""
+
+    relay_service: bool = False
+    """Serve as a circuit relay v2 for NATed peers (turn on for publicly reachable nodes)."""
+
+    relay_circuit_seconds: int = 600
+    """Relay service: longest life of one relayed connection (seconds)."""
+
+    relay_circuit_bytes: int = 16 * MIB
+    """Relay service: most bytes one relayed connection may carry (models should go direct)."""
+
+    relay_blobs: bool = False
+    """Allow model blobs over relayed connections (off: models wait for a direct path)."""
+
+    upnp: bool = False
+    """Ask the local router for a port mapping with UPnP (best effort)."""
+
+    attack: str = "none"
+
+    """Experiments only: behave as a Byzantine node (label-flip, sign-flip or alie)."""
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 _TYPES = get_type_hints(NodeConfig)
@@ -141,7 +163,15 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 def _validate(config: NodeConfig) -> NodeConfig:
-    positive = ("bootstrap_timeout", "shutdown_timeout", "max_connections", "max_blob_size")
+    positive = (
+        "bootstrap_timeout",
+        "shutdown_timeout",
+        "max_connections",
+        "max_blob_size",
+        "relay_circuit_seconds",
+        "relay_circuit_bytes",
+    )
+
     for name in (*positive, "blob_chunk_size", "blob_timeout"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
@@ -188,9 +218,14 @@ def _validate_learning(config: NodeConfig) -> None:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
     if not 0.0 <= config.beta <= 1.0:
         raise ConfigError(f"beta must be in [0, 1], got {config.beta}")
+    if config.attack not in NODE_ATTACKS:
+        raise ConfigError(f"attack must be one of {', '.join(NODE_ATTACKS)}")
+    if config.attack in ("sign-flip", "alie") and config.algo == "modest":
+        raise ConfigError(f"the {config.attack} attack poisons gossiped models: use a gossip algo")
 
 
 LEARNING_ALGORITHMS = ("gossip-vca", "gossip", "dpsgd", "modest")
+NODE_ATTACKS = ("none", "label-flip", "sign-flip", "alie")
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -30,9 +30,10 @@ from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.control import serve_control
 from peerlearn.node.datadir import DataDir, atomic_write_bytes, atomic_write_json
-from peerlearn.node.host import P2PHost, Stream, open_host
+from peerlearn.node.host import P2PHost, RelaySettings, Stream, open_host
 from peerlearn.node.learner import MODEL_KIND, MODEST_KIND, Learner
 from peerlearn.node.swarm import SwarmService
+from peerlearn.node.traversal import NatTraversal
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,26 @@ class Daemon:
                     self.replay_guard,
                 )
 
+        self.nat: NatTraversal | None = None
+        if host.relaying:
+            self.nat = NatTraversal(
+                host,
+                reserve=config.nat_traversal,
+                hole_punch=config.nat_traversal,
+                on_addrs_changed=self._addrs_changed,
+            )
         host.set_handler(blob.PROTOCOL, self._serve_blob)
+
+    def _addrs_changed(self) -> None:
+        if self.swarm is not None:
+            self.swarm.announce_addrs()
+        if self.phase == "running":
+            self.write_addrs()
+
+    def write_addrs(self) -> None:
+        """Readiness for supervisors: our peer id and addresses in the data dir."""
+        addrs = {"peer_id": self.identity.peer_id, "addrs": self.host.addrs()}
+        atomic_write_json(self.data_dir.addrs_file, addrs)
 
     def _count_bytes(self, sent: int, received: int) -> None:
         self.counters.bytes_out += sent
@@ -188,6 +208,7 @@ class Daemon:
                 meta=meta,
                 timeout=self.config.blob_timeout,
                 chunk_size=self.config.blob_chunk_size,
+                relay_blobs=self.config.relay_blobs,
             )
             if error is not None:
                 logger.warning("%s to %s not delivered: %s", kind, peer_id, error)
@@ -260,6 +281,8 @@ class Daemon:
             "data_dir": str(self.data_dir.root),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "connected_peers": len(self.host.connected_peers()),
+            "connected_peer_ids": sorted(p.peer_id for p in self.host.connected_peers()),
+            "open_streams": self.host.open_streams(),
             "updates_sent": c.updates_sent,
             "updates_received": c.updates_received,
             "updates_rejected": c.updates_rejected,
@@ -268,6 +291,8 @@ class Daemon:
             "recent_updates": list(c.recent),
             "swarm": self.config.swarm or None,
             "learning": self.learner.status() if self.learner is not None else None,
+            "crdt_versions": self.swarm.versions() if self.swarm is not None else {},
+            "nat": self.nat.status() if self.nat is not None else None,
         }
 
     async def peers(self) -> list[dict[str, Any]]:
@@ -335,6 +360,20 @@ async def _watch_signals(stop: trio.Event, force: trio.CancelScope) -> None:
             stop.set()
 
 
+def relay_settings(config: NodeConfig) -> RelaySettings | None:
+    """Relay v2 + DCUtR unless the node only listens on loopback (nothing to traverse)."""
+    loopback = all(addr.startswith("/ip4/127.") for addr in config.listen)
+    if not config.relay_service and (loopback or not config.nat_traversal):
+        return None
+    return RelaySettings(
+        service=config.relay_service,
+        client=config.nat_traversal,
+        hole_punch=config.nat_traversal,
+        circuit_seconds=config.relay_circuit_seconds,
+        circuit_bytes=config.relay_circuit_bytes,
+    )
+
+
 async def run_daemon(
     config: NodeConfig,
     *,
@@ -365,6 +404,8 @@ async def run_daemon(
                         max_connections=config.max_connections,
                         swarm_services=bool(config.swarm),
                         mdns=config.mdns and bool(config.swarm),
+                        relay=relay_settings(config),
+                        upnp=config.upnp,
                     ) as host,
                     trio.open_nursery() as nursery,
                 ):
@@ -376,15 +417,16 @@ async def run_daemon(
                         serve_control, data_dir.control_socket, daemon.control_handlers()
                     )
                     await daemon.bootstrap()
+                    if daemon.nat is not None:
+                        await nursery.start(daemon.nat.run)
                     if daemon.swarm is not None:
                         await nursery.start(daemon.swarm.run)
                     if daemon.learner is not None:
                         await nursery.start(daemon.learner.run)
 
                     daemon.phase = "running"
-                    atomic_write_json(
-                        data_dir.addrs_file, {"peer_id": identity.peer_id, "addrs": host.addrs()}
-                    )
+                    daemon.write_addrs()
+
                     task_status.started(daemon)
                     await stop.wait()
                     daemon.phase = "stopping"

@@ -9,6 +9,11 @@ It configures the library safely (see ``shared/research/py-libp2p-evaluation.md`
 * wildcard listen addresses are expanded to concrete interface addresses so that
   ``0.0.0.0`` is never advertised;
 * libp2p's loggers are re-attached to ours (see ``peerlearn.node.logs``);
+* NAT traversal (``RelaySettings``): circuit relay v2 (a limited relay service on public
+  nodes; reservations made explicitly, never left to the library's 300 s timer), dialing
+  ``/p2p-circuit`` addresses, and DCUtR hole punching whose result is checked on the
+  connections themselves (its return value is unreliable). With relaying on, two
+  connections per peer are allowed: the relayed one and the direct one replacing it;
 * stream reads translate ``StreamEOF`` into ``b""`` and resets into ``NetworkError``;
   stream-handler exceptions are logged instead of vanishing silently.
 """
@@ -17,13 +22,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
 import trio
 from libp2p import new_host
+from libp2p.connection_types import ConnectionType
 from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -42,6 +48,12 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as GOSSIPSUB_V12
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.records.validator import NamespacedValidator, Validator
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.discovery import RelayDiscovery
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedStreamError
@@ -94,6 +106,21 @@ class Stream:
         self.remote_peer_id: str = muxed.peer_id.to_base58()
         self.remote_public_key: bytes = public_key_from_peer_id(self.remote_peer_id)
 
+    @property
+    def remote_ip(self) -> str | None:
+        """The peer's IP as we see it (its NAT's public address), None when relayed."""
+        if self.relayed:
+            return None
+        try:
+            address = self._raw.get_remote_address()
+        except Exception:
+            return None
+        return str(address[0]) if address else None
+
+    @property
+    def relayed(self) -> bool:
+        return not _is_direct(self._raw.muxed_conn)
+
     async def receive_some(self, max_bytes: int = 1 << 20) -> bytes:
         """Up to ``max_bytes`` bytes; ``b""`` once the peer has closed its side."""
         try:
@@ -125,6 +152,58 @@ class Stream:
 
 
 StreamHandler = Callable[[Stream], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """Circuit relay v2 and hole punching; see ``NodeConfig`` for each setting."""
+
+    service: bool = False
+    client: bool = True
+    hole_punch: bool = True
+    circuit_seconds: int = 600
+    circuit_bytes: int = 16 * 2**20
+    max_reservations: int = 128
+    max_circuits: int = 64
+
+
+def _is_direct(conn: Any) -> bool:
+    try:
+        return bool(conn.get_connection_type() == ConnectionType.DIRECT)
+    except Exception:
+        try:
+            addrs = conn.get_transport_addresses()
+        except Exception:
+            return True
+        return not any("/p2p-circuit" in str(a) for a in addrs)
+
+
+class _Relay:
+    """The relay v2 protocol, its transport and discovery, and DCUtR, of one host."""
+
+    def __init__(self, raw_host: Any, settings: RelaySettings) -> None:
+        self.settings = settings
+        limits = RelayLimits(
+            duration=settings.circuit_seconds,
+            data=settings.circuit_bytes,
+            max_circuit_conns=settings.max_circuits,
+            max_reservations=settings.max_reservations,
+        )
+        self.protocol = CircuitV2Protocol(raw_host, limits=limits, allow_hop=settings.service)
+        roles = RelayRole.STOP | RelayRole.CLIENT
+        if settings.service:
+            roles |= RelayRole.HOP
+        # auto_reserve off: reservations are made by reserve_relays(), on our schedule.
+        self.transport = CircuitV2Transport(
+            raw_host, self.protocol, RelayConfig(roles=roles, limits=limits)
+        )
+        self.discovery = RelayDiscovery(raw_host, auto_reserve=False, max_relays=4)
+        self.transport.discovery = self.discovery
+        # The unilateral direct dial DCUtR tries first waits dial_timeout on a dropping NAT
+        # (library default 10 s); 2 s keeps a whole punch well inside 30 s.
+        self.dcutr = DCUtRProtocol(raw_host, dial_timeout=2) if settings.hole_punch else None
+
+        self.circuit_addrs: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -186,6 +265,7 @@ class P2PHost:
         self._pubsub: Any = None
         self.publish_failures = 0
         self._mdns_found: list[tuple[str, list[str]]] = []
+        self._relay: _Relay | None = None
 
     def take_mdns_discoveries(self) -> list[tuple[str, list[str]]]:
         """Peers announced over mDNS since the last call, as (peer id, addrs)."""
@@ -291,11 +371,25 @@ class P2PHost:
                     logger.debug("unsubscribe %s: %s", topic, exc)
 
     def addrs(self) -> list[str]:
-        """Our dialable multiaddrs, each ending in ``/p2p/<peer id>``."""
-        return [str(a) for a in self._host.get_addrs()]
+        """Our dialable multiaddrs, each ending in ``/p2p/<peer id>``: the direct ones,
+        then the ``/p2p-circuit`` ones through relays we hold a reservation on."""
+        direct = [str(a) for a in self._host.get_addrs() if "/p2p-circuit" not in str(a)]
+        return direct + (self._relay.circuit_addrs if self._relay is not None else [])
+
+    def listen_ports(self) -> list[int]:
+        ports = []
+        for addr in self._host.get_addrs():
+            try:
+                ports.append(int(addr.value_for_protocol("tcp")))
+            except Exception:
+                continue
+        return sorted(set(ports))
 
     async def connect(self, address: str) -> str:
-        """Dial ``address`` (with ``/p2p/<id>``) and return the peer ID; raises ``NetworkError``."""
+        """Dial ``address`` (with ``/p2p/<id>``, or a ``/p2p-circuit`` address through a
+        relay) and return the peer ID; raises ``NetworkError``."""
+        if "/p2p-circuit" in address:
+            return await self._connect_via_relay(address)
         peer_id, info = parse_peer_multiaddr(address)
         if peer_id == self.peer_id:
             raise ConfigError(f"{address} is this node itself")
@@ -305,6 +399,92 @@ class P2PHost:
         except Exception as exc:
             raise NetworkError(f"cannot connect to {address}: {exc}") from exc
         return peer_id
+
+    # -- NAT traversal ----------------------------------------------------------------------
+
+    @property
+    def relaying(self) -> bool:
+        """Whether circuit relay v2 (and hole punching) runs on this host."""
+        return self._relay is not None
+
+    def _require_relay(self) -> _Relay:
+
+        if self._relay is None:
+            raise LocalProtocolError("this host was opened without relay support")
+        return self._relay
+
+    async def _connect_via_relay(self, address: str) -> str:
+        relay = self._require_relay()
+        try:
+            maddr = multiaddr.Multiaddr(address)
+            peer_id = address.rsplit("/p2p/", 1)[1]
+            ID.from_base58(peer_id)
+        except Exception as exc:
+            raise ConfigError(f"invalid relay address {address!r}: {exc}") from exc
+        if peer_id == self.peer_id:
+            raise ConfigError(f"{address} is this node itself")
+        try:
+            await relay.transport.dial(maddr)
+        except Exception as exc:
+            raise NetworkError(f"cannot connect through the relay to {address}: {exc}") from exc
+        return peer_id
+
+    async def reserve_relays(self) -> list[str]:
+        """Find relays among connected peers and (re)reserve a slot on each; returns our
+        ``/p2p-circuit`` addresses (also included in ``addrs()`` from now on)."""
+        relay = self._require_relay()
+        try:
+            await relay.discovery.discover_relays()
+        except Exception as exc:
+            raise NetworkError(f"relay discovery failed: {exc}") from exc
+        peerstore = self._host.get_peerstore()
+        circuit = []
+        for relay_id in relay.discovery.get_relays():
+            if not await relay.discovery.make_reservation(relay_id):
+                logger.warning("relay %s refused our reservation", relay_id)
+                continue
+            try:
+                relay_addrs = [a for a in peerstore.addrs(relay_id) if "/p2p-circuit" not in str(a)]
+            except Exception:
+                relay_addrs = []
+            for addr in relay_addrs[:1]:
+                base = str(addr).split("/p2p/")[0]
+                circuit.append(f"{base}/p2p/{relay_id}/p2p-circuit/p2p/{self.peer_id}")
+        relay.circuit_addrs = circuit
+        return list(circuit)
+
+    def open_streams(self) -> int:
+        """Streams open on all our connections (to spot leaks)."""
+        total = 0
+        for conns in self._host.get_network().connections.values():
+            for conn in conns if isinstance(conns, list) else [conns]:
+                try:
+                    total += len(conn.get_streams())
+                except Exception:
+                    continue
+        return total
+
+    def paths(self) -> dict[str, str]:
+        """``{peer id: "direct" | "relayed"}`` for every connected peer."""
+        out = {}
+        for peer, conns in self._host.get_network().connections.items():
+            listed = conns if isinstance(conns, list) else [conns]
+            if listed:
+                direct = any(_is_direct(c) for c in listed)
+                out[peer.to_base58()] = "direct" if direct else "relayed"
+        return out
+
+    async def hole_punch(self, peer_id: str) -> bool:
+        """One DCUtR attempt to replace our relayed connection to ``peer_id`` by a direct
+        one; True if a direct connection exists afterwards."""
+        relay = self._require_relay()
+        if relay.dcutr is None:
+            return False
+        try:
+            await relay.dcutr.initiate_hole_punch(ID.from_base58(peer_id))
+        except Exception as exc:
+            logger.debug("hole punch to %s: %s", peer_id, exc)
+        return self.paths().get(peer_id) == "direct"
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         try:
@@ -349,7 +529,25 @@ class P2PHost:
         return float(rtt)
 
 
+@asynccontextmanager
+async def _relay_services(host: P2PHost, settings: RelaySettings | None) -> AsyncIterator[None]:
+    if settings is None:
+        yield
+        return
+    relay = _Relay(host._host, settings)
+    async with AsyncExitStack() as services:
+        for service in (relay.protocol, relay.discovery, relay.dcutr):
+            if service is not None:
+                await services.enter_async_context(background_trio_service(service))
+        host._relay = relay
+        try:
+            yield
+        finally:
+            host._relay = None
+
+
 def _all_loopback(addrs: Sequence[Any]) -> bool:
+
     return all(str(a).startswith("/ip4/127.") for a in addrs)
 
 
@@ -400,11 +598,14 @@ async def open_host(
     max_connections: int = 256,
     swarm_services: bool = False,
     mdns: bool = False,
+    relay: RelaySettings | None = None,
+    upnp: bool = False,
 ) -> AsyncIterator[P2PHost]:
     """Start a libp2p host listening on ``listen``; it is closed when the block exits.
 
     With ``swarm_services`` it also runs the Kademlia DHT and gossipsub; with ``mdns`` it
-    announces itself and notes peers announced on the local network (never on loopback).
+    announces itself and notes peers announced on the local network (never on loopback);
+    with ``relay`` it runs circuit relay v2 (and DCUtR if asked).
     """
     reattach_library_logging()
     key = Libp2pEd25519PrivateKey.from_bytes(identity.private_bytes)
@@ -419,12 +620,13 @@ async def open_host(
         min_connections=0,
         low_watermark=0,
         high_watermark=max_connections,
-        max_connections_per_peer=1,
+        max_connections_per_peer=2 if relay is not None else 1,
     )
     addrs = _expand_listen_addrs(listen)
     mdns = mdns and not _all_loopback(addrs)
     raw = new_host(
         enable_mDNS=mdns,
+        enable_upnp=upnp,
         key_pair=key_pair,
         sec_opt=security,
         muxer_preference="YAMUX",
@@ -437,11 +639,12 @@ async def open_host(
             if mdns:
                 peerDiscovery.register_peer_discovered_handler(host._on_mdns_peer)
             try:
-                if not swarm_services:
-                    yield host
-                    return
-                async with _swarm_services(host, _all_loopback(addrs)):
-                    yield host
+                async with _relay_services(host, relay):
+                    if not swarm_services:
+                        yield host
+                        return
+                    async with _swarm_services(host, _all_loopback(addrs)):
+                        yield host
             finally:
                 peerDiscovery.unregister_peer_discovered_handler(host._on_mdns_peer)
     except OSError as exc:

@@ -29,7 +29,7 @@ from peerlearn import wire
 from peerlearn.errors import NetworkError, RemoteProtocolError
 from peerlearn.gossip.crdt import Entry, entries_from_wire, entries_to_wire
 from peerlearn.identity import peer_id_from_public_key
-from peerlearn.learning import bristle, data, modest, protocols, robust
+from peerlearn.learning import attacks, bristle, data, modest, protocols, robust
 from peerlearn.learning.model import ModelSpec, StateDict, accuracy, featurize, sgd
 from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig, parse_shard
@@ -83,6 +83,8 @@ class Learner:
         else:
             parts = data.partition_iid(labels, count, shard_rng)
         self.train = featurize(self.spec, train.subset(parts[index]))
+        if config.attack == "label-flip":  # experiments: a Byzantine node poisoning its data
+            self.train = data.Dataset(self.train.x, attacks.flip_labels(self.train.y))
         seed = int.from_bytes(hashlib.sha256(host.identity.public_key).digest()[:8], "big")
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = random.Random(seed)
@@ -102,8 +104,9 @@ class Learner:
         self.rule = robust.create_rule(
             "mean" if bristle_filter else config.filter, f=config.byzantine_bound
         )
-        self.round = 0
+        self.round = 0  # the last round whose checkpoint is on disk
         self.accuracy: float | None = None
+        self._finish_lock = trio.Lock()
         self.phase = "waiting for members"
         self.inbox: dict[bytes, StateDict] = {}
         self.models_sent = 0
@@ -130,6 +133,7 @@ class Learner:
             "models_received": self.models_received,
             "train_samples": len(self.train),
             "resumed_from_round": self.resumed,
+            "attack": self.config.attack,
             "gossip_undelivered": self.host.publish_failures,
         }
 
@@ -155,14 +159,16 @@ class Learner:
         logger.info("resumed from checkpoint at round %d", self.round)
         return self.round
 
-    def _save_checkpoint(self, model_bytes: bytes) -> None:
-        """``model_bytes``: ``state_dict_to_bytes(self.model)``, already computed by the caller."""
+    def _save_checkpoint(
+        self, round_: int, accuracy_: float, model_bytes: bytes, crdt: list[Entry]
+    ) -> None:
+        """Runs in a worker thread: ``crdt`` is a snapshot taken in the trio thread."""
         payload = wire.pack(
             {
-                "round": self.round,
-                "accuracy": self.accuracy,
+                "round": round_,
+                "accuracy": accuracy_,
                 "model": model_bytes,
-                "crdt": entries_to_wire(self.swarm.state.entries.values()),
+                "crdt": entries_to_wire(crdt),
             }
         )
         atomic_write_bytes(self.checkpoint_path, payload)
@@ -189,20 +195,25 @@ class Learner:
         return await trio.to_thread.run_sync(train)
 
     async def _finish_round(self, round_: int, model: StateDict) -> None:
-        """Adopt ``model`` as round ``round_``'s: evaluate, announce, checkpoint."""
-        if round_ <= self.round and self.config.algo == "modest":
-            return  # MoDeST: an aggregate we already know (as trainer and aggregator)
-        self.round = round_
-        self.model = model
-        self.accuracy = await trio.to_thread.run_sync(accuracy, self.spec, model, self.test)
-        model_bytes = state_dict_to_bytes(model)
-        digest = hashlib.sha256(model_bytes).hexdigest()
-        self.swarm.write("round", {"round": round_})
-        self.swarm.write("model", {"version": round_, "sha256": digest})
-        self.swarm.write("metrics", {"accuracy": round(self.accuracy, 4), "round": round_})
-        await trio.to_thread.run_sync(self._save_checkpoint, model_bytes)
+        """Adopt ``model`` as round ``round_``'s: evaluate, checkpoint, then announce.
 
-        logger.info("round %d: accuracy %.3f", round_, self.accuracy)
+        The round becomes visible (status, CRDT) only once its checkpoint is on disk, so a
+        node killed right after reporting round r restarts from round r.
+        """
+        async with self._finish_lock:
+            if round_ <= self.round and self.config.algo == "modest":
+                return  # MoDeST: an aggregate we already know (as trainer and aggregator)
+            acc = await trio.to_thread.run_sync(accuracy, self.spec, model, self.test)
+            model_bytes = state_dict_to_bytes(model)
+            crdt = list(self.swarm.state.entries.values())
+            await trio.to_thread.run_sync(self._save_checkpoint, round_, acc, model_bytes, crdt)
+
+            self.round, self.model, self.accuracy = round_, model, acc
+            digest = hashlib.sha256(model_bytes).hexdigest()
+            self.swarm.write("round", {"round": round_})
+            self.swarm.write("model", {"version": round_, "sha256": digest})
+            self.swarm.write("metrics", {"accuracy": round(acc, 4), "round": round_})
+        logger.info("round %d: accuracy %.3f", round_, acc)
 
     def _members_pk(self) -> list[bytes]:
         return sorted(self.swarm.state.records("member"))
@@ -222,6 +233,7 @@ class Learner:
             meta=meta,
             timeout=self.config.blob_timeout,
             chunk_size=self.config.blob_chunk_size,
+            relay_blobs=self.config.relay_blobs,
         )
         if error is not None:
             logger.info("model to %s not delivered: %s", peer_id, error)
@@ -293,6 +305,7 @@ class Learner:
                     variance_correction=c.algo == "gossip-vca",
                 )
             trained = await self._train(merged)
+            shared = self._poison(trained, received)
             members = self._members_pk()
             if c.algo == "dpsgd":
                 targets = protocols.ring_neighbours(me, members, c.fanout)
@@ -301,9 +314,19 @@ class Learner:
             round_ = self.round + 1
             async with trio.open_nursery() as nursery:
                 for pk in targets:
-                    nursery.start_soon(self.push_model, pk, trained, MODEL_KIND, {"round": round_})
+                    nursery.start_soon(self.push_model, pk, shared, MODEL_KIND, {"round": round_})
             await self._finish_round(round_, trained)
             await trio.sleep_until(started + c.round_interval)
+
+    def _poison(self, trained: StateDict, received: list[StateDict]) -> StateDict:
+        """Experiments: what a ``--attack`` node sends instead of its honest model."""
+        members = max(len(self.swarm.members()), 2)
+        attack = attacks.model_attack(
+            self.config.attack, nodes=members, byzantine=self.config.byzantine_bound
+        )
+        if attack is None:
+            return trained
+        return attack(trained, [*received, trained], self.generator)
 
     # -- small messages ---------------------------------------------------------------------
 

@@ -81,6 +81,15 @@ class SwarmService:
         self._publish_wakeup.set()
         self._notify([entry])
 
+    def announce_addrs(self) -> None:
+        """Re-publish our member record after our addresses changed (e.g. a relay slot)."""
+        if self.state.get(self.host.identity.public_key, "member") is not None:
+            self.write("member", {"addrs": self.host.addrs()})
+
+    def versions(self) -> dict[str, int]:
+        """``{"<owner hex prefix>/<record>": lamport}``: lets observers compare replicas."""
+        return {f"{o.hex()[:16]}/{n}": e.lamport for (o, n), e in self.state.entries.items()}
+
     def members(self) -> list[str]:
         """Peer IDs of every member that published a member record (ourselves included)."""
         return sorted(peer_id_from_public_key(o) for o in self.state.records("member"))

@@ -1,23 +1,54 @@
-"""Local swarms of real daemon processes on 127.0.0.1 (used by the demo, tests and testnet)."""
+"""Local swarms of real daemon processes (used by the demo, tests and the testnet).
+
+Daemons listen on 127.0.0.1, or inside lab namespaces (``peerlearn.nat.lab``) when given
+hosts. They are started in their own session (a terminal's Ctrl-C reaches only the
+supervisor, which stops them in order) and with a parent-death signal, so that even a
+SIGKILLed supervisor leaves no orphans. Start them from the main thread: the parent-death
+signal fires when the *thread* that spawned the child exits.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from peerlearn.errors import ControlError
+from peerlearn.nat.lab import LabHost
 from peerlearn.node.control import call
 from peerlearn.node.datadir import DataDir
 
 T = TypeVar("T")
 STOP_TIMEOUT = 20.0  # seconds for a daemon to exit after SIGTERM
+STATUS_TIMEOUT = 10.0  # seconds for one control call
+_PR_SET_PDEATHSIG = 1
+# Many daemons share the machine's cores: one compute thread each instead of one per core
+# (torch/OpenMP oversubscription made 16 daemons on 2 cores ~4x slower).
+ONE_THREAD_EACH = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of ``pid`` in MiB (Linux), None if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
@@ -35,12 +66,27 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval:
 
 
 class LocalSwarm:
-    """``size`` daemons, node 0 bootstraps the others, each with its own data dir and shard."""
+    """``size`` daemons, node 0 bootstraps the others, each with its own data dir and shard.
 
-    def __init__(self, root: Path, size: int, *, swarm: str = "local", **options: Any) -> None:
+    ``hosts``: run node i in ``hosts[i]``'s namespace on its address (default 127.0.0.1).
+    ``node_args``: extra ``node start`` flags for some nodes (e.g. attackers).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        size: int,
+        *,
+        swarm: str | None = "local",
+        hosts: Sequence[LabHost] | None = None,
+        node_args: dict[int, list[str]] | None = None,
+        **options: Any,
+    ) -> None:
         self.root = root
         self.size = size
-        self.args = ["--swarm", swarm, "--min-members", str(size)]
+        self.hosts = list(hosts) if hosts is not None else None
+        self.node_args = node_args or {}
+        self.args = ["--swarm", swarm, "--min-members", str(size)] if swarm else []
         for key, value in options.items():
             self.args += [f"--{key.replace('_', '-')}", str(value)]
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -53,6 +99,8 @@ class LocalSwarm:
         return self.root / f"node{i}.log"
 
     def start(self, i: int) -> None:
+        """Start (or restart) node ``i``; it bootstraps from node 0 once that one listens."""
+        ip = self.hosts[i].ip if self.hosts else "127.0.0.1"
         cmd = [
             sys.executable,
             "-m",
@@ -62,15 +110,37 @@ class LocalSwarm:
             "--data-dir",
             str(self.data_dir(i).root),
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            f"/ip4/{ip}/tcp/0",
             "--data-shard",
             f"{i}/{self.size}",
             *self.args,
+            *self.node_args.get(i, []),
         ]
         if self.bootstrap and i != 0:
             cmd += ["--bootstrap", self.bootstrap]
+        if self.hosts:
+            cmd = self.hosts[i].command(*cmd)
+        self.data_dir(i).root.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path(i).open("ab") as log:
-            self.processes[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.processes[i] = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **ONE_THREAD_EACH},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+
+    def alive(self, i: int) -> bool:
+        process = self.processes.get(i)
+        return process is not None and process.poll() is None
+
+    def pid(self, i: int) -> int | None:
+        return self.processes[i].pid if self.alive(i) else None
+
+    def rss_mb(self, i: int) -> float | None:
+        pid = self.pid(i)
+        return None if pid is None else rss_mb(pid)
 
     def _addrs(self, i: int) -> dict[str, Any] | None:
         process = self.processes[i]
@@ -87,10 +157,12 @@ class LocalSwarm:
         for i in range(self.size):
             wait_for(f"node{i} to become ready", partial(self._addrs, i), timeout)
 
-    def status(self, i: int) -> dict[str, Any]:
+    def status(self, i: int, timeout: float = STATUS_TIMEOUT) -> dict[str, Any]:
         """The daemon's status, or {} while it cannot answer."""
         try:
-            status: dict[str, Any] = call(self.data_dir(i).control_socket, "status", timeout=10)
+            status: dict[str, Any] = call(
+                self.data_dir(i).control_socket, "status", timeout=timeout
+            )
         except ControlError:
             return {}
         return status
@@ -104,13 +176,23 @@ class LocalSwarm:
         self.processes[i].send_signal(signal.SIGKILL)
         self.processes[i].wait(timeout=STOP_TIMEOUT)
 
+    def addrs(self, i: int, timeout: float = 60.0) -> list[str]:
+        """Node ``i``'s advertised addresses once it is ready."""
+        info = wait_for(f"node{i} to become ready", partial(self._addrs, i), timeout)
+        return list(info["addrs"])
+
     def stop_all(self) -> list[int | None]:
         """SIGTERM everyone, wait, SIGKILL stragglers; exit codes (None = had to be killed)."""
-        for process in self.processes.values():
+        return self.stop_some(sorted(self.processes))
+
+    def stop_some(self, nodes: list[int]) -> list[int | None]:
+        """SIGTERM these nodes together, wait, SIGKILL stragglers; their exit codes."""
+        chosen = [self.processes[i] for i in nodes]
+        for process in chosen:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         codes: list[int | None] = []
-        for process in self.processes.values():
+        for process in chosen:
             try:
                 codes.append(process.wait(timeout=STOP_TIMEOUT))
             except subprocess.TimeoutExpired:

@@ -1,0 +1,286 @@
+"""``peerlearn testnet``: many daemons on this machine, scenarios with faults, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import click
+
+from peerlearn.errors import ConfigError, PeerlearnError
+
+DEFAULT_DIR = Path("~/.peerlearn/testnet").expanduser()
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "testnet"
+DOWN_TIMEOUT = 60.0  # seconds for a supervisor to tear its testnet down
+
+dir_option = click.option(
+    "--dir",
+    "root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=f"Testnet directory [default: {DEFAULT_DIR}, or PEERLEARN_TESTNET_DIR].",
+)
+
+
+def _root(root: Path | None) -> Path:
+    return root or Path(os.environ.get("PEERLEARN_TESTNET_DIR", DEFAULT_DIR)).expanduser()
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _state(root: Path) -> dict[str, Any]:
+    from peerlearn.testnet.network import STATE_FILE
+
+    path = root / STATE_FILE
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        _fail(f"no testnet runs in {root} (start one with `peerlearn testnet up`)")
+        raise
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read {path}: {exc}")
+        raise
+    return state
+
+
+class _Terminated(Exception):
+    """SIGTERM (e.g. from `testnet down`): unwind like Ctrl-C so everything is torn down."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@click.group()
+def testnet() -> None:
+    """Run many daemons on this machine: `up`, `status`, `logs`, `down`, `run SCENARIO`."""
+
+
+@testnet.command("up")
+@click.option("--nodes", type=int, default=4, show_default=True)
+@click.option("--algo", default="modest", show_default=True)
+@click.option("--filter", "filter_", default="none", show_default=True)
+@click.option("--rounds", type=int, default=0, help="Stop learning after N rounds [0: never].")
+@click.option("--round-interval", type=float, default=1.0, show_default=True)
+@click.option("--nat", is_flag=True, help="Nodes behind NAT routers in a namespace lab (root).")
+@click.option("--nat-mode", type=click.Choice(["cone", "symmetric"]), default="cone")
+@dir_option
+def testnet_up(
+    nodes: int,
+    algo: str,
+    filter_: str,
+    rounds: int,
+    round_interval: float,
+    nat: bool,
+    nat_mode: str,
+    root: Path | None,
+) -> None:
+    """Start NODES daemons and show live progress until Ctrl-C or `testnet down`."""
+    from peerlearn.testnet.live import LiveView
+    from peerlearn.testnet.network import Testnet
+    from peerlearn.testnet.scenario import parse_scenario
+
+    directory = _root(root)
+    try:
+        scenario = parse_scenario(
+            {
+                "swarm": {
+                    "nodes": nodes,
+                    "algo": algo,
+                    "filter": filter_,
+                    "max_rounds": rounds,
+                    "round_interval": round_interval,
+                    "network": "nat" if nat else "loopback",
+                    "nat": nat_mode,
+                }
+            },
+            default_name="up",
+        )
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    if (directory / "testnet.json").exists():
+        _fail(f"a testnet already runs in {directory} (`peerlearn testnet down` first)")
+    for old in directory.glob("node*"):  # an earlier testnet's nodes: start fresh
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    net = Testnet(directory, scenario.swarm, swarm="testnet")
+    view = LiveView(f"testnet in {directory}", nodes)
+    try:
+        with _sigterm_unwinds():
+            click.echo(f"starting {nodes} daemons ({algo}/{filter_}) in {directory} ...")
+            net.start()
+            click.echo("all nodes listen; Ctrl-C or `peerlearn testnet down` stops them")
+            t0 = time.monotonic()
+            with view:
+                while True:
+                    samples, _ = net.sample(time.monotonic() - t0)
+                    view.update(samples, time.monotonic() - t0)
+                    time.sleep(1.0)
+    except (KeyboardInterrupt, _Terminated):
+        click.echo("stopping every daemon ...")
+    except (PeerlearnError, OSError, RuntimeError, TimeoutError) as exc:
+        click.echo(f"error: {exc}", err=True)
+    finally:
+        problems = net.close()
+        codes = net.exit_codes
+        click.echo(f"stopped {len(codes)} daemons, exit codes {codes}")
+        for problem in problems:
+            click.echo(f"warning: {problem}", err=True)
+
+
+@testnet.command("status")
+@dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def testnet_status(root: Path | None, as_json: bool) -> None:
+    """Round, accuracy and peers of every node of the running testnet."""
+    from peerlearn.errors import ControlError
+    from peerlearn.node.control import call
+    from peerlearn.node.datadir import DataDir
+
+    state = _state(_root(root))
+    rows = []
+    for node in state["nodes"]:
+        try:
+            status = call(DataDir(Path(node["data_dir"])).control_socket, "status", timeout=5)
+        except ControlError as exc:
+            status = {"error": str(exc)}
+        learning = status.get("learning") or {}
+        rows.append(
+            {
+                "node": node["node"],
+                "peer_id": status.get("peer_id"),
+                "ip": node["ip"],
+                "attacker": node["attacker"],
+                "round": learning.get("round"),
+                "accuracy": learning.get("accuracy"),
+                "peers": status.get("connected_peers"),
+                "error": status.get("error"),
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        if row["error"]:
+            click.echo(f"node{row['node']:<3} down: {row['error']}")
+            continue
+        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+        click.echo(
+            f"node{row['node']:<3} {row['ip']:<15} round {row['round']:>4}  accuracy {acc}  "
+            f"peers {row['peers']:>2}{'  attacker' if row['attacker'] else ''}"
+        )
+
+
+@testnet.command("logs")
+@click.argument("node", type=int)
+@click.option("--lines", "-n", type=int, default=50, show_default=True)
+@dir_option
+def testnet_logs(node: int, lines: int, root: Path | None) -> None:
+    """The last lines of NODE's log."""
+    state = _state(_root(root))
+    known = {n["node"]: n for n in state["nodes"]}
+    if node not in known:
+        _fail(f"no node {node}; nodes are 0..{len(known) - 1}")
+    try:
+        text = Path(known[node]["log"]).read_text(errors="replace")
+    except OSError as exc:
+        _fail(f"cannot read the log of node{node}: {exc}")
+        return
+    click.echo("\n".join(text.splitlines()[-lines:]))
+
+
+@testnet.command("down")
+@dir_option
+def testnet_down(root: Path | None) -> None:
+    """Stop the running testnet (its supervisor tears everything down)."""
+    from peerlearn.nat.lab import remove_namespaces
+    from peerlearn.testnet.network import STATE_FILE
+
+    directory = _root(root)
+    state = _state(directory)
+    pid = int(state["supervisor_pid"])
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + DOWN_TIMEOUT
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # The supervisor was gone or stuck: clean up after it.
+    leftovers = [n["pid"] for n in state["nodes"] if n.get("pid") and _running(n["pid"])]
+    for node_pid in leftovers:
+        os.kill(node_pid, signal.SIGKILL)
+    failed = remove_namespaces(state.get("namespaces", []))
+    (directory / STATE_FILE).unlink(missing_ok=True)
+    if failed:
+        _fail(f"could not remove namespaces {failed}")
+    click.echo(f"testnet in {directory} is down" + (f" (killed {leftovers})" if leftovers else ""))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited: it only waits to be reaped
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+@testnet.command("run")
+@click.argument("scenario")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Report folder [default: runs/<scenario>-<time>].",
+)
+def testnet_run(scenario: str, out: Path | None) -> None:
+    """Run SCENARIO (a name from testnet/ or a .toml file) and write its report."""
+    from peerlearn.testnet.live import LiveView
+    from peerlearn.testnet.report import write_report
+    from peerlearn.testnet.runner import run_scenario
+    from peerlearn.testnet.scenario import find_scenario, load_scenario
+
+    try:
+        loaded = load_scenario(find_scenario(scenario, SCENARIO_DIR))
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    out = out or Path("runs") / f"{loaded.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    click.echo(f"scenario {loaded.name}: {loaded.description.strip()}")
+    click.echo(f"report folder: {out}")
+    view = LiveView(loaded.name, loaded.swarm.nodes)
+    try:
+        with _sigterm_unwinds(), view:
+            results = run_scenario(loaded, out, view.progress)
+    except (KeyboardInterrupt, _Terminated):
+        _fail("interrupted; every daemon was stopped")
+        return
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    summary = write_report(loaded, results, out)
+    click.echo(summary.read_text())
+    if not all(r.passed for r in results):
+        sys.exit(1)

@@ -1,0 +1,197 @@
+"""The testnet: scenario files, a small scenario end to end, `testnet up/status/logs/down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peerlearn.errors import ConfigError
+from peerlearn.nat.lab import lab_unavailable_reason
+from peerlearn.testnet.report import write_report
+from peerlearn.testnet.runner import run_scenario
+from peerlearn.testnet.scenario import load_scenario, parse_scenario
+from tests.conftest import wait_until
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "testnet"
+SHIPPED = ("baseline", "churn", "byzantine", "partition", "nat", "lossy")
+
+
+# -- scenario files ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*SHIPPED, "smoke"])
+def test_every_shipped_scenario_parses(name: str) -> None:
+    scenario = load_scenario(SCENARIOS / f"{name}.toml")
+    assert scenario.name == name
+    assert scenario.expect != type(scenario.expect)(), "a scenario must state expectations"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"swarm": {"nodez": 3}}, "unknown key(s) nodez"),
+        ({"swarm": {"network": "wifi"}}, "network must be one of"),
+        ({"events": [{"action": "explode", "at_round": 1}]}, "action must be one of"),
+        ({"events": [{"action": "kill"}]}, "exactly one of at_round and at_seconds"),
+        ({"events": [{"action": "kill", "at_round": 1, "nodes": [9]}]}, "node 9 does not exist"),
+        ({"events": [{"action": "heal", "at_round": 1}]}, "need network = 'netns' or 'nat'"),
+        ({"expect": {"min_accuracy": 1}}, "unknown key(s) min_accuracy"),
+        ({"variants": [{"name": "x", "attack": "bribe"}]}, "attack must be one of"),
+    ],
+)
+def test_bad_scenarios_are_refused_with_the_reason(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        parse_scenario(raw, default_name="t")
+    assert message in str(excinfo.value)
+
+
+def test_variants_override_the_swarm_and_attackers_are_the_last_nodes() -> None:
+    scenario = parse_scenario(
+        {
+            "swarm": {"nodes": 10, "attackers": 0.3, "attack": "sign-flip"},
+            "variants": [{"name": "a", "filter": "bristle"}, {"name": "b"}],
+        },
+        default_name="t",
+    )
+    runs = dict(scenario.runs())
+    assert runs["a"].filter == "bristle"
+    assert runs["b"].filter == "none"
+    assert runs["a"].attacker_indices() == [7, 8, 9]
+
+
+# -- a small scenario end to end (in make test) -----------------------------------------------
+
+
+@pytest.mark.integration
+def test_smoke_scenario_survives_a_kill_and_writes_its_report(tmp_path: Path) -> None:
+    scenario = load_scenario(SCENARIOS / "smoke.toml")
+    results = run_scenario(scenario, tmp_path)
+    summary_md = write_report(scenario, results, tmp_path)
+    (result,) = results
+    assert result.passed, summary_md.read_text()
+    assert [what.split(":")[0] for _, what in result.events] == [
+        "kill at round 4",
+        "restart at round 7",
+    ]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["passed"] is True
+    run_dir = tmp_path / "smoke"
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("t,node,alive")
+    assert len(rows) > 4 * 5
+    for png in ("accuracy.png", "bytes.png", "topology.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    # node 3 was down for a while: some samples say so
+    assert any(",3,False," in row for row in rows)
+
+
+# -- testnet up / status / logs / down ---------------------------------------------------------
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "peerlearn", "testnet", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _up(tmp_path: Path, nodes: int) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "peerlearn", "testnet", "up", "--nodes", str(nodes),
+         "--dir", str(tmp_path), "--round-interval", "0.5"],
+        stdout=(tmp_path / "up.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def ready() -> dict[str, object] | None:
+        assert supervisor.poll() is None, (tmp_path / "up.log").read_text()
+        try:
+            state = json.loads((tmp_path / "testnet.json").read_text())
+        except (OSError, ValueError):
+            return None
+        status = _cli("status", "--dir", str(tmp_path), "--json")
+        rows = json.loads(status.stdout) if status.returncode == 0 else []
+        ok = len(rows) == nodes and all(r["peer_id"] for r in rows)
+        return state if ok and all(n["pid"] for n in state["nodes"]) else None
+
+    return supervisor, wait_until(ready, 90, interval=0.5)
+
+
+def _node_pids(state: dict[str, object]) -> list[int]:
+    return [int(n["pid"]) for n in state["nodes"]]  # type: ignore[attr-defined]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "zombie" in status.read_text()
+
+
+@pytest.mark.integration
+def test_up_status_logs_then_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> None:
+    supervisor, state = _up(tmp_path, 3)
+    try:
+        status = _cli("status", "--dir", str(tmp_path))
+        assert status.returncode == 0, status
+        assert status.stdout.count("node") == 3, status
+
+        logs = _cli("logs", "1", "--dir", str(tmp_path))
+        assert "peerlearn node ready" in logs.stdout, logs
+        assert _cli("logs", "7", "--dir", str(tmp_path)).returncode == 1
+        supervisor.send_signal(signal.SIGINT)  # what Ctrl-C does
+        assert supervisor.wait(timeout=60) == 0
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+    assert all(_gone(pid) for pid in _node_pids(state))
+    assert not (tmp_path / "testnet.json").exists()
+    output = (tmp_path / "up.log").read_text()
+    assert "exit codes [0, 0, 0]" in output, output
+    down = _cli("status", "--dir", str(tmp_path))
+    assert down.returncode == 1
+    assert "no testnet runs" in down.stderr
+
+
+@pytest.mark.integration
+def test_down_stops_a_running_testnet_and_a_killed_supervisor_leaves_no_orphans(
+    tmp_path: Path,
+) -> None:
+    supervisor, state = _up(tmp_path / "a", 2)
+    down = _cli("down", "--dir", str(tmp_path / "a"))
+    assert down.returncode == 0, down
+    assert supervisor.wait(timeout=30) == 0
+    assert all(_gone(pid) for pid in _node_pids(state))
+
+    supervisor, state = _up(tmp_path / "b", 2)
+    supervisor.kill()  # SIGKILL: no chance to clean up; the daemons die with it
+    supervisor.wait(timeout=10)
+    wait_until(lambda: all(_gone(pid) for pid in _node_pids(state)), 10)
+    down = _cli("down", "--dir", str(tmp_path / "b"))  # removes the stale state
+    assert down.returncode == 0, down
+    assert not (tmp_path / "b" / "testnet.json").exists()
+
+
+# -- the big scenarios: slow, runnable by name (pytest -m slow -k churn) ----------------------
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_scenario(name: str, tmp_path: Path) -> None:
+    scenario = load_scenario(SCENARIOS / f"{name}.toml")
+    if scenario.swarm.network != "loopback" and lab_unavailable_reason():
+        pytest.skip(lab_unavailable_reason() or "")
+    results = run_scenario(scenario, tmp_path)
+    summary = write_report(scenario, results, tmp_path)
+    assert all(r.passed for r in results), summary.read_text()
