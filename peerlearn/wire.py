@@ -221,10 +221,11 @@ class SequenceCounter:
 class ReplayGuard:
     """Rejects replayed, stale and future-dated envelopes (sans-I/O: pass ``now``).
 
-    A message is accepted once per (sender, seq). Messages older than
+    A message is accepted once per (sender, seq), in any order. Messages older than
     ``max_age`` seconds are rejected outright, so per-sender state only has to
     cover that window and is evicted after it; the guard's memory is bounded by
-    ``max_senders`` and ``window`` seqs per sender.
+    ``max_senders`` and ``window`` seqs per sender: beyond that the lowest seqs are
+    forgotten and everything at or below them is refused.
     """
 
     def __init__(
@@ -253,15 +254,16 @@ class ReplayGuard:
                 f"message from {who} is dated {envelope.timestamp - now:.0f} s in the future"
             )
         self._evict(now)
-        last_seen, seqs, high = self._seen.pop(envelope.sender, (now, set(), -1))
-        if envelope.seq in seqs or envelope.seq <= high - self.window:
-            self._seen[envelope.sender] = (last_seen, seqs, high)
+        last_seen, seqs, floor = self._seen.pop(envelope.sender, (now, set(), -1))
+        if envelope.seq in seqs or envelope.seq <= floor:
+            self._seen[envelope.sender] = (last_seen, seqs, floor)
             raise RemoteProtocolError(f"replayed message from {who} (seq {envelope.seq})")
         seqs.add(envelope.seq)
-        high = max(high, envelope.seq)
         if len(seqs) > self.window:
-            seqs = {s for s in seqs if s > high - self.window}
-        self._seen[envelope.sender] = (now, seqs, high)
+            forgotten = sorted(seqs)[: len(seqs) - self.window]
+            floor = max(floor, forgotten[-1])
+            seqs.difference_update(forgotten)
+        self._seen[envelope.sender] = (now, seqs, floor)
 
     def _evict(self, now: float) -> None:
         while self._seen:

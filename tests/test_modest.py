@@ -142,6 +142,13 @@ def test_unresponsive_aggregator_is_skipped_after_the_ping_timeout() -> None:
     targets = [d for _, d, m in h.sent if isinstance(m, TrainedModel)]
     assert targets == [second_choice]
 
+    # The missed ping demotes the first choice only for a while (else nodes that saw
+    # different pings would disagree about aggregators for good).
+    node = h.nodes[trainer]
+    assert node._candidates(2, now=10.0)[-1] == first_choice
+    later = 5.0 + node.settings.unresponsive_for + 1.0
+    assert node._candidates(2, now=later)[0] == first_choice
+
 
 def _aggregator(**settings: object) -> tuple[Harness, ModestNode]:
     h = Harness(8, **settings)

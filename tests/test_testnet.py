@@ -76,8 +76,8 @@ def test_smoke_scenario_survives_a_kill_and_writes_its_report(tmp_path: Path) ->
     (result,) = results
     assert result.passed, summary_md.read_text()
     assert [what.split(":")[0] for _, what in result.events] == [
-        "kill at round 4",
-        "restart at round 7",
+        "kill at round 5",
+        "restart at round 15",
     ]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["passed"] is True
@@ -104,7 +104,9 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 def _up(tmp_path: Path, nodes: int) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     supervisor = subprocess.Popen(
+
         [sys.executable, "-m", "peerlearn", "testnet", "up", "--nodes", str(nodes),
          "--dir", str(tmp_path), "--round-interval", "0.5"],
         stdout=(tmp_path / "up.log").open("wb"),

@@ -122,11 +122,22 @@ def test_replay_guard_memory_is_bounded() -> None:
     assert all(len(seqs) <= 8 for _, seqs, _ in guard._seen.values())
 
 
-def test_old_sequence_below_the_window_is_rejected() -> None:
+def test_sequences_forgotten_beyond_the_window_are_rejected() -> None:
     guard = wire.ReplayGuard(window=4)
-    guard.check(wire.open_envelope(sealed(seq=100)), NOW)
-    with pytest.raises(RemoteProtocolError, match="replayed"):
-        guard.check(wire.open_envelope(sealed(seq=90)), NOW)
+    for seq in range(100, 105):  # five seqs: 100 is forgotten, the floor is 100
+        guard.check(wire.open_envelope(sealed(seq=seq)), NOW)
+    for old in (90, 100):
+        with pytest.raises(RemoteProtocolError, match="replayed"):
+            guard.check(wire.open_envelope(sealed(seq=old)), NOW)
+
+
+def test_concurrent_messages_arriving_out_of_order_are_accepted() -> None:
+    # Regression: seqs are microsecond-based, so two messages sent 50 ms apart differ by
+    # 50_000; the one sent first may arrive last and must not be taken for a replay.
+    counter, guard = wire.SequenceCounter(NOW), wire.ReplayGuard()
+    first, second = counter.next(NOW), counter.next(NOW + 0.05)
+    guard.check(wire.open_envelope(sealed(seq=second)), NOW)
+    guard.check(wire.open_envelope(sealed(seq=first)), NOW)
 
 
 def test_sequence_counter_survives_restart() -> None:

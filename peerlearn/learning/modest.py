@@ -193,6 +193,7 @@ class ModestSettings:
     round_timeout: float = 120.0  # seconds without a sign of the next round -> redistribute
     stall_timeout: float = 300.0  # seconds without swarm-wide progress -> rank-staggered re-seed
     inactivity: int = 50  # tau: rounds after which a silent peer is not sampled
+    unresponsive_for: float = 30.0  # seconds a missed ping puts a peer last in candidate orders
 
 
 # --- availability checks ------------------------------------------------------------------
@@ -264,7 +265,7 @@ class _AvailabilityCheck:
         for pk, (first, last, nonce) in list(self.pending.items()):
             if now >= first + settings.ping_timeout:
                 del self.pending[pk]
-                self.node.unresponsive.add(pk)
+                self.node.unresponsive[pk] = now
             elif now >= last + settings.ping_interval:
                 self.pending[pk] = (first, now, nonce)
                 self.node._send(pk, Ping(self.node.round_estimate(), nonce))
@@ -335,7 +336,7 @@ class ModestNode:
         self.session: _Session | None = None
         self.delivery: _Delivery | None = None
         self.distribution: _Distribution | None = None
-        self.unresponsive: set[bytes] = set()
+        self.unresponsive: dict[bytes, float] = {}  # peer -> when it missed a ping
         self._checks: list[_AvailabilityCheck] = []
         self._ping_routes: dict[int, _AvailabilityCheck] = {}
         self._nonce = 0
@@ -388,7 +389,7 @@ class ModestNode:
 
     def receive(self, src: bytes, message: Message, now: float) -> None:
         if src != self.me:
-            self.unresponsive.discard(src)
+            self.unresponsive.pop(src, None)
         if isinstance(message, Ping):
             self.view.seen(src, message.round)
             self._send(src, Pong(self.round_estimate(), message.nonce))
@@ -479,8 +480,16 @@ class ModestNode:
         self._ping_routes[self._nonce] = check
         return self._nonce
 
-    def _candidates(self, round_: int, exclude: AbstractSet[bytes] = frozenset()) -> list[bytes]:
-        """The round's order, minus ``exclude``; peers that recently failed a ping go last."""
+    def _candidates(
+        self, round_: int, now: float, exclude: AbstractSet[bytes] = frozenset()
+    ) -> list[bytes]:
+        """The round's order, minus ``exclude``; peers that missed a ping in the last
+        ``unresponsive_for`` seconds go last. The penalty expires: a peer that was merely slow
+        once (e.g. while starting) must not be demoted for good, or nodes that saw different
+        pings would disagree about the round's aggregator for ever."""
+        horizon = now - self.settings.unresponsive_for
+        for pk in [pk for pk, t in self.unresponsive.items() if t < horizon]:
+            del self.unresponsive[pk]
         active = self.view.active(round_, self.settings.inactivity, self.me)
         order = [pk for pk in ordered(round_, active) if pk not in exclude]
         return [pk for pk in order if pk not in self.unresponsive] + [
@@ -521,7 +530,11 @@ class ModestNode:
                     self._send(pk, message)
 
         self._check(
-            round_, self._candidates(round_, delivery.tried), self.settings.aggregators, send, now
+            round_,
+            self._candidates(round_, now, delivery.tried),
+            self.settings.aggregators,
+            send,
+            now,
         )
 
     def _on_trained(self, src: bytes, message: TrainedModel, now: float) -> None:
@@ -557,7 +570,7 @@ class ModestNode:
         """First expiry: wait ``rank`` more periods (ranking is costly, so done only now)."""
         self._stall_at = None
         if not self._stall_ranked:
-            order = self._candidates(self.observed_round + 1)
+            order = self._candidates(self.observed_round + 1, now)
             rank = order.index(self.me) if self.me in order else len(order)
             if rank > 0:
                 self._stall_ranked = True
@@ -600,7 +613,11 @@ class ModestNode:
                     self._send(pk, message)
 
         self._check(
-            round_, self._candidates(round_, dist.sent_to), self.settings.sample_size, send, now
+            round_,
+            self._candidates(round_, now, dist.sent_to),
+            self.settings.sample_size,
+            send,
+            now,
         )
 
     def _on_aggregated(self, src: bytes, message: AggregatedModel, now: float) -> None:

@@ -44,6 +44,8 @@ PAYLOAD_KIND = "payload"
 EMBEDDED_KINDS = (MODEL_KIND, PAYLOAD_KIND)  # what an embedded node hands to its application
 RECENT_EVENTS = 100  # received updates remembered for `status`
 PING_TIMEOUT = 2.0  # seconds, for `peers`
+LAG_PROBE_INTERVAL = 0.1  # seconds
+LAG_WARNING = 1.0  # seconds of event-loop lag that get logged
 
 
 class ShutdownTimeoutError(PeerlearnError):
@@ -57,6 +59,7 @@ class Counters:
     updates_rejected: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    loop_lag_max: float = 0.0  # seconds the event loop was late, worst seen
     recent: collections.deque[dict[str, Any]] = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_EVENTS)
     )
@@ -283,6 +286,7 @@ class Daemon:
             "connected_peers": len(self.host.connected_peers()),
             "connected_peer_ids": sorted(p.peer_id for p in self.host.connected_peers()),
             "open_streams": self.host.open_streams(),
+            "loop_lag_max_ms": round(c.loop_lag_max * 1000, 1),
             "updates_sent": c.updates_sent,
             "updates_received": c.updates_received,
             "updates_rejected": c.updates_rejected,
@@ -374,6 +378,17 @@ def relay_settings(config: NodeConfig) -> RelaySettings | None:
     )
 
 
+async def _watch_loop_lag(counters: Counters) -> None:
+    """Measures how late the event loop wakes up; a stalled loop means missed deadlines."""
+    while True:
+        before = trio.current_time()
+        await trio.sleep(LAG_PROBE_INTERVAL)
+        lag = trio.current_time() - before - LAG_PROBE_INTERVAL
+        counters.loop_lag_max = max(counters.loop_lag_max, lag)
+        if lag > LAG_WARNING:
+            logger.warning("event loop was blocked for %.2f s", lag)
+
+
 async def run_daemon(
     config: NodeConfig,
     *,
@@ -413,6 +428,7 @@ async def run_daemon(
 
                     if handle_signals:
                         nursery.start_soon(_watch_signals, stop, shutdown)
+                    nursery.start_soon(_watch_loop_lag, daemon.counters)
                     await nursery.start(
                         serve_control, data_dir.control_socket, daemon.control_handlers()
                     )

@@ -33,7 +33,7 @@ SYNC_LIMITS = wire.Limits(max_message_size=MAX_SYNC_FRAME, max_array_len=100_000
 DISCOVERY_FAST = 0.5  # seconds between discovery rounds while joining
 DISCOVERY_SLOW = 5.0  # seconds between discovery rounds afterwards
 ANTI_ENTROPY_INTERVAL = 10.0  # seconds
-HEARTBEAT_INTERVAL = 5.0  # seconds
+HEARTBEAT_INTERVAL = 30.0  # seconds (liveness is coarse; each one is gossiped to everyone)
 SYNC_TIMEOUT = 10.0  # seconds per anti-entropy exchange
 MAX_DIALS_PER_ROUND = 16
 

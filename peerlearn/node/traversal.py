@@ -73,11 +73,10 @@ class NatTraversal:
         }
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """First reachability check and reservations (bounded), then keep them current."""
+        """Reserve relay slots first (bounded: readiness waits for it, so our advertised
+        addresses include them), then check reachability and keep everything current."""
         with trio.move_on_after(STARTUP_BUDGET):
             await self._refresh_reservations()  # status unknown: reserve, so peers reach us
-            await self._check_reachability()
-
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reachability_loop)
             nursery.start_soon(self._reservation_loop)
@@ -89,9 +88,9 @@ class NatTraversal:
 
     async def _reachability_loop(self) -> None:
         while True:
+            await self._check_reachability()
             known = self.reachability.status != "unknown"
             await trio.sleep(PROBE_INTERVAL if known else PROBE_INTERVAL_UNKNOWN)
-            await self._check_reachability()
 
     async def _check_reachability(self) -> None:
         paths = self.host.paths()

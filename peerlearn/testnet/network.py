@@ -187,8 +187,8 @@ class Testnet:
         pool = [i for i in range(self.spec.nodes - 1, 0, -1) if self.swarm.alive(i)]
         return sorted(pool[:count])
 
-    def apply(self, event: Event) -> str:
-        """Inject one fault; returns what was done, for the report."""
+    def apply(self, event: Event) -> tuple[str, list[int]]:
+        """Inject one fault; returns what was done (for the report) and to which nodes."""
         targets = self.select(event)
         if event.action == "kill":
             for i in targets:
@@ -221,7 +221,7 @@ class Testnet:
             else:
                 for i in targets:
                     lab.clear_netem(hosts[i])
-        return f"{event.describe()}: nodes {targets}"
+        return f"{event.describe()}: nodes {targets}", targets
 
     # -- teardown -----------------------------------------------------------------------------
 

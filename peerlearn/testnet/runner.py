@@ -34,6 +34,7 @@ class RunResult:
     edges: set[tuple[int, int]] = field(default_factory=set)
     exit_codes: list[int | None] = field(default_factory=list)
     convergence_seconds: float | None = None
+    restarted_at: dict[int, float] = field(default_factory=dict)
     rounds_after_faults: int | None = None
     error: str | None = None
     wall_seconds: float = 0.0
@@ -53,7 +54,17 @@ class RunResult:
     def final_honest(self) -> list[Sample]:
         return [s for s in self.last().values() if s.alive and not s.attacker]
 
+    def rejoin_seconds(self) -> dict[int, float]:
+        """Join time each restarted node reported after its restart."""
+        out = {}
+        for s in self.samples:
+            restarted = self.restarted_at.get(s.node)
+            if restarted is not None and s.t > restarted and s.join_seconds is not None:
+                out[s.node] = s.join_seconds
+        return out
+
     def top_round(self) -> int:
+
         return max((s.round for s in self.last().values() if s.alive), default=0)
 
 
@@ -120,13 +131,19 @@ def run_once(
                 and convergence.reached(raw)
             ):
                 result.convergence_seconds = round(elapsed - convergence.healed_at, 3)
-            for event in [e for e in pending if _due(e, elapsed, top)]:
+            # Events fire in file order, at most one per sample, so each one's effect is seen.
+            for event in [e for e in pending if _due(e, elapsed, top)][:1]:
                 pending.remove(event)
-                result.events.append((round(elapsed, 3), net.apply(event)))
+
+                what, targets = net.apply(event)
+                result.events.append((round(elapsed, 3), what))
                 if event.action == "kill":
                     kill_round = top
                 if event.action == "heal":
                     convergence = _Convergence(elapsed, raw)
+                if event.action == "restart":
+                    result.restarted_at.update(dict.fromkeys(targets, elapsed))
+
             if progress is not None:
                 progress(result, samples, elapsed)
             converged = convergence is None or result.convergence_seconds is not None
@@ -186,6 +203,14 @@ def evaluate(expect: Expectations, result: RunResult, killed: set[int]) -> list[
         add("join time (worst node)", f"<= {expect.max_join_seconds} s",
             "-" if worst_join is None else f"{worst_join:.2f} s",
             worst_join is not None and worst_join <= expect.max_join_seconds)  # fmt: skip
+    if expect.max_rejoin_seconds is not None:
+        rejoins = result.rejoin_seconds()
+        slowest = max(rejoins.values(), default=None)
+        add("join time of restarted nodes", f"<= {expect.max_rejoin_seconds} s",
+            "-" if slowest is None else f"{slowest:.2f} s ({len(rejoins)} nodes)",
+            slowest is not None and len(rejoins) == len(result.restarted_at)
+            and slowest <= expect.max_rejoin_seconds)  # fmt: skip
+
     if expect.max_convergence_seconds is not None:
         conv = result.convergence_seconds
         add("CRDT replicas converged after heal", f"<= {expect.max_convergence_seconds} s",

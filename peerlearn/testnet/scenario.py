@@ -52,6 +52,8 @@ class Expectations:
     min_final_round: int | None = None  # highest round reached by a live node
     min_rounds_after_faults: int | None = None  # rounds completed after the last kill
     max_join_seconds: float | None = None  # every node's join time
+    max_rejoin_seconds: float | None = None  # join time of nodes restarted into the swarm
+
     max_convergence_seconds: float | None = None  # CRDT replicas equal after a heal
     max_rss_mb: float | None = None  # peak RSS of every node
     min_direct_fraction: float | None = None  # nat: connections between NATed nodes direct
