@@ -186,14 +186,17 @@ class SwarmService:
                 nursery.start_soon(self._dial, peer_id, addrs)
             for peer_id in sorted(connected - self.synced_with):
                 nursery.start_soon(self.sync_with, peer_id)
+        self._check_joined()
+
+    def _check_joined(self) -> None:
+        """Joined = synced with someone and connected to every member we know of. Checked
+        after every sync, not only after a whole discovery round: one slow dial must not
+        delay the verdict."""
+        if self.join_seconds is not None or self.join_started is None or not self.synced_with:
+            return
         members = set(self.members()) - {self.host.peer_id}
         now_connected = {p.peer_id for p in self.host.connected_peers()}
-        if (
-            self.join_seconds is None
-            and self.join_started is not None
-            and self.synced_with
-            and members <= now_connected
-        ):
+        if members <= now_connected:
             self.join_seconds = time.monotonic() - self.join_started
             logger.info(
                 "joined swarm %s in %.2f s: %d members connected",
@@ -241,6 +244,7 @@ class SwarmService:
             logger.debug("anti-entropy with %s failed: %s", peer_id, exc)
             return
         self.synced_with.add(peer_id)
+        self._check_joined()
 
     async def _serve_sync(self, stream: Stream) -> None:
         try:
@@ -254,3 +258,4 @@ class SwarmService:
         finally:
             await stream.close()
         self.synced_with.add(stream.remote_peer_id)
+        self._check_joined()

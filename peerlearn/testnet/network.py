@@ -6,7 +6,6 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from peerlearn.errors import ConfigError
@@ -237,14 +236,3 @@ class Testnet:
         state = self.root / STATE_FILE
         state.unlink(missing_ok=True)
         return problems
-
-    def __enter__(self) -> Testnet:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

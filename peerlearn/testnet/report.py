@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -44,35 +45,36 @@ def _mark_events(ax: Any, result: RunResult) -> None:
         ax.annotate(what.split(":")[0], (t, 0.02), rotation=90, fontsize=7, color="grey")
 
 
-def plot_accuracy(result: RunResult, path: Path) -> None:
+def _plot_per_node(
+    result: RunResult,
+    path: Path,
+    value: Callable[[Sample], float | None],
+    ylabel: str,
+    what: str,
+    **axes: Any,
+) -> None:
+    """One line per node over time (attackers dashed red), faults marked."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for node, rows in sorted(_per_node(result).items()):
-        points = [(s.t, s.accuracy) for s in rows if s.alive and s.accuracy is not None]
+        points = [(s.t, v) for s in rows if s.alive and (v := value(s)) is not None]
         if points:
             style = {"ls": "--", "color": "red", "alpha": 0.6} if rows[0].attacker else {}
             ax.plot(*zip(*points, strict=True), lw=1, label=f"node{node}", **style)
     _mark_events(ax, result)
-    ax.set(xlabel="seconds", ylabel="test accuracy", ylim=(0, 1), title=f"{result.label}: accuracy")
-    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    ax.set(xlabel="seconds", ylabel=ylabel, title=f"{result.label}: {what}", **axes)
+    ax.legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_accuracy(result: RunResult, path: Path) -> None:
+    _plot_per_node(result, path, lambda s: s.accuracy, "test accuracy", "accuracy", ylim=(0, 1))
 
 
 def plot_bytes(result: RunResult, path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for node, rows in sorted(_per_node(result).items()):
-        points = [(s.t, s.bytes_out / 1e6) for s in rows if s.alive]
-        if points:
-            ax.plot(*zip(*points, strict=True), lw=1, label=f"node{node}")
-    _mark_events(ax, result)
-    ax.set(xlabel="seconds", ylabel="MB sent (this process)", title=f"{result.label}: bytes")
-    ax.legend(fontsize=6, ncol=2, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _plot_per_node(result, path, lambda s: s.bytes_out / 1e6, "MB sent (this process)", "bytes")
 
 
 def plot_topology(result: RunResult, path: Path) -> None:
