@@ -55,14 +55,20 @@ def test_variants_override_the_swarm_and_attackers_are_the_last_nodes() -> None:
     scenario = parse_scenario(
         {
             "swarm": {"nodes": 10, "attackers": 0.3, "attack": "sign-flip"},
-            "variants": [{"name": "a", "filter": "bristle"}, {"name": "b"}],
+            "expect": {"min_mean_accuracy": 0.5},
+            "variants": [
+                {"name": "a", "filter": "bristle", "expect": {"min_mean_accuracy": 0.9}},
+                {"name": "b"},
+            ],
         },
         default_name="t",
     )
-    runs = dict(scenario.runs())
-    assert runs["a"].filter == "bristle"
-    assert runs["b"].filter == "none"
-    assert runs["a"].attacker_indices() == [7, 8, 9]
+    runs = {run.label: run for run in scenario.runs()}
+    assert runs["a"].swarm.filter == "bristle"
+    assert runs["b"].swarm.filter == "none"
+    assert runs["a"].swarm.attacker_indices() == [7, 8, 9]
+    assert runs["a"].expect.min_mean_accuracy == 0.9  # its own expectation
+    assert runs["b"].expect.min_mean_accuracy == 0.5  # the scenario's
 
 
 # -- a small scenario end to end (in make test) -----------------------------------------------

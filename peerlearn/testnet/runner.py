@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from peerlearn.testnet.network import Sample, Testnet
-from peerlearn.testnet.scenario import Event, Expectations, Scenario, SwarmSpec
+from peerlearn.testnet.scenario import Event, Expectations, Run, Scenario, SwarmSpec
 
 SAMPLE_INTERVAL = 1.0  # seconds between samples
 
@@ -103,13 +103,13 @@ def _finished(samples: list[Sample], spec: SwarmSpec) -> bool:
 
 
 def run_once(
-    label: str,
-    spec: SwarmSpec,
+    run: Run,
     scenario: Scenario,
     root: Path,
     progress: Progress | None = None,
 ) -> RunResult:
-    """Run ``spec`` with the scenario's events; always tears the testnet down."""
+    """Run one of the scenario's runs with its events; always tears the testnet down."""
+    label, spec = run.label, run.swarm
     result = RunResult(label, spec)
     started = time.monotonic()
     pending = list(scenario.events)
@@ -165,7 +165,7 @@ def run_once(
     if kill_round is not None:
         result.rounds_after_faults = result.top_round() - kill_round
     result.wall_seconds = round(time.monotonic() - started, 1)
-    result.checks = evaluate(scenario.expect, result, net.killed)
+    result.checks = evaluate(run.expect, result, net.killed)
     return result
 
 
@@ -240,6 +240,6 @@ def run_scenario(
 ) -> list[RunResult]:
     """Every run (the base run, or each variant) one after the other."""
     results = []
-    for label, spec in scenario.runs():
-        results.append(run_once(label, spec, scenario, out_dir / label, progress))
+    for run in scenario.runs():
+        results.append(run_once(run, scenario, out_dir / run.label, progress))
     return results

@@ -24,6 +24,7 @@ min_mean_accuracy = 0.85
 [[variants]]                  # optional: run again with these [swarm] overrides
 name = "bristle"
 filter = "bristle"
+expect = { min_mean_accuracy = 0.8 }  # overrides [expect] for this variant
 """
 
 from __future__ import annotations
@@ -114,6 +115,15 @@ class SwarmSpec:
 
 
 @dataclass(frozen=True)
+class Run:
+    """One run of a scenario: the base swarm, or a variant with its own overrides."""
+
+    label: str
+    swarm: SwarmSpec
+    expect: Expectations
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     description: str
@@ -121,13 +131,11 @@ class Scenario:
     events: tuple[Event, ...]
     expect: Expectations
     timeout: float = DEFAULT_TIMEOUT
-    variants: tuple[tuple[str, dict[str, Any]], ...] = ()
+    variants: tuple[Run, ...] = ()
 
-    def runs(self) -> list[tuple[str, SwarmSpec]]:
-        """(label, swarm) for the base run or for each variant."""
-        if not self.variants:
-            return [(self.name, self.swarm)]
-        return [(label, _swarm_spec({**_as_dict(self.swarm), **o})) for label, o in self.variants]
+    def runs(self) -> list[Run]:
+        """The base run, or each variant."""
+        return list(self.variants) or [Run(self.name, self.swarm, self.expect)]
 
 
 def _as_dict(spec: SwarmSpec) -> dict[str, Any]:
@@ -179,6 +187,11 @@ def _event(raw: dict[str, Any], index: int, nodes: int) -> Event:
     return event
 
 
+def _expectations(raw: dict[str, Any], where: str) -> Expectations:
+    _check_keys(raw, {f.name for f in fields(Expectations)}, where)
+    return Expectations(**raw)
+
+
 def parse_scenario(raw: dict[str, Any], *, default_name: str) -> Scenario:
     _check_keys(
         raw, {"name", "description", "timeout", "swarm", "events", "expect", "variants"}, "file"
@@ -186,13 +199,19 @@ def parse_scenario(raw: dict[str, Any], *, default_name: str) -> Scenario:
     swarm = _swarm_spec(dict(raw.get("swarm", {})))
     events = tuple(_event(e, i, swarm.nodes) for i, e in enumerate(raw.get("events", [])))
     expect_raw = dict(raw.get("expect", {}))
-    _check_keys(expect_raw, {f.name for f in fields(Expectations)}, "[expect]")
+    expect = _expectations(expect_raw, "[expect]")
     variants = []
     for i, variant in enumerate(raw.get("variants", [])):
         overrides = dict(variant)
         label = str(overrides.pop("name", f"variant{i + 1}"))
-        _swarm_spec({**_as_dict(swarm), **overrides})  # validate now, not mid-run
-        variants.append((label, overrides))
+        own_expect = {**expect_raw, **overrides.pop("expect", {})}
+        variants.append(
+            Run(
+                label,
+                _swarm_spec({**_as_dict(swarm), **overrides}),
+                _expectations(own_expect, f"[[variants]] {label} expect"),
+            )
+        )
     needs_lab = any(e.action in ("partition", "heal", "netem", "clear-netem") for e in events)
     if needs_lab and swarm.network == "loopback":
         raise ConfigError("partition and netem events need network = 'netns' or 'nat'")
@@ -201,7 +220,7 @@ def parse_scenario(raw: dict[str, Any], *, default_name: str) -> Scenario:
         description=str(raw.get("description", "")),
         swarm=swarm,
         events=events,
-        expect=Expectations(**expect_raw),
+        expect=expect,
         timeout=float(raw.get("timeout", DEFAULT_TIMEOUT)),
         variants=tuple(variants),
     )
