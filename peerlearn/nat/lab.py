@@ -94,7 +94,6 @@ class NatLab:
     hosts: list[LabHost] = field(default_factory=list)
     _routers: list[_Router] = field(default_factory=list)
     _links: int = 0
-    _partitioned: bool = False
 
     def __post_init__(self) -> None:
         reason = lab_unavailable_reason()
@@ -254,33 +253,23 @@ class NatLab:
         )
 
     def partition(self, *groups: list[LabHost]) -> None:
-        """Cut every host off from hosts in other groups (TCP reset, everything else dropped)."""
+        """Cut every host off from hosts in other groups: their TCP segments are answered
+        with a reset (and resets are let through, so both ends learn at once), everything
+        else is dropped."""
         for i, group in enumerate(groups):
             others = [h.ip for j, g in enumerate(groups) if j != i for h in g]
             for host in group:
                 iptables = ["ip", "netns", "exec", host.namespace, "iptables", "-w"]
                 for ip in others:
-                    _run(
-                        *iptables,
-                        "-A",
-                        "INPUT",
-                        "-s",
-                        ip,
-                        "-p",
-                        "tcp",
-                        "-j",
-                        "REJECT",
-                        "--reject-with",
-                        "tcp-reset",
-                    )
+                    tcp = ["-A", "INPUT", "-s", ip, "-p", "tcp"]
+                    _run(*iptables, *tcp, "--tcp-flags", "RST", "RST", "-j", "ACCEPT")
+                    _run(*iptables, *tcp, "-j", "REJECT", "--reject-with", "tcp-reset")
                     _run(*iptables, "-A", "INPUT", "-s", ip, "-j", "DROP")
-        self._partitioned = True
 
     def heal(self) -> None:
         """Remove every partition rule."""
         for host in self.hosts:
             _run("ip", "netns", "exec", host.namespace, "iptables", "-w", "-F", "INPUT")
-        self._partitioned = False
 
     # -- teardown -----------------------------------------------------------------------------
 

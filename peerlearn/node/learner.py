@@ -49,6 +49,8 @@ CHECKPOINT_FILE = "checkpoint.msgpack"
 SHARD_SEED = 1234  # every node must cut the training set into the same shards
 MAX_MODEL_BYTES = 16 * 2**20
 MESSAGE_TIMEOUT = 10.0  # seconds per small message
+PUSH_DRAIN = 10.0  # seconds the last round's pushes may still take after learning ends
+
 _CHECKPOINT_LIMITS = wire.Limits(max_message_size=64 * 2**20, max_array_len=100_000)
 _MSG_LIMITS = wire.Limits(max_message_size=4096)
 
@@ -111,6 +113,8 @@ class Learner:
         self.inbox: dict[bytes, StateDict] = {}
         self.models_sent = 0
         self.models_received = 0
+        self.pushing: set[bytes] = set()  # peers a model is on its way to
+        self.pushes_skipped = 0
         self.sequence = sequence
         self.replay_guard = replay_guard
 
@@ -131,6 +135,7 @@ class Learner:
             "join_seconds": self.swarm.join_seconds,
             "models_sent": self.models_sent,
             "models_received": self.models_received,
+            "pushes_skipped": self.pushes_skipped,
             "train_samples": len(self.train),
             "resumed_from_round": self.resumed,
             "attack": self.config.attack,
@@ -287,6 +292,20 @@ class Learner:
         return bool(self.config.max_rounds) and self.current_round() >= self.config.max_rounds
 
     async def _rounds(self) -> None:
+        """Gossip / D-PSGD rounds. Pushes run beside the rounds, at most one per peer at a
+        time: a peer that stopped answering (crashed, partitioned) is skipped while its push
+        is stuck, instead of holding every round up until ``blob_timeout``."""
+        async with trio.open_nursery() as pushes:
+            await self._round_loop(pushes)
+            pushes.cancel_scope.deadline = trio.current_time() + PUSH_DRAIN
+
+    async def _push_once(self, pk: bytes, model: StateDict, round_: int) -> None:
+        try:
+            await self.push_model(pk, model, MODEL_KIND, {"round": round_})
+        finally:
+            self.pushing.discard(pk)
+
+    async def _round_loop(self, pushes: trio.Nursery) -> None:
         c = self.config
         me = self.host.identity.public_key
         while not self._done():
@@ -312,9 +331,12 @@ class Learner:
             else:
                 targets = protocols.gossip_targets(me, members, c.fanout, self.rng)
             round_ = self.round + 1
-            async with trio.open_nursery() as nursery:
-                for pk in targets:
-                    nursery.start_soon(self.push_model, pk, shared, MODEL_KIND, {"round": round_})
+            for pk in targets:
+                if pk in self.pushing:
+                    self.pushes_skipped += 1
+                    continue
+                self.pushing.add(pk)
+                pushes.start_soon(self._push_once, pk, shared, round_)
             await self._finish_round(round_, trained)
             await trio.sleep_until(started + c.round_interval)
 
