@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from peerlearn.errors import ConfigError
-from peerlearn.nat.lab import lab_unavailable_reason
+from peerlearn.nat.lab import lab_unavailable_reason, netem_unavailable_reason
 from peerlearn.testnet.report import write_report
 from peerlearn.testnet.runner import run_scenario
 from peerlearn.testnet.scenario import load_scenario, parse_scenario
@@ -200,6 +200,8 @@ def test_shipped_scenario(name: str, tmp_path: Path) -> None:
     scenario = load_scenario(SCENARIOS / f"{name}.toml")
     if scenario.swarm.network != "loopback" and lab_unavailable_reason():
         pytest.skip(lab_unavailable_reason() or "")
+    if any(e.action == "netem" for e in scenario.events) and netem_unavailable_reason():
+        pytest.skip(netem_unavailable_reason() or "")
     results = run_scenario(scenario, tmp_path)
     summary = write_report(scenario, results, tmp_path)
     assert all(r.passed for r in results), summary.read_text()

@@ -47,13 +47,35 @@ def lab_unavailable_reason() -> str | None:
     return None
 
 
+def netem_unavailable_reason() -> str | None:
+    """Why ``netem`` (delay/loss) cannot be used here, or None; probes a scratch namespace."""
+    reason = lab_unavailable_reason()
+    if reason:
+        return reason
+    probe = f"plnetem{os.getpid() % 100000}"
+    try:
+        _run("ip", "netns", "add", probe)
+        _run("ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root",
+             "netem", "delay", "1ms")  # fmt: skip
+    except LabError as exc:
+        return str(exc)
+    finally:
+        remove_namespaces([probe])
+    return None
+
+
 def _run(*cmd: str) -> str:
+
     try:
         done = subprocess.run(
             cmd, check=True, capture_output=True, text=True, timeout=COMMAND_TIMEOUT
         )
     except subprocess.CalledProcessError as exc:
-        raise LabError(f"{' '.join(cmd)}: {exc.stderr.strip() or exc}") from exc
+        reason = exc.stderr.strip() or str(exc)
+        if "qdisc kind is unknown" in reason:
+            reason += " (this kernel has no netem: sch_netem is missing)"
+        raise LabError(f"{' '.join(cmd)}: {reason}") from exc
+
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise LabError(f"{' '.join(cmd)}: {exc}") from exc
     return done.stdout

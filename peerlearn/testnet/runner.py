@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peerlearn.errors import PeerlearnError
 from peerlearn.testnet.network import Sample, Testnet
 from peerlearn.testnet.scenario import Event, Expectations, Run, Scenario, SwarmSpec
 
@@ -155,7 +156,7 @@ def run_once(
                 result.error = f"timed out after {scenario.timeout:.0f} s"
                 break
             time.sleep(max(0.0, SAMPLE_INTERVAL - (time.monotonic() - tick)))
-    except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
+    except (PeerlearnError, OSError, RuntimeError, TimeoutError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         problems = net.close()
