@@ -70,6 +70,7 @@ class LocalSwarm:
 
     ``hosts``: run node i in ``hosts[i]``'s namespace on its address (default 127.0.0.1).
     ``node_args``: extra ``node start`` flags for some nodes (e.g. attackers).
+    ``env``: extra environment for every node (``PEERLEARN_*`` settings).
     """
 
     def __init__(
@@ -80,12 +81,14 @@ class LocalSwarm:
         swarm: str | None = "local",
         hosts: Sequence[LabHost] | None = None,
         node_args: dict[int, list[str]] | None = None,
+        env: dict[str, str] | None = None,
         **options: Any,
     ) -> None:
         self.root = root
         self.size = size
         self.hosts = list(hosts) if hosts is not None else None
         self.node_args = node_args or {}
+        self.env = {**os.environ, **ONE_THREAD_EACH, **(env or {})}
         self.args = ["--swarm", swarm, "--min-members", str(size)] if swarm else []
         for key, value in options.items():
             self.args += [f"--{key.replace('_', '-')}", str(value)]
@@ -126,7 +129,7 @@ class LocalSwarm:
                 cmd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **ONE_THREAD_EACH},
+                env=self.env,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )

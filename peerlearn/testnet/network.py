@@ -91,6 +91,7 @@ class Testnet:
             swarm=self.swarm_name,
             hosts=self.hosts,
             node_args=self._node_args(),
+            env=self.spec.node_env(),
         )
         self.local.args += self.spec.node_args()
         self.write_state()

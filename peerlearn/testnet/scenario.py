@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from peerlearn.errors import ConfigError
-from peerlearn.node.config import NODE_ATTACKS
+from peerlearn.node.config import NODE_ATTACKS, NodeConfig
 
 ACTIONS = ("kill", "restart", "partition", "heal", "netem", "clear-netem")
 NETWORKS = ("loopback", "netns", "nat")
@@ -91,7 +91,7 @@ class SwarmSpec:
     nat: str = "cone"
     attackers: float = 0.0
     attack: str = "none"
-    options: dict[str, Any] = field(default_factory=dict)  # any other node flags
+    options: dict[str, Any] = field(default_factory=dict)  # any other node setting
 
     def node_args(self) -> list[str]:
         """``node start`` flags shared by every node."""
@@ -104,9 +104,11 @@ class SwarmSpec:
         ]  # fmt: skip
         if self.sample_size is not None:
             args += ["--sample-size", str(self.sample_size)]
-        for key, value in self.options.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
         return args
+
+    def node_env(self) -> dict[str, str]:
+        """``options`` as ``PEERLEARN_*`` variables: any node setting, flag or not."""
+        return {f"PEERLEARN_{key.upper()}": str(value) for key, value in self.options.items()}
 
     def attacker_indices(self) -> list[int]:
         """The last ``attackers`` fraction of nodes (node 0, the bootstrap, stays honest)."""
@@ -165,6 +167,10 @@ def _swarm_spec(raw: dict[str, Any]) -> SwarmSpec:
         raise ConfigError("[swarm] nodes must be between 1 and 64")
     if not 0 <= spec.attackers < 0.5:
         raise ConfigError("[swarm] attackers must be a fraction below 0.5")
+    settings = {f.name for f in fields(NodeConfig)}
+    unknown = sorted(set(spec.options) - settings)
+    if unknown:
+        raise ConfigError(f"[swarm] options: unknown node setting(s) {', '.join(unknown)}")
     return spec
 
 
