@@ -38,7 +38,6 @@ def test_every_shipped_scenario_parses(name: str) -> None:
         ({"swarm": {"nodez": 3}}, "unknown key(s) nodez"),
         ({"swarm": {"network": "wifi"}}, "network must be one of"),
         ({"swarm": {"options": {"fanot": 9}}}, "unknown node setting(s) fanot"),
-
         ({"events": [{"action": "explode", "at_round": 1}]}, "action must be one of"),
         ({"events": [{"action": "kill"}]}, "exactly one of at_round and at_seconds"),
         ({"events": [{"action": "kill", "at_round": 1, "nodes": [9]}]}, "node 9 does not exist"),

@@ -47,7 +47,10 @@ class LiveView:
 
     def progress(self, result: Any, samples: list[Sample], elapsed: float) -> None:
         """``runner.Progress`` callback."""
-        self._label = f"{self.title} / {result.label}"
+        label = f"{self.title} / {result.label}"
+        if label != self._label:  # a new run: its clock starts again at 0
+            self._label, self._last_plain = label, -PLAIN_EVERY
+
         self.update(samples, elapsed, [what for _, what in result.events])
 
     def update(self, samples: list[Sample], elapsed: float, events: Sequence[str] = ()) -> None:
