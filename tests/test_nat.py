@@ -125,8 +125,9 @@ def test_cone_nats_hole_punch_to_a_direct_connection(
         try:
             wait_until(lambda a=a_id: _path(net, B, a) == "direct", PUNCH_DEADLINE, interval=0.2)
             times.append(time.monotonic() - started)
-        except TimeoutError:
+        except pytest.fail.Exception:  # one slow attempt is allowed (>= 24 of 25)
             failures.append(f"attempt {attempt}: {_status(net, B).get('nat')}")
+
         if attempt == 0:  # a model update crosses both NATs bit-identical, directly
             state, results = _share(net, B, tmp_path)
             assert results[a_id]["ok"], results
