@@ -65,7 +65,6 @@ def netem_unavailable_reason() -> str | None:
 
 
 def _run(*cmd: str) -> str:
-
     try:
         done = subprocess.run(
             cmd, check=True, capture_output=True, text=True, timeout=COMMAND_TIMEOUT

@@ -127,7 +127,6 @@ class NodeConfig:
     """Ask the local router for a port mapping with UPnP (best effort)."""
 
     attack: str = "none"
-
     """Experiments only: behave as a Byzantine node (label-flip, sign-flip or alie)."""
 
 
@@ -171,7 +170,6 @@ def _validate(config: NodeConfig) -> NodeConfig:
         "relay_circuit_seconds",
         "relay_circuit_bytes",
     )
-
     for name in (*positive, "blob_chunk_size", "blob_timeout"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")

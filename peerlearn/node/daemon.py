@@ -442,7 +442,6 @@ async def run_daemon(
 
                     daemon.phase = "running"
                     daemon.write_addrs()
-
                     task_status.started(daemon)
                     await stop.wait()
                     daemon.phase = "stopping"

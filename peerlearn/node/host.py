@@ -202,7 +202,6 @@ class _Relay:
         # The unilateral direct dial DCUtR tries first waits dial_timeout on a dropping NAT
         # (library default 10 s); 2 s keeps a whole punch well inside 30 s.
         self.dcutr = DCUtRProtocol(raw_host, dial_timeout=2) if settings.hole_punch else None
-
         self.circuit_addrs: list[str] = []
 
 
@@ -408,7 +407,6 @@ class P2PHost:
         return self._relay is not None
 
     def _require_relay(self) -> _Relay:
-
         if self._relay is None:
             raise LocalProtocolError("this host was opened without relay support")
         return self._relay
@@ -547,7 +545,6 @@ async def _relay_services(host: P2PHost, settings: RelaySettings | None) -> Asyn
 
 
 def _all_loopback(addrs: Sequence[Any]) -> bool:
-
     return all(str(a).startswith("/ip4/127.") for a in addrs)
 
 

@@ -50,7 +50,6 @@ SHARD_SEED = 1234  # every node must cut the training set into the same shards
 MAX_MODEL_BYTES = 16 * 2**20
 MESSAGE_TIMEOUT = 10.0  # seconds per small message
 PUSH_DRAIN = 10.0  # seconds the last round's pushes may still take after learning ends
-
 _CHECKPOINT_LIMITS = wire.Limits(max_message_size=64 * 2**20, max_array_len=100_000)
 _MSG_LIMITS = wire.Limits(max_message_size=4096)
 
@@ -212,7 +211,6 @@ class Learner:
             model_bytes = state_dict_to_bytes(model)
             crdt = list(self.swarm.state.entries.values())
             await trio.to_thread.run_sync(self._save_checkpoint, round_, acc, model_bytes, crdt)
-
             self.round, self.model, self.accuracy = round_, model, acc
             digest = hashlib.sha256(model_bytes).hexdigest()
             self.swarm.write("round", {"round": round_})
@@ -496,7 +494,6 @@ class _ModestDriver:
                     await self.wakeup.wait()
                 self.wakeup = trio.Event()
                 self.core.handle_timer(trio.current_time())
-
             nursery.cancel_scope.cancel()
 
     def _flush(self, nursery: trio.Nursery) -> None:

@@ -65,7 +65,6 @@ class RunResult:
         return out
 
     def top_round(self) -> int:
-
         return max((s.round for s in self.last().values() if s.alive), default=0)
 
 
