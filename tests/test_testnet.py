@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from peerlearn.errors import ConfigError
 from peerlearn.nat.lab import lab_unavailable_reason, netem_unavailable_reason
+from peerlearn.testnet.local import process_alive
 from peerlearn.testnet.report import write_report
 from peerlearn.testnet.runner import run_scenario
 from peerlearn.testnet.scenario import load_scenario, parse_scenario
@@ -138,15 +138,6 @@ def _node_pids(state: dict[str, object]) -> list[int]:
     return [int(n["pid"]) for n in state["nodes"]]  # type: ignore[attr-defined]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    status = Path(f"/proc/{pid}/status")
-    return not status.exists() or "zombie" in status.read_text()
-
-
 @pytest.mark.integration
 def test_up_status_logs_then_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> None:
     supervisor, state = _up(tmp_path, 3)
@@ -163,7 +154,7 @@ def test_up_status_logs_then_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> 
     finally:
         if supervisor.poll() is None:
             supervisor.kill()
-    assert all(_gone(pid) for pid in _node_pids(state))
+    assert all(not process_alive(pid) for pid in _node_pids(state))
     assert not (tmp_path / "testnet.json").exists()
     output = (tmp_path / "up.log").read_text()
     assert "exit codes [0, 0, 0]" in output, output
@@ -180,12 +171,12 @@ def test_down_stops_a_running_testnet_and_a_killed_supervisor_leaves_no_orphans(
     down = _cli("down", "--dir", str(tmp_path / "a"))
     assert down.returncode == 0, down
     assert supervisor.wait(timeout=30) == 0
-    assert all(_gone(pid) for pid in _node_pids(state))
+    assert all(not process_alive(pid) for pid in _node_pids(state))
 
     supervisor, state = _up(tmp_path / "b", 2)
     supervisor.kill()  # SIGKILL: no chance to clean up; the daemons die with it
     supervisor.wait(timeout=10)
-    wait_until(lambda: all(_gone(pid) for pid in _node_pids(state)), 10)
+    wait_until(lambda: all(not process_alive(pid) for pid in _node_pids(state)), 10)
     down = _cli("down", "--dir", str(tmp_path / "b"))  # removes the stale state
     assert down.returncode == 0, down
     assert not (tmp_path / "b" / "testnet.json").exists()

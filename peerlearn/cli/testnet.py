@@ -213,6 +213,7 @@ def testnet_logs(node: int, lines: int, root: Path | None) -> None:
 def testnet_down(root: Path | None) -> None:
     """Stop the running testnet (its supervisor tears everything down)."""
     from peerlearn.nat.lab import remove_namespaces
+    from peerlearn.testnet.local import process_alive
     from peerlearn.testnet.network import STATE_FILE
 
     directory = _root(root)
@@ -221,10 +222,10 @@ def testnet_down(root: Path | None) -> None:
     with suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + DOWN_TIMEOUT
-    while _running(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     # The supervisor was gone or stuck: clean up after it.
-    leftovers = [n["pid"] for n in state["nodes"] if n.get("pid") and _running(n["pid"])]
+    leftovers = [n["pid"] for n in state["nodes"] if n.get("pid") and process_alive(n["pid"])]
     for node_pid in leftovers:
         os.kill(node_pid, signal.SIGKILL)
     failed = remove_namespaces(state.get("namespaces", []))
@@ -232,19 +233,6 @@ def testnet_down(root: Path | None) -> None:
     if failed:
         _fail(f"could not remove namespaces {failed}")
     click.echo(f"testnet in {directory} is down" + (f" (killed {leftovers})" if leftovers else ""))
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited: it only waits to be reaped
-        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
 
 
 @testnet.command("run")

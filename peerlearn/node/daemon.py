@@ -30,7 +30,7 @@ from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.control import serve_control
 from peerlearn.node.datadir import DataDir, atomic_write_bytes, atomic_write_json
-from peerlearn.node.host import P2PHost, RelaySettings, Stream, open_host
+from peerlearn.node.host import P2PHost, RelaySettings, Stream, all_loopback, open_host
 from peerlearn.node.learner import MODEL_KIND, MODEST_KIND, Learner
 from peerlearn.node.swarm import SwarmService
 from peerlearn.node.traversal import NatTraversal
@@ -276,6 +276,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         c = self.counters
+        connected = sorted(p.peer_id for p in self.host.connected_peers())
         return {
             "version": __version__,
             "peer_id": self.identity.peer_id,
@@ -283,8 +284,8 @@ class Daemon:
             "addrs": self.host.addrs(),
             "data_dir": str(self.data_dir.root),
             "uptime_s": round(time.monotonic() - self.started, 3),
-            "connected_peers": len(self.host.connected_peers()),
-            "connected_peer_ids": sorted(p.peer_id for p in self.host.connected_peers()),
+            "connected_peers": len(connected),
+            "connected_peer_ids": connected,
             "open_streams": self.host.open_streams(),
             "loop_lag_max_ms": round(c.loop_lag_max * 1000, 1),
             "updates_sent": c.updates_sent,
@@ -366,12 +367,10 @@ async def _watch_signals(stop: trio.Event, force: trio.CancelScope) -> None:
 
 def relay_settings(config: NodeConfig) -> RelaySettings | None:
     """Relay v2 + DCUtR unless the node only listens on loopback (nothing to traverse)."""
-    loopback = all(addr.startswith("/ip4/127.") for addr in config.listen)
-    if not config.relay_service and (loopback or not config.nat_traversal):
+    if not config.relay_service and (all_loopback(config.listen) or not config.nat_traversal):
         return None
     return RelaySettings(
         service=config.relay_service,
-        client=config.nat_traversal,
         hole_punch=config.nat_traversal,
         circuit_seconds=config.relay_circuit_seconds,
         circuit_bytes=config.relay_circuit_bytes,

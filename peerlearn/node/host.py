@@ -159,7 +159,6 @@ class RelaySettings:
     """Circuit relay v2 and hole punching; see ``NodeConfig`` for each setting."""
 
     service: bool = False
-    client: bool = True
     hole_punch: bool = True
     circuit_seconds: int = 600
     circuit_bytes: int = 16 * 2**20
@@ -182,7 +181,6 @@ class _Relay:
     """The relay v2 protocol, its transport and discovery, and DCUtR, of one host."""
 
     def __init__(self, raw_host: Any, settings: RelaySettings) -> None:
-        self.settings = settings
         limits = RelayLimits(
             duration=settings.circuit_seconds,
             data=settings.circuit_bytes,
@@ -451,11 +449,18 @@ class P2PHost:
         relay.circuit_addrs = circuit
         return list(circuit)
 
+    def _connections(self) -> list[tuple[Any, list[Any]]]:
+        """(peer ID, its connections); the swarm keeps one or a list per peer."""
+        return [
+            (peer, conns if isinstance(conns, list) else [conns])
+            for peer, conns in self._host.get_network().connections.items()
+        ]
+
     def open_streams(self) -> int:
         """Streams open on all our connections (to spot leaks)."""
         total = 0
-        for conns in self._host.get_network().connections.values():
-            for conn in conns if isinstance(conns, list) else [conns]:
+        for _, conns in self._connections():
+            for conn in conns:
                 try:
                     total += len(conn.get_streams())
                 except Exception:
@@ -464,13 +469,11 @@ class P2PHost:
 
     def paths(self) -> dict[str, str]:
         """``{peer id: "direct" | "relayed"}`` for every connected peer."""
-        out = {}
-        for peer, conns in self._host.get_network().connections.items():
-            listed = conns if isinstance(conns, list) else [conns]
-            if listed:
-                direct = any(_is_direct(c) for c in listed)
-                out[peer.to_base58()] = "direct" if direct else "relayed"
-        return out
+        return {
+            peer.to_base58(): "direct" if any(_is_direct(c) for c in conns) else "relayed"
+            for peer, conns in self._connections()
+            if conns
+        }
 
     async def hole_punch(self, peer_id: str) -> bool:
         """One DCUtR attempt to replace our relayed connection to ``peer_id`` by a direct
@@ -544,7 +547,8 @@ async def _relay_services(host: P2PHost, settings: RelaySettings | None) -> Asyn
             host._relay = None
 
 
-def _all_loopback(addrs: Sequence[Any]) -> bool:
+def all_loopback(addrs: Sequence[Any]) -> bool:
+    """Whether every address (multiaddr or its text) is an IPv4 loopback one."""
     return all(str(a).startswith("/ip4/127.") for a in addrs)
 
 
@@ -620,7 +624,7 @@ async def open_host(
         max_connections_per_peer=2 if relay is not None else 1,
     )
     addrs = _expand_listen_addrs(listen)
-    mdns = mdns and not _all_loopback(addrs)
+    mdns = mdns and not all_loopback(addrs)
     raw = new_host(
         enable_mDNS=mdns,
         enable_upnp=upnp,
@@ -640,7 +644,7 @@ async def open_host(
                     if not swarm_services:
                         yield host
                         return
-                    async with _swarm_services(host, _all_loopback(addrs)):
+                    async with _swarm_services(host, all_loopback(addrs)):
                         yield host
             finally:
                 peerDiscovery.unregister_peer_discovered_handler(host._on_mdns_peer)

@@ -340,7 +340,7 @@ class Learner:
 
     def _poison(self, trained: StateDict, received: list[StateDict]) -> StateDict:
         """Experiments: what a ``--attack`` node sends instead of its honest model."""
-        members = max(len(self.swarm.members()), 2)
+        members = max(len(self._members_pk()), 2)
         attack = attacks.model_attack(
             self.config.attack, nodes=members, byzantine=self.config.byzantine_bound
         )

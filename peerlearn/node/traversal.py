@@ -22,7 +22,7 @@ import trio
 
 from peerlearn import wire
 from peerlearn.errors import NetworkError, RemoteProtocolError
-from peerlearn.nat.policy import PUBLIC, PathTracker, Reachability
+from peerlearn.nat.policy import PUBLIC, UNKNOWN, PathTracker, Reachability
 from peerlearn.node.framing import receive_frame, send_frame
 from peerlearn.node.host import P2PHost, Stream
 
@@ -89,7 +89,7 @@ class NatTraversal:
     async def _reachability_loop(self) -> None:
         while True:
             await self._check_reachability()
-            known = self.reachability.status != "unknown"
+            known = self.reachability.status != UNKNOWN
             await trio.sleep(PROBE_INTERVAL if known else PROBE_INTERVAL_UNKNOWN)
 
     async def _check_reachability(self) -> None:
@@ -109,7 +109,7 @@ class NatTraversal:
                     ports = self.host.listen_ports()[:MAX_PORTS]
                     await send_frame(stream, wire.pack({"ports": ports}))
                     reply = wire.expect_map(
-                        wire.unpack(await receive_frame(stream, 1024), _LIMITS),
+                        wire.unpack(await receive_frame(stream, _LIMITS.max_message_size), _LIMITS),
                         {"reached"},
                         "autonat reply",
                     )
@@ -125,7 +125,7 @@ class NatTraversal:
         try:
             with trio.fail_after(PROBE_TIMEOUT):
                 request = wire.expect_map(
-                    wire.unpack(await receive_frame(stream, 1024), _LIMITS),
+                    wire.unpack(await receive_frame(stream, _LIMITS.max_message_size), _LIMITS),
                     {"ports"},
                     "autonat request",
                 )

@@ -40,6 +40,20 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has exited: it only waits to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
 def rss_mb(pid: int) -> float | None:
     """Resident set size of ``pid`` in MiB (Linux), None if it is gone."""
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 from peerlearn.errors import ConfigError
 from peerlearn.nat.lab import LabHost, NatLab
+from peerlearn.node.datadir import atomic_write_json
 from peerlearn.testnet.local import LocalSwarm
 from peerlearn.testnet.scenario import Event, SwarmSpec
 
@@ -106,26 +106,25 @@ class Testnet:
 
     def write_state(self) -> None:
         """What `testnet status|logs|down` read: node dirs, logs, pids and lab namespaces."""
-        local = self.local
-        nodes = []
-        for i in range(self.spec.nodes):
-            nodes.append(
-                {
-                    "node": i,
-                    "data_dir": str(self.root / f"node{i}"),
-                    "log": str(self.root / f"node{i}.log"),
-                    "pid": local.pid(i) if local is not None and i in local.processes else None,
-                    "ip": self.hosts[i].ip if self.hosts else "127.0.0.1",
-                    "attacker": i in self.attackers,
-                }
-            )
+        local = self.swarm
+        nodes = [
+            {
+                "node": i,
+                "data_dir": str(local.data_dir(i).root),
+                "log": str(local.log_path(i)),
+                "pid": local.pid(i) if i in local.processes else None,
+                "ip": self.hosts[i].ip if self.hosts else "127.0.0.1",
+                "attacker": i in self.attackers,
+            }
+            for i in range(self.spec.nodes)
+        ]
         state = {
             "supervisor_pid": os.getpid(),
             "spec": asdict(self.spec),
             "nodes": nodes,
             "namespaces": list(self.lab.namespaces) if self.lab else [],
         }
-        (self.root / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        atomic_write_json(self.root / STATE_FILE, state)
 
     # -- observing ----------------------------------------------------------------------------
 

@@ -124,7 +124,7 @@ def run_once(
             elapsed = tick - t0
             samples, raw = net.sample(elapsed)
             result.samples += samples
-            top = result.top_round()
+            top = max((s.round for s in samples if s.alive), default=0)  # this tick's
             if (
                 convergence is not None
                 and result.convergence_seconds is None
