@@ -8,6 +8,8 @@ NAT router 0 and node B behind NAT router 1. Traffic stays in namespaces these t
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from peerlearn.nat.lab import NatLab, NatMode, lab_unavailable_reason, list_namespaces
+from peerlearn.nat.lab import LabHost, NatLab, NatMode, lab_unavailable_reason, list_namespaces
 from peerlearn.nat.policy import MAX_PUNCH_ATTEMPTS
 from peerlearn.node.control import call
 from peerlearn.testnet.local import LocalSwarm
@@ -31,6 +33,55 @@ RELAY, A, B = 0, 1, 2
 PUNCH_DEADLINE = 30.0  # seconds from the relayed connection to a direct one
 ATTEMPTS = 25
 REQUIRED = 24
+
+
+_LISTEN = """
+import socket, sys
+s = socket.create_server((sys.argv[1], 7000))
+print("listening", flush=True)
+s.settimeout(10)
+s.accept()
+"""
+
+
+def _reaches(client: LabHost, server: LabHost, ip: str | None = None) -> bool:
+    """Can ``client`` open a TCP connection to port 7000 of ``server`` (at ``ip``)?"""
+    listener = subprocess.Popen(
+        server.command(sys.executable, "-c", _LISTEN, server.ip),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline() == "listening\n"
+        dial = f"import socket; socket.create_connection(('{ip or server.ip}', 7000), timeout=2)"
+        return (
+            subprocess.run(client.command(sys.executable, "-c", dial), timeout=20).returncode == 0
+        )
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def test_the_lab_cone_nat_lets_out_keeps_unsolicited_out_and_joins_its_own_lan() -> None:
+    with NatLab() as lab:
+        public = lab.add_public("public")
+        router = lab.add_router("cone")
+        a, b = lab.add_private("a", router), lab.add_private("b", router)
+        assert _reaches(a, public)  # out through the NAT
+        assert _reaches(a, b)  # two hosts at home reach each other
+        assert not _reaches(public, a, lab.router_wan(router))  # unsolicited: dropped
+        namespaces = list(lab.namespaces)
+    assert not set(namespaces) & set(list_namespaces())
+
+
+def test_the_lab_drops_received_packets_on_request_and_clears_it() -> None:
+    with NatLab() as lab:
+        a, b = lab.add_public("a"), lab.add_public("b")
+        lab.netem(b, loss_pct=100)
+        assert not _reaches(a, b)
+        lab.clear_netem(b)
+        assert _reaches(a, b)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from peerlearn.nat.policy import (
+    FOLLOWER_GRACE,
     MAX_PUNCH_ATTEMPTS,
     PRIVATE,
     PUBLIC,
@@ -51,6 +52,14 @@ def test_relayed_peers_are_punched_with_backoff_until_the_attempts_run_out() -> 
     assert summary["relayed_only"] == ["p"]
     assert summary["hole_punch_failures"] == 1
     assert t.observe({"p": "relayed"}, now + PUNCH_RETRY_AFTER_FAIL) == ["p"]  # tried again
+
+
+def test_the_smaller_peer_id_leads_the_punch_and_the_other_follows_only_after_a_grace() -> None:
+    t = PathTracker(local_peer="m")
+    assert t.observe({"a": "relayed", "z": "relayed"}, 0.0) == ["z"]  # we lead to "z" only
+    t.punched("z", True, 1.0)
+    assert t.observe({"a": "relayed", "z": "direct"}, FOLLOWER_GRACE - 0.1) == []
+    assert t.observe({"a": "relayed", "z": "direct"}, FOLLOWER_GRACE) == ["a"]  # "a" never led
 
 
 def test_a_successful_punch_records_the_time_to_direct_and_forgets_gone_peers() -> None:

@@ -19,7 +19,7 @@ from peerlearn.testnet.scenario import load_scenario, parse_scenario
 from tests.conftest import wait_until
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "testnet"
-SHIPPED = ("baseline", "churn", "byzantine", "partition", "nat", "lossy")
+SHIPPED = ("baseline", "churn", "byzantine", "partition", "nat", "lossy", "packet-loss")
 
 
 # -- scenario files ---------------------------------------------------------------------------
@@ -192,7 +192,8 @@ def test_shipped_scenario(name: str, tmp_path: Path) -> None:
     scenario = load_scenario(SCENARIOS / f"{name}.toml")
     if scenario.swarm.network != "loopback" and lab_unavailable_reason():
         pytest.skip(lab_unavailable_reason() or "")
-    if any(e.action == "netem" for e in scenario.events) and netem_unavailable_reason():
+    delays = any(e.action == "netem" and (e.delay_ms or e.jitter_ms) for e in scenario.events)
+    if delays and netem_unavailable_reason():
         pytest.skip(netem_unavailable_reason() or "")
     results = run_scenario(scenario, tmp_path)
     summary = write_report(scenario, results, tmp_path)

@@ -1,7 +1,8 @@
 """A network lab made of Linux network namespaces: public hosts, NAT routers, private LANs.
 
-Needs root and iproute2/iptables (tc for netem). Everything lives in namespaces the lab
-creates, named ``<prefix>-...``, with addresses from 198.18.0.0/15 (RFC 2544 benchmarking):
+Needs root and iproute2/iptables (tc with the kernel's netem for delays). Everything lives in
+namespaces the lab creates, named ``<prefix>-...``, with addresses from 198.18.0.0/15
+(RFC 2544 benchmarking):
 
     <prefix>-inet   bridge br0: the "internet", 198.18.0.0/24
     <prefix>-pN     public host N             eth0 198.18.0.(10+N)
@@ -48,7 +49,7 @@ def lab_unavailable_reason() -> str | None:
 
 
 def netem_unavailable_reason() -> str | None:
-    """Why ``netem`` (delay/loss) cannot be used here, or None; probes a scratch namespace."""
+    """Why ``netem`` (delays) cannot be used here, or None; probes a scratch namespace."""
     reason = lab_unavailable_reason()
     if reason:
         return reason
@@ -194,6 +195,9 @@ class NatLab:
         _run(*iptables, *masquerade)
         _run(*iptables, "-P", "FORWARD", "DROP")
         _run(*iptables, "-A", "FORWARD", "-i", "lan", "-o", "eth0", "-j", "ACCEPT")
+        # Hosts on one LAN reach each other, as at home (with br_netfilter on, bridged
+        # frames pass this chain too and the DROP policy would cut them off).
+        _run(*iptables, "-A", "FORWARD", "-i", "lan", "-o", "lan", "-j", "ACCEPT")
         _run(
             *iptables,
             "-A",
@@ -247,31 +251,25 @@ class NatLab:
     def netem(
         self, host: LabHost, *, delay_ms: float = 0, jitter_ms: float = 0, loss_pct: float = 0
     ) -> None:
-        """Delay/loss on ``host``'s outgoing packets (netem shapes egress only)."""
-        spec = ["delay", f"{delay_ms}ms", f"{jitter_ms}ms"] if delay_ms else []
-        spec += ["loss", f"{loss_pct}%"] if loss_pct else []
-        if spec:
-            _run(
-                "ip",
-                "netns",
-                "exec",
-                host.namespace,
-                "tc",
-                "qdisc",
-                "replace",
-                "dev",
-                "eth0",
-                "root",
-                "netem",
-                *spec,
-            )
+        """Delay ``host``'s outgoing packets (tc netem) and drop ``loss_pct`` % of the packets
+        it receives (iptables ``statistic``, so loss works on kernels without netem too)."""
+        namespace = ["ip", "netns", "exec", host.namespace]
+        if delay_ms or jitter_ms:
+            delay = ["delay", f"{delay_ms}ms", f"{jitter_ms}ms"]
+            _run(*namespace, "tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *delay)
+        if loss_pct:
+            drop = ["-i", "eth0", "-m", "statistic", "--mode", "random"]
+            drop += ["--probability", f"{loss_pct / 100:.6f}", "-j", "DROP"]
+            _run(*namespace, "iptables", "-w", "-t", "raw", "-A", "PREROUTING", *drop)
 
     def clear_netem(self, host: LabHost) -> None:
+        namespace = ["ip", "netns", "exec", host.namespace]
         subprocess.run(
-            ["ip", "netns", "exec", host.namespace, "tc", "qdisc", "del", "dev", "eth0", "root"],
+            [*namespace, "tc", "qdisc", "del", "dev", "eth0", "root"],
             capture_output=True,
             timeout=COMMAND_TIMEOUT,
-        )
+        )  # fails when there was no delay: nothing to remove
+        _run(*namespace, "iptables", "-w", "-t", "raw", "-F", "PREROUTING")
 
     def partition(self, *groups: list[LabHost]) -> None:
         """Cut every host off from hosts in other groups: their TCP segments are answered

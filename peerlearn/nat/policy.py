@@ -10,6 +10,11 @@ PUBLIC, PRIVATE, UNKNOWN = "public", "private", "unknown"
 MAX_PUNCH_ATTEMPTS = 3  # DCUtR spec: retry twice before giving up
 PUNCH_BACKOFF = 2.0  # seconds between attempts to one peer
 PUNCH_RETRY_AFTER_FAIL = 300.0  # seconds before a peer that exhausted its attempts is retried
+# Of each pair the peer with the smaller ID starts DCUtR; two sessions at once (one from each
+# side) make both ends dial as "responder" and "initiator" together and the punch fails. The
+# other side starts its own only if the pair is still relayed this long (the smaller one may
+# not punch at all, e.g. --no-nat-traversal).
+FOLLOWER_GRACE = 20.0  # seconds
 MAX_VERDICTS = 8  # distinct servers remembered
 
 
@@ -52,8 +57,12 @@ class _PeerPath:
 
 @dataclass
 class PathTracker:
-    """Per peer: relayed or direct, hole-punch attempts, and who to punch next."""
+    """Per peer: relayed or direct, hole-punch attempts, and who to punch next.
 
+    ``local_peer`` is our peer ID: we lead the punch to peers whose ID is larger.
+    """
+
+    local_peer: str = ""
     peers: dict[str, _PeerPath] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
     successes: int = 0
@@ -75,7 +84,8 @@ class PathTracker:
                 if now - state.gave_up_at < PUNCH_RETRY_AFTER_FAIL:
                     continue
                 state.gave_up_at, state.attempts = None, 0
-            if not state.in_progress and now - state.last_attempt >= PUNCH_BACKOFF:
+            leader = self.local_peer < peer or now - state.first_relayed >= FOLLOWER_GRACE
+            if leader and not state.in_progress and now - state.last_attempt >= PUNCH_BACKOFF:
                 state.in_progress = True
                 state.attempts += 1
                 state.last_attempt = now

@@ -177,6 +177,15 @@ def _is_direct(conn: Any) -> bool:
         return not any("/p2p-circuit" in str(a) for a in addrs)
 
 
+class _LedDCUtR(DCUtRProtocol):  # type: ignore[misc]
+    """DCUtR that only punches when asked. The library's own loop starts a session to every
+    relayed peer from both sides at once, and two crossing sessions defeat each other;
+    ``NatTraversal`` decides which side of a pair leads (``peerlearn.nat.policy``)."""
+
+    async def _auto_drive_loop(self) -> None:
+        await trio.sleep_forever()
+
+
 class _Relay:
     """The relay v2 protocol, its transport and discovery, and DCUtR, of one host."""
 
@@ -199,7 +208,7 @@ class _Relay:
         self.transport.discovery = self.discovery
         # The unilateral direct dial DCUtR tries first waits dial_timeout on a dropping NAT
         # (library default 10 s); 2 s keeps a whole punch well inside 30 s.
-        self.dcutr = DCUtRProtocol(raw_host, dial_timeout=2) if settings.hole_punch else None
+        self.dcutr = _LedDCUtR(raw_host, dial_timeout=2) if settings.hole_punch else None
         self.circuit_addrs: list[str] = []
 
 

@@ -13,6 +13,8 @@ _QUIET_LIBRARY_LOGGERS = {
     "libp2p.kad_dht": logging.ERROR,
     # Warns at every start about the auto-connector and health monitor.
     "libp2p.network.auto_connector": logging.WARNING,
+    # Logs every address parse at DEBUG (thousands of lines a second in a swarm).
+    "multiaddr": logging.WARNING,
 }
 
 
@@ -46,7 +48,9 @@ def configure_logging(level: str = "info") -> None:
         numeric = logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"
+        )
     )
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()

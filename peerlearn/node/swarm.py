@@ -35,7 +35,8 @@ DISCOVERY_SLOW = 5.0  # seconds between discovery rounds afterwards
 ANTI_ENTROPY_INTERVAL = 10.0  # seconds
 HEARTBEAT_INTERVAL = 30.0  # seconds (liveness is coarse; each one is gossiped to everyone)
 SYNC_TIMEOUT = 10.0  # seconds per anti-entropy exchange
-MAX_DIALS_PER_ROUND = 16
+MAX_DIALS_IN_FLIGHT = 16
+DIAL_STAGGER = 0.5  # seconds between starting dials to a peer's successive addresses
 
 
 def topic(swarm: str) -> str:
@@ -65,6 +66,9 @@ class SwarmService:
         self.listeners: list[Callable[[list[Any]], None]] = []
         self._pending: list[Any] = []
         self._publish_wakeup = trio.Event()
+        self._discovery_wakeup = trio.Event()
+        self._providers: dict[str, list[str]] = {}  # from the DHT
+        self._busy: set[str] = set()  # peers being dialled or synced by discovery
         self._sequence = sequence
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
 
@@ -95,6 +99,8 @@ class SwarmService:
         return sorted(peer_id_from_public_key(o) for o in self.state.records("member"))
 
     def _notify(self, changed: list[Any]) -> None:
+        if any(entry.name == "member" for entry in changed):
+            self._discovery_wakeup.set()
         for listener in self.listeners:
             listener(changed)
 
@@ -146,7 +152,21 @@ class SwarmService:
             self.write("heartbeat", {"t": time.time()})
 
     async def _discovery(self) -> None:
+        """Dials every member we learn of as soon as we learn of it: a new member record
+        (gossip or sync) wakes the loop, and no dial or DHT query waits for another."""
         key = records.swarm_provider_key(self.swarm)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._announce, key)
+            nursery.start_soon(self._find_providers, key)
+            while True:
+                self._discovery_wakeup = trio.Event()
+                self._start_dials(nursery)
+                interval = DISCOVERY_SLOW if self.join_seconds is not None else DISCOVERY_FAST
+                with trio.move_on_after(interval):
+                    await self._discovery_wakeup.wait()
+
+    async def _announce(self, key: str) -> None:
+        """Provide the swarm key and publish our peer record in the DHT (once)."""
         try:
             await self.host.provide(key)
             record_key, value = records.make_peer_record(
@@ -154,38 +174,45 @@ class SwarmService:
             )
             await self.host.put_value(record_key, value)
         except NetworkError as exc:
-            logger.warning("DHT announcement failed (retrying with discovery): %s", exc)
-        while True:
-            await self._discover_once(key)
-            joined = self.join_seconds is not None
-            await trio.sleep(DISCOVERY_SLOW if joined else DISCOVERY_FAST)
+            logger.warning("DHT announcement failed (members still find us by gossip): %s", exc)
 
-    async def _discover_once(self, key: str) -> None:
+    async def _find_providers(self, key: str) -> None:
+        """Keeps ``_providers`` (swarm members found through the DHT) fresh."""
+        while True:
+            try:
+                found = dict(await self.host.find_providers(key))
+            except NetworkError as exc:
+                logger.debug("find_providers: %s", exc)
+            else:
+                if set(found) - set(self._providers):
+                    self._discovery_wakeup.set()
+                self._providers = found
+            await trio.sleep(DISCOVERY_SLOW if self.join_seconds is not None else DISCOVERY_FAST)
+
+    def _start_dials(self, nursery: trio.Nursery) -> None:
         connected = {p.peer_id for p in self.host.connected_peers()}
         if connected and self.join_started is None:
             self.join_started = time.monotonic()
-        candidates: dict[str, list[str]] = {}
-        try:
-            for peer_id, addrs in await self.host.find_providers(key):
-                candidates[peer_id] = addrs
-        except NetworkError as exc:
-            logger.debug("find_providers: %s", exc)
+        candidates = dict(self._providers)
         for peer_id, addrs in self.host.take_mdns_discoveries():
             candidates.setdefault(peer_id, addrs)  # not members yet: sync decides
         for owner, value in self.state.records("member").items():
             listed = value.get("addrs") if isinstance(value, dict) else None
             if isinstance(listed, list):
-                candidates.setdefault(peer_id_from_public_key(owner), [str(a) for a in listed])
-        targets = [
-            (p, a)
-            for p, a in sorted(candidates.items())
-            if p != self.host.peer_id and p not in connected and a
-        ][: max(0, min(MAX_DIALS_PER_ROUND, self.max_peers - len(connected)))]
-        async with trio.open_nursery() as nursery:
-            for peer_id, addrs in targets:
+                candidates[peer_id_from_public_key(owner)] = [str(a) for a in listed]
+        room = min(MAX_DIALS_IN_FLIGHT - len(self._busy), self.max_peers - len(connected))
+        for peer_id, addrs in sorted(candidates.items()):
+            if room <= 0:
+                break
+            if peer_id == self.host.peer_id or peer_id in connected or peer_id in self._busy:
+                continue
+            if addrs:
+                self._busy.add(peer_id)
                 nursery.start_soon(self._dial, peer_id, addrs)
-            for peer_id in sorted(connected - self.synced_with):
-                nursery.start_soon(self.sync_with, peer_id)
+                room -= 1
+        for peer_id in sorted(connected - self.synced_with - self._busy):
+            self._busy.add(peer_id)
+            nursery.start_soon(self._sync_new, peer_id)
         self._check_joined()
 
     def _check_joined(self) -> None:
@@ -205,17 +232,43 @@ class SwarmService:
                 len(members),
             )
 
+    async def _sync_new(self, peer_id: str) -> None:
+        try:
+            await self.sync_with(peer_id)
+        finally:
+            self._busy.discard(peer_id)
+
     async def _dial(self, peer_id: str, addrs: list[str]) -> None:
-        for addr in addrs:
-            full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}"
+        try:
+            await self._dial_addrs(peer_id, addrs)
+        finally:
+            self._busy.discard(peer_id)
+
+    async def _dial_addrs(self, peer_id: str, addrs: list[str]) -> None:
+        """Tries the addresses in order, each ``DIAL_STAGGER`` after the one before without
+        waiting for it to fail (a LAN address behind another NAT only ever times out); the
+        first connection wins and the other attempts are cancelled."""
+        won: list[str] = []
+
+        async def attempt(delay: float, full: str, cancel: trio.CancelScope) -> None:
+            await trio.sleep(delay)
+            started = time.monotonic()
             try:
                 with trio.fail_after(SYNC_TIMEOUT):
                     await self.host.connect(full)
             except (NetworkError, trio.TooSlowError) as exc:
                 logger.debug("dial %s: %s", full, exc)
-                continue
+                return
+            logger.debug("connected to %s in %.2f s", full, time.monotonic() - started)
+            won.append(full)
+            cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i, addr in enumerate(addrs):
+                full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}"
+                nursery.start_soon(attempt, i * DIAL_STAGGER, full, nursery.cancel_scope)
+        if won:
             await self.sync_with(peer_id)
-            return
 
     async def _anti_entropy(self) -> None:
         while True:
@@ -228,6 +281,7 @@ class SwarmService:
 
     async def sync_with(self, peer_id: str) -> None:
         """digest -> their missing entries + their digest -> our missing entries."""
+        started = time.monotonic()
         try:
             with trio.fail_after(SYNC_TIMEOUT):
                 stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
@@ -243,6 +297,7 @@ class SwarmService:
         except (NetworkError, RemoteProtocolError, trio.TooSlowError) as exc:
             logger.debug("anti-entropy with %s failed: %s", peer_id, exc)
             return
+        logger.debug("synced with %s in %.2f s", peer_id, time.monotonic() - started)
         self.synced_with.add(peer_id)
         self._check_joined()
 

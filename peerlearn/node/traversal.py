@@ -57,7 +57,7 @@ class NatTraversal:
         self.hole_punch = hole_punch
         self.on_addrs_changed = on_addrs_changed
         self.reachability = Reachability()
-        self.paths = PathTracker()
+        self.paths = PathTracker(local_peer=host.peer_id)
         self.circuit_addrs: list[str] = []
         self.reservation_errors = 0
         host.set_handler(AUTONAT_PROTOCOL, self._serve_dial_back)

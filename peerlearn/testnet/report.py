@@ -181,8 +181,8 @@ def render_summary(scenario: Scenario, results: list[RunResult]) -> str:
         ]
         if result.events:
             lines += ["", "Events:"] + [f"- t={t:.1f} s {what}" for t, what in result.events]
-        lines += ["", "| node | alive | attacker | round | accuracy | peak RSS MiB | join s |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        header = "| node | alive | attacker | round | accuracy | peak RSS MiB | slowest join s |"
+        lines += ["", header, "|---|---|---|---|---|---|---|"]
         for row in _node_rows(result):
             acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
             lines.append(
