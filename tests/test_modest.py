@@ -150,6 +150,23 @@ def test_unresponsive_aggregator_is_skipped_after_the_ping_timeout() -> None:
     assert node._candidates(2, now=later)[0] == first_choice
 
 
+def test_a_peer_that_keeps_missing_pings_stays_last_for_longer_each_time() -> None:
+    h = Harness(4)
+    node, dead = h.nodes[h.keys[0]], h.keys[1]
+    settings = node.settings
+    now, penalties = 0.0, []
+    for _ in range(8):
+        node.missed_ping(dead, now)
+        penalties.append(node.unresponsive[dead] - now)
+        now = node.unresponsive[dead]
+    first = settings.unresponsive_for
+    assert penalties[:3] == [first, 2 * first, 4 * first]
+    assert max(penalties) == settings.max_unresponsive_for
+    node.receive(dead, Ping(1, 1), now=now)  # it is back: the next miss starts over
+    node.missed_ping(dead, now)
+    assert node.unresponsive[dead] - now == first
+
+
 def _aggregator(**settings: object) -> tuple[Harness, ModestNode]:
     h = Harness(8, **settings)
     return h, h.nodes[h.keys[0]]

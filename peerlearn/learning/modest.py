@@ -194,6 +194,7 @@ class ModestSettings:
     stall_timeout: float = 300.0  # seconds without swarm-wide progress -> rank-staggered re-seed
     inactivity: int = 50  # tau: rounds after which a silent peer is not sampled
     unresponsive_for: float = 30.0  # seconds a missed ping puts a peer last in candidate orders
+    max_unresponsive_for: float = 480.0  # the penalty doubles per consecutive miss, up to this
 
 
 # --- availability checks ------------------------------------------------------------------
@@ -265,7 +266,7 @@ class _AvailabilityCheck:
         for pk, (first, last, nonce) in list(self.pending.items()):
             if now >= first + settings.ping_timeout:
                 del self.pending[pk]
-                self.node.unresponsive[pk] = now
+                self.node.missed_ping(pk, now)
             elif now >= last + settings.ping_interval:
                 self.pending[pk] = (first, now, nonce)
                 self.node._send(pk, Ping(self.node.round_estimate(), nonce))
@@ -336,7 +337,8 @@ class ModestNode:
         self.session: _Session | None = None
         self.delivery: _Delivery | None = None
         self.distribution: _Distribution | None = None
-        self.unresponsive: dict[bytes, float] = {}  # peer -> when it missed a ping
+        self.unresponsive: dict[bytes, float] = {}  # peer -> until when it goes last
+        self._misses: dict[bytes, int] = {}  # consecutive missed pings per peer
         self._checks: list[_AvailabilityCheck] = []
         self._ping_routes: dict[int, _AvailabilityCheck] = {}
         self._nonce = 0
@@ -390,6 +392,7 @@ class ModestNode:
     def receive(self, src: bytes, message: Message, now: float) -> None:
         if src != self.me:
             self.unresponsive.pop(src, None)
+            self._misses.pop(src, None)
         if isinstance(message, Ping):
             self.view.seen(src, message.round)
             self._send(src, Pong(self.round_estimate(), message.nonce))
@@ -475,6 +478,13 @@ class ModestNode:
     def _send(self, dst: bytes, message: Message) -> None:
         self._outbox.append(Send(dst, message))
 
+    def missed_ping(self, pk: bytes, now: float) -> None:
+        """``pk`` did not answer a ping in time: it goes last in candidate orders for a while."""
+        misses = self._misses.get(pk, 0) + 1
+        self._misses[pk] = misses
+        penalty = self.settings.unresponsive_for * 2 ** min(misses - 1, 30)
+        self.unresponsive[pk] = now + min(penalty, self.settings.max_unresponsive_for)
+
     def _register_ping(self, check: _AvailabilityCheck) -> int:
         self._nonce += 1
         self._ping_routes[self._nonce] = check
@@ -486,9 +496,9 @@ class ModestNode:
         """The round's order, minus ``exclude``; peers that missed a ping in the last
         ``unresponsive_for`` seconds go last. The penalty expires: a peer that was merely slow
         once (e.g. while starting) must not be demoted for good, or nodes that saw different
-        pings would disagree about the round's aggregator for ever."""
-        horizon = now - self.settings.unresponsive_for
-        for pk in [pk for pk, t in self.unresponsive.items() if t < horizon]:
+        pings would disagree about the round's aggregator for ever. It doubles with every
+        further miss, so a dead peer stops costing a ping timeout every few rounds."""
+        for pk in [pk for pk, until in self.unresponsive.items() if until <= now]:
             del self.unresponsive[pk]
         active = self.view.active(round_, self.settings.inactivity, self.me)
         order = [pk for pk in ordered(round_, active) if pk not in exclude]

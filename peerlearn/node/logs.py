@@ -13,6 +13,9 @@ _QUIET_LIBRARY_LOGGERS = {
     "libp2p.kad_dht": logging.ERROR,
     # Warns at every start about the auto-connector and health monitor.
     "libp2p.network.auto_connector": logging.WARNING,
+    # Logs every failed dial as ERROR (a dead member: several a second); the caller gets the
+    # error as an exception and reports it.
+    "libp2p.transport.tcp.tcp": logging.CRITICAL,
     # Logs every address parse at DEBUG (thousands of lines a second in a swarm).
     "multiaddr": logging.WARNING,
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -37,6 +38,32 @@ HEARTBEAT_INTERVAL = 30.0  # seconds (liveness is coarse; each one is gossiped t
 SYNC_TIMEOUT = 10.0  # seconds per anti-entropy exchange
 MAX_DIALS_IN_FLIGHT = 16
 DIAL_STAGGER = 0.5  # seconds between starting dials to a peer's successive addresses
+DIAL_RETRY_FIRST = 1.0  # seconds before redialling a peer whose dial failed; doubles per failure
+DIAL_RETRY_MAX = 60.0  # seconds
+
+
+@dataclass
+class DialBackoff:
+    """When to dial a peer again after failed dials: ``DIAL_RETRY_FIRST`` seconds, doubling
+    per failure up to ``DIAL_RETRY_MAX`` (a dead member is not dialled every half second)."""
+
+    failures: dict[str, tuple[int, float]] = field(default_factory=dict)  # peer: (n, retry at)
+
+    def due(self, peer: str, now: float) -> bool:
+        return now >= self.failures.get(peer, (0, now))[1]
+
+    def failed(self, peer: str, now: float) -> None:
+        n = self.failures.get(peer, (0, now))[0] + 1
+        self.failures[peer] = (n, now + min(DIAL_RETRY_MAX, DIAL_RETRY_FIRST * 2 ** (n - 1)))
+
+    def reset(self, peer: str) -> None:
+        """Connected, or its addresses changed: dial it at once next time."""
+        self.failures.pop(peer, None)
+
+    @property
+    def unreachable(self) -> set[str]:
+        """Peers whose last dial failed."""
+        return set(self.failures)
 
 
 def topic(swarm: str) -> str:
@@ -69,6 +96,7 @@ class SwarmService:
         self._discovery_wakeup = trio.Event()
         self._providers: dict[str, list[str]] = {}  # from the DHT
         self._busy: set[str] = set()  # peers being dialled or synced by discovery
+        self._backoff = DialBackoff()
         self._sequence = sequence
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
 
@@ -99,8 +127,10 @@ class SwarmService:
         return sorted(peer_id_from_public_key(o) for o in self.state.records("member"))
 
     def _notify(self, changed: list[Any]) -> None:
-        if any(entry.name == "member" for entry in changed):
-            self._discovery_wakeup.set()
+        for entry in changed:
+            if entry.name == "member":  # a new member, or new addresses: dial it now
+                self._backoff.reset(peer_id_from_public_key(entry.owner))
+                self._discovery_wakeup.set()
         for listener in self.listeners:
             listener(changed)
 
@@ -193,6 +223,8 @@ class SwarmService:
         connected = {p.peer_id for p in self.host.connected_peers()}
         if connected and self.join_started is None:
             self.join_started = time.monotonic()
+        for peer_id in connected:
+            self._backoff.reset(peer_id)  # they reached us
         candidates = dict(self._providers)
         for peer_id, addrs in self.host.take_mdns_discoveries():
             candidates.setdefault(peer_id, addrs)  # not members yet: sync decides
@@ -206,6 +238,8 @@ class SwarmService:
                 break
             if peer_id == self.host.peer_id or peer_id in connected or peer_id in self._busy:
                 continue
+            if not self._backoff.due(peer_id, time.monotonic()):
+                continue
             if addrs:
                 self._busy.add(peer_id)
                 nursery.start_soon(self._dial, peer_id, addrs)
@@ -216,20 +250,21 @@ class SwarmService:
         self._check_joined()
 
     def _check_joined(self) -> None:
-        """Joined = synced with someone and connected to every member we know of. Checked
-        after every sync, not only after a whole discovery round: one slow dial must not
-        delay the verdict."""
+        """Joined = synced with someone and connected to every member we know of, except
+        members we dialled and could not reach (gone, or not reachable from here). Checked
+        after every sync and failed dial: one slow dial must not delay the verdict."""
         if self.join_seconds is not None or self.join_started is None or not self.synced_with:
             return
-        members = set(self.members()) - {self.host.peer_id}
+        members = set(self.members()) - {self.host.peer_id} - self._backoff.unreachable
         now_connected = {p.peer_id for p in self.host.connected_peers()}
         if members <= now_connected:
             self.join_seconds = time.monotonic() - self.join_started
             logger.info(
-                "joined swarm %s in %.2f s: %d members connected",
+                "joined swarm %s in %.2f s: %d members connected, %d unreachable",
                 self.swarm,
                 self.join_seconds,
                 len(members),
+                len(self._backoff.unreachable),
             )
 
     async def _sync_new(self, peer_id: str) -> None:
@@ -268,7 +303,11 @@ class SwarmService:
                 full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}"
                 nursery.start_soon(attempt, i * DIAL_STAGGER, full, nursery.cancel_scope)
         if won:
+            self._backoff.reset(peer_id)
             await self.sync_with(peer_id)
+        else:
+            self._backoff.failed(peer_id, time.monotonic())
+            self._check_joined()
 
     async def _anti_entropy(self) -> None:
         while True:
