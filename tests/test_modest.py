@@ -167,6 +167,36 @@ def test_a_peer_that_keeps_missing_pings_stays_last_for_longer_each_time() -> No
     assert node.unresponsive[dead] - now == first
 
 
+def test_peers_that_missed_pings_are_pinged_together_so_a_check_waits_one_timeout() -> None:
+    h = Harness(10, ping_timeout=5.0, ping_interval=1.0)
+    node, alive, dead = h.nodes[h.keys[0]], h.keys[:4], h.keys[4:]
+    h.dead.update(dead)
+    for pk in dead:
+        node.missed_ping(pk, 0.0)
+    candidates = node._candidates(1, now=1.0)
+    assert set(candidates[-len(dead) :]) == set(dead)  # they come last
+    done: list[list[bytes]] = []
+    node._check(1, candidates, 6, lambda peers, _: done.append(peers), now=1.0)
+    h.deliver(1.0)
+    assert set(dead) <= {d for _, d, m in h.sent if isinstance(m, Ping)}  # all at once
+    assert not done  # fewer than 6 answered: the gone ones get their one chance
+    h.tick(1.0 + node.settings.ping_timeout)
+    assert done
+    assert set(done[0]) == set(alive)
+
+
+def test_a_ping_that_cannot_be_sent_counts_as_missed_at_once() -> None:
+    h = Harness(4, ping_timeout=5.0, ping_interval=1.0)
+    node, gone = h.nodes[h.keys[0]], h.keys[1]
+    done: list[list[bytes]] = []
+    node._check(1, [gone, h.keys[2]], 1, lambda peers, _: done.append(peers), now=0.0)
+    ping = next(s.message for s in node.messages_to_send() if s.dst == gone)
+    node.send_failed(gone, ping, now=0.1)  # e.g. connection refused
+    assert gone in node.unresponsive
+    h.deliver(0.1)  # the next candidate was pinged at once and answers
+    assert done == [[h.keys[2]]]
+
+
 def _aggregator(**settings: object) -> tuple[Harness, ModestNode]:
     h = Harness(8, **settings)
     return h, h.nodes[h.keys[0]]

@@ -226,9 +226,14 @@ class _AvailabilityCheck:
         self._fill(now)
 
     def _fill(self, now: float) -> None:
-        while len(self.available) + len(self.pending) < self.count and self.next < len(
-            self.candidates
-        ):
+        """Ping the next candidates, ``count`` answers' worth at a time. Candidates that
+        recently missed a ping (they come last) are pinged all together: a check waits at
+        most one ping timeout for peers that are probably gone, not one per ``count``."""
+        unresponsive = self.node.unresponsive
+        while self.next < len(self.candidates):
+            hopeful = sum(1 for pk in self.pending if pk not in unresponsive)
+            if len(self.available) + hopeful >= self.count:
+                break
             pk = self.candidates[self.next]
             self.next += 1
             if pk == self.node.me:
@@ -260,6 +265,13 @@ class _AvailabilityCheck:
         self.max_round_seen = max(self.max_round_seen, pong.round)
         self.available.append(src)
         self._maybe_finish()
+
+    def missed(self, pk: bytes, now: float) -> None:
+        """``pk`` cannot answer (our ping could not even be sent): move on without waiting."""
+        if pk in self.pending and not self.finished:
+            del self.pending[pk]
+            self.node.missed_ping(pk, now)
+            self._fill(now)
 
     def handle_timer(self, now: float) -> None:
         settings = self.node.settings
@@ -420,6 +432,13 @@ class ModestNode:
         self.latest_model = model
         self.delivery = _Delivery(round_ + 1, model, set(), now + self.settings.ack_timeout)
         self._send_trained(now)
+
+    def send_failed(self, dst: bytes, message: Message, now: float) -> None:
+        """The transport could not deliver ``message`` to ``dst`` (nobody listens there, say):
+        a ping to it counts as missed at once instead of after ``ping_timeout``."""
+        if isinstance(message, Ping):
+            for check in list(self._checks):
+                check.missed(dst, now)
 
     def handle_timer(self, now: float) -> None:
         for check in list(self._checks):

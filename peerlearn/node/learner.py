@@ -496,6 +496,11 @@ class _ModestDriver:
                 self.core.handle_timer(trio.current_time())
             nursery.cancel_scope.cancel()
 
+    async def _send_small(self, dst: bytes, message: modest.Message) -> None:
+        if not await self.learner.send_message(dst, _small_to_wire(message)):
+            self.core.send_failed(dst, message, trio.current_time())
+            self.wakeup.set()
+
     def _flush(self, nursery: trio.Nursery) -> None:
         learner = self.learner
         for send in self.core.messages_to_send():
@@ -508,7 +513,7 @@ class _ModestDriver:
                 }
                 nursery.start_soon(learner.push_model, send.dst, message.model, MODEST_KIND, meta)
             else:
-                nursery.start_soon(learner.send_message, send.dst, _small_to_wire(message))
+                nursery.start_soon(self._send_small, send.dst, message)
         while (event := self.core.next_event()) is not None:
             if isinstance(event, modest.TrainRequest):
                 if self.training is not None:
