@@ -9,7 +9,8 @@
   peers right after bootstrap and again every ``RESERVATION_REFRESH`` seconds, and advertise
   the resulting ``/p2p-circuit`` addresses in our swarm member record.
 * Hole punching: every relayed connection is upgraded with DCUtR (at most 3 attempts, then
-  every 5 min); the result is read off the connections, and status shows each peer's path.
+  every 5 min), started by the pair's smaller peer ID only (``PathTracker``); the result is
+  read off the connections, and status shows each peer's path.
 """
 
 from __future__ import annotations
