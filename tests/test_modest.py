@@ -261,10 +261,28 @@ def test_first_live_candidate_reseeds_a_stalled_swarm() -> None:
         node.next_event()
         node.observe_round(7, now=0.0)
     assert h.nodes[first].get_timer() == 100.0
-    h.nodes[second].handle_timer(100.0)  # rank 1: waits one more period
-    assert h.nodes[second].get_timer() == 200.0
-    h.nodes[first].handle_timer(100.0)  # rank 0: re-seeds round 8 with its model
+    h.nodes[second].handle_timer(100.0)  # second in order: pings the first, who answers
+    h.deliver(100.0)
+    assert h.nodes[second].get_timer() == 200.0  # so it waits one more period
+    h.nodes[first].handle_timer(100.0)  # first: re-seeds round 8 with its model
     h.deliver(100.0)
     reseeded = [m for s, _, m in h.sent if s == first and isinstance(m, AggregatedModel)]
     assert reseeded
     assert all((m.round, m.model) == (8, 4.0) for m in reseeded)
+    assert not [m for s, _, m in h.sent if s == second and isinstance(m, AggregatedModel)]
+
+
+def test_a_stalled_swarm_is_reseeded_by_the_first_candidate_still_alive() -> None:
+    h = Harness(6, sample_size=2, stall_timeout=100.0, ping_timeout=5.0)
+    order = modest.ordered(8, h.keys)
+    h.dead.update(order[:3])  # the first three candidates died with the round
+    survivor = h.nodes[order[3]]
+    survivor.receive(order[4], AggregatedModel(6, 4.0, {}), 0.0)
+    survivor.next_event()
+    survivor.observe_round(7, now=0.0)
+    h.tick(100.0)  # stall: it pings down the order, one candidate at a time
+    for t in (105.0, 110.0, 115.0):  # a ping timeout each (not a stall period each)
+        h.tick(t)
+    reseeded = [m for s, _, m in h.sent if s == order[3] and isinstance(m, AggregatedModel)]
+    assert reseeded
+    assert all(m.round == 8 for m in reseeded)

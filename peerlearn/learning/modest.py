@@ -360,7 +360,6 @@ class ModestNode:
         self.latest_model: Any = None  # the newest model this node holds (for re-seeding)
         self.observed_round = 0
         self._stall_at: float | None = None
-        self._stall_ranked = False
 
     # -- public inputs ----------------------------------------------------------------------
 
@@ -389,9 +388,9 @@ class ModestNode:
     def observe_round(self, round_: int, now: float) -> None:
         """Swarm-wide progress: round ``round_`` was aggregated somewhere (from the CRDT state).
 
-        If no further round is observed for ``stall_timeout`` seconds (times this node's rank
-        in the next round's order, so the first live candidate acts first), this node
-        re-seeds the round with the newest model it holds. This keeps the swarm going even
+        If no further round is observed for ``stall_timeout`` seconds and this node is the
+        first live candidate of the next round's order, it re-seeds the round with the newest
+        model it holds. This keeps the swarm going even
         when an aggregator and all its trainers die at once.
         """
         if round_ < self.observed_round:
@@ -399,7 +398,6 @@ class ModestNode:
         self.observed_round = round_
         if self.latest_model is not None:
             self._stall_at = now + self.settings.stall_timeout
-            self._stall_ranked = False
 
     def receive(self, src: bytes, message: Message, now: float) -> None:
         if src != self.me:
@@ -596,16 +594,20 @@ class ModestNode:
         self._distribute(dist, now)
 
     def _on_stall(self, now: float) -> None:
-        """First expiry: wait ``rank`` more periods (ranking is costly, so done only now)."""
+        """No new round for ``stall_timeout``: the first live candidate of the next round's
+        order re-seeds it. Found by pinging down the order (a gone peer costs one ping
+        timeout, or nothing when the transport reports it gone); the others look again one
+        period later, so a re-seeder that died too is replaced."""
         self._stall_at = None
-        if not self._stall_ranked:
-            order = self._candidates(self.observed_round + 1, now)
-            rank = order.index(self.me) if self.me in order else len(order)
-            if rank > 0:
-                self._stall_ranked = True
-                self._stall_at = now + self.settings.stall_timeout * rank
-                return
-        self._reseed(now)
+        round_ = self.observed_round + 1
+
+        def decide(first: list[bytes], _: int) -> None:
+            if not first or first[0] == self.me:
+                self._reseed(now)
+            else:
+                self._stall_at = now + self.settings.stall_timeout
+
+        self._check(round_, self._candidates(round_, now), 1, decide, now)
 
     def _reseed(self, now: float) -> None:
         round_ = max(self.observed_round, self.round_estimate()) + 1
