@@ -38,6 +38,7 @@ HEARTBEAT_INTERVAL = 30.0  # seconds (liveness is coarse; each one is gossiped t
 SYNC_TIMEOUT = 10.0  # seconds per anti-entropy exchange
 MAX_DIALS_IN_FLIGHT = 16
 DIAL_STAGGER = 0.5  # seconds between starting dials to a peer's successive addresses
+FIRST_SYNC_GRACE = 2.0  # seconds a joining node waits for its first sync before dialling others
 DIAL_RETRY_FIRST = 1.0  # seconds before redialling a peer whose dial failed; doubles per failure
 DIAL_RETRY_MAX = 60.0  # seconds
 
@@ -232,6 +233,11 @@ class SwarmService:
             listed = value.get("addrs") if isinstance(value, dict) else None
             if isinstance(listed, list):
                 candidates[peer_id_from_public_key(owner)] = [str(a) for a in listed]
+        # Sync with the peers we have first (a restarted node's 15 dials would slow its first
+        # sync to seconds), unless that takes too long.
+        started = self.join_started
+        if not self.synced_with and started and time.monotonic() - started < FIRST_SYNC_GRACE:
+            candidates = {}
         room = min(MAX_DIALS_IN_FLIGHT - len(self._busy), self.max_peers - len(connected))
         for peer_id, addrs in sorted(candidates.items()):
             if room <= 0:
@@ -297,6 +303,7 @@ class SwarmService:
             logger.debug("connected to %s in %.2f s", full, time.monotonic() - started)
             won.append(full)
             cancel.cancel()
+            self._check_joined()
 
         async with trio.open_nursery() as nursery:
             for i, addr in enumerate(addrs):
@@ -337,6 +344,11 @@ class SwarmService:
             logger.debug("anti-entropy with %s failed: %s", peer_id, exc)
             return
         logger.debug("synced with %s in %.2f s", peer_id, time.monotonic() - started)
+        self._synced(peer_id)
+
+    def _synced(self, peer_id: str) -> None:
+        if not self.synced_with:
+            self._discovery_wakeup.set()  # the dials held back for the first sync
         self.synced_with.add(peer_id)
         self._check_joined()
 
@@ -349,7 +361,7 @@ class SwarmService:
                 self._merge(await receive_frame(stream, MAX_SYNC_FRAME), stream.remote_peer_id)
         except (NetworkError, RemoteProtocolError, trio.TooSlowError) as exc:
             logger.debug("anti-entropy from %s failed: %s", stream.remote_peer_id, exc)
+            return
         finally:
             await stream.close()
-        self.synced_with.add(stream.remote_peer_id)
-        self._check_joined()
+        self._synced(stream.remote_peer_id)
