@@ -259,10 +259,10 @@ class ReplayGuard:
             self._seen[envelope.sender] = (last_seen, seqs, floor)
             raise RemoteProtocolError(f"replayed message from {who} (seq {envelope.seq})")
         seqs.add(envelope.seq)
-        if len(seqs) > self.window:
-            forgotten = sorted(seqs)[: len(seqs) - self.window]
-            floor = max(floor, forgotten[-1])
-            seqs.difference_update(forgotten)
+        if len(seqs) > self.window:  # one over: forget the lowest
+            lowest = min(seqs)
+            floor = max(floor, lowest)
+            seqs.discard(lowest)
         self._seen[envelope.sender] = (now, seqs, floor)
 
     def _evict(self, now: float) -> None:

@@ -30,3 +30,10 @@ def test_a_reset_peer_is_dialled_at_once_and_no_longer_unreachable() -> None:
     assert b.due("p", 0.0)
     assert not b.due("q", 0.0)
     assert b.unreachable == {"q"}
+
+
+def test_a_member_gone_for_days_is_still_redialled_at_the_cap() -> None:
+    b = DialBackoff()
+    b.failures["p"] = (5000, 0.0)  # 2**4999 seconds would not even fit a float
+    b.failed("p", 0.0)
+    assert b.failures["p"] == (5001, DIAL_RETRY_MAX)

@@ -29,6 +29,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
+from peerlearn.backoff import doubling_delay
+
 JOIN = "join"
 LEAVE = "leave"
 
@@ -191,7 +193,7 @@ class ModestSettings:
     ack_timeout: float = 60.0  # seconds a trainer waits for AggAck before resending
     max_resends: int = 3  # resends of a trained model / redistributions of an aggregate
     round_timeout: float = 120.0  # seconds without a sign of the next round -> redistribute
-    stall_timeout: float = 300.0  # seconds without swarm-wide progress -> rank-staggered re-seed
+    stall_timeout: float = 300.0  # seconds without swarm-wide progress -> first live re-seeds
     inactivity: int = 50  # tau: rounds after which a silent peer is not sampled
     unresponsive_for: float = 30.0  # seconds a missed ping puts a peer last in candidate orders
     max_unresponsive_for: float = 480.0  # the penalty doubles per consecutive miss, up to this
@@ -390,8 +392,8 @@ class ModestNode:
 
         If no further round is observed for ``stall_timeout`` seconds and this node is the
         first live candidate of the next round's order, it re-seeds the round with the newest
-        model it holds. This keeps the swarm going even
-        when an aggregator and all its trainers die at once.
+        model it holds. This keeps the swarm going even when an aggregator and all its
+        trainers die at once.
         """
         if round_ < self.observed_round:
             return
@@ -499,8 +501,9 @@ class ModestNode:
         """``pk`` did not answer a ping in time: it goes last in candidate orders for a while."""
         misses = self._misses.get(pk, 0) + 1
         self._misses[pk] = misses
-        penalty = self.settings.unresponsive_for * 2 ** min(misses - 1, 30)
-        self.unresponsive[pk] = now + min(penalty, self.settings.max_unresponsive_for)
+        settings = self.settings
+        penalty = doubling_delay(settings.unresponsive_for, misses, settings.max_unresponsive_for)
+        self.unresponsive[pk] = now + penalty
 
     def _register_ping(self, check: _AvailabilityCheck) -> int:
         self._nonce += 1
@@ -510,11 +513,11 @@ class ModestNode:
     def _candidates(
         self, round_: int, now: float, exclude: AbstractSet[bytes] = frozenset()
     ) -> list[bytes]:
-        """The round's order, minus ``exclude``; peers that missed a ping in the last
-        ``unresponsive_for`` seconds go last. The penalty expires: a peer that was merely slow
-        once (e.g. while starting) must not be demoted for good, or nodes that saw different
-        pings would disagree about the round's aggregator for ever. It doubles with every
-        further miss, so a dead peer stops costing a ping timeout every few rounds."""
+        """The round's order, minus ``exclude``; peers that missed a ping go last while their
+        penalty (``unresponsive_for`` at first) lasts. The penalty expires: a peer that was
+        merely slow once (e.g. while starting) must not be demoted for good, or nodes that saw
+        different pings would disagree about the round's aggregator for ever. It doubles with
+        every further miss, so a dead peer stops costing a ping timeout every few rounds."""
         for pk in [pk for pk, until in self.unresponsive.items() if until <= now]:
             del self.unresponsive[pk]
         active = self.view.active(round_, self.settings.inactivity, self.me)

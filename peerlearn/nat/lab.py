@@ -75,7 +75,6 @@ def _run(*cmd: str) -> str:
         if "qdisc kind is unknown" in reason:
             reason += " (this kernel has no netem: sch_netem is missing)"
         raise LabError(f"{' '.join(cmd)}: {reason}") from exc
-
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise LabError(f"{' '.join(cmd)}: {exc}") from exc
     return done.stdout

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from peerlearn import wire
+from peerlearn.backoff import doubling_delay
 from peerlearn.errors import NetworkError, RemoteProtocolError
 from peerlearn.gossip import records
 from peerlearn.gossip.crdt import SwarmState, entries_from_wire, entries_to_wire
@@ -55,7 +56,7 @@ class DialBackoff:
 
     def failed(self, peer: str, now: float) -> None:
         n = self.failures.get(peer, (0, now))[0] + 1
-        self.failures[peer] = (n, now + min(DIAL_RETRY_MAX, DIAL_RETRY_FIRST * 2 ** (n - 1)))
+        self.failures[peer] = (n, now + doubling_delay(DIAL_RETRY_FIRST, n, DIAL_RETRY_MAX))
 
     def reset(self, peer: str) -> None:
         """Connected, or its addresses changed: dial it at once next time."""
@@ -192,9 +193,12 @@ class SwarmService:
             while True:
                 self._discovery_wakeup = trio.Event()
                 self._start_dials(nursery)
-                interval = DISCOVERY_SLOW if self.join_seconds is not None else DISCOVERY_FAST
-                with trio.move_on_after(interval):
+                with trio.move_on_after(self._discovery_interval):
                     await self._discovery_wakeup.wait()
+
+    @property
+    def _discovery_interval(self) -> float:
+        return DISCOVERY_SLOW if self.join_seconds is not None else DISCOVERY_FAST
 
     async def _announce(self, key: str) -> None:
         """Provide the swarm key and publish our peer record in the DHT (once)."""
@@ -218,7 +222,7 @@ class SwarmService:
                 if set(found) - set(self._providers):
                     self._discovery_wakeup.set()
                 self._providers = found
-            await trio.sleep(DISCOVERY_SLOW if self.join_seconds is not None else DISCOVERY_FAST)
+            await trio.sleep(self._discovery_interval)
 
     def _start_dials(self, nursery: trio.Nursery) -> None:
         connected = {p.peer_id for p in self.host.connected_peers()}
@@ -226,18 +230,13 @@ class SwarmService:
             self.join_started = time.monotonic()
         for peer_id in connected:
             self._backoff.reset(peer_id)  # they reached us
-        candidates = dict(self._providers)
-        for peer_id, addrs in self.host.take_mdns_discoveries():
-            candidates.setdefault(peer_id, addrs)  # not members yet: sync decides
-        for owner, value in self.state.records("member").items():
-            listed = value.get("addrs") if isinstance(value, dict) else None
-            if isinstance(listed, list):
-                candidates[peer_id_from_public_key(owner)] = [str(a) for a in listed]
         # Sync with the peers we have first (a restarted node's 15 dials would slow its first
         # sync to seconds), unless that takes too long.
         started = self.join_started
         if not self.synced_with and started and time.monotonic() - started < FIRST_SYNC_GRACE:
-            candidates = {}
+            candidates: dict[str, list[str]] = {}
+        else:
+            candidates = self._dial_candidates()
         room = min(MAX_DIALS_IN_FLIGHT - len(self._busy), self.max_peers - len(connected))
         for peer_id, addrs in sorted(candidates.items()):
             if room <= 0:
@@ -254,6 +253,17 @@ class SwarmService:
             self._busy.add(peer_id)
             nursery.start_soon(self._sync_new, peer_id)
         self._check_joined()
+
+    def _dial_candidates(self) -> dict[str, list[str]]:
+        """{peer: addresses} from the DHT, mDNS and member records (these win: signed)."""
+        candidates = dict(self._providers)
+        for peer_id, addrs in self.host.take_mdns_discoveries():
+            candidates.setdefault(peer_id, addrs)  # not members yet: sync decides
+        for owner, value in self.state.records("member").items():
+            listed = value.get("addrs") if isinstance(value, dict) else None
+            if isinstance(listed, list):
+                candidates[peer_id_from_public_key(owner)] = [str(a) for a in listed]
+        return candidates
 
     def _check_joined(self) -> None:
         """Joined = synced with someone and connected to every member we know of, except

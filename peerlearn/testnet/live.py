@@ -50,7 +50,6 @@ class LiveView:
         label = f"{self.title} / {result.label}"
         if label != self._label:  # a new run: its clock starts again at 0
             self._label, self._last_plain = label, -PLAIN_EVERY
-
         self.update(samples, elapsed, [what for _, what in result.events])
 
     def update(self, samples: list[Sample], elapsed: float, events: Sequence[str] = ()) -> None:

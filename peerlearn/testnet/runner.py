@@ -134,7 +134,6 @@ def run_once(
             # Events fire in file order, at most one per sample, so each one's effect is seen.
             for event in [e for e in pending if _due(e, elapsed, top)][:1]:
                 pending.remove(event)
-
                 what, targets = net.apply(event)
                 result.events.append((round(elapsed, 3), what))
                 if event.action == "kill":
@@ -143,7 +142,6 @@ def run_once(
                     convergence = _Convergence(elapsed, raw)
                 if event.action == "restart":
                     result.restarted_at.update(dict.fromkeys(targets, elapsed))
-
             if progress is not None:
                 progress(result, samples, elapsed)
             converged = convergence is None or result.convergence_seconds is not None
@@ -210,7 +208,6 @@ def evaluate(expect: Expectations, result: RunResult, killed: set[int]) -> list[
             "-" if slowest is None else f"{slowest:.2f} s ({len(rejoins)} nodes)",
             slowest is not None and len(rejoins) == len(result.restarted_at)
             and slowest <= expect.max_rejoin_seconds)  # fmt: skip
-
     if expect.max_convergence_seconds is not None:
         conv = result.convergence_seconds
         add("CRDT replicas converged after heal", f"<= {expect.max_convergence_seconds} s",

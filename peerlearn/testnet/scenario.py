@@ -54,7 +54,6 @@ class Expectations:
     min_rounds_after_faults: int | None = None  # rounds completed after the last kill
     max_join_seconds: float | None = None  # every node's join time
     max_rejoin_seconds: float | None = None  # join time of nodes restarted into the swarm
-
     max_convergence_seconds: float | None = None  # CRDT replicas equal after a heal
     max_rss_mb: float | None = None  # peak RSS of every node
     min_direct_fraction: float | None = None  # nat: connections between NATed nodes direct
