@@ -33,6 +33,28 @@ def _base58(data: bytes) -> str:
     return "1" * leading + "".join(reversed(out))
 
 
+def _unbase58(text: str) -> bytes:
+    number = 0
+    for char in text:
+        digit = _B58_ALPHABET.find(char)
+        if digit < 0:
+            raise ValueError(f"{char!r} is not a base58 character")
+        number = number * 58 + digit
+    leading = len(text) - len(text.lstrip("1"))
+    return b"\x00" * leading + number.to_bytes((number.bit_length() + 7) // 8, "big")
+
+
+def public_key_from_peer_id(peer_id: str) -> bytes:
+    """The raw Ed25519 key inlined in an Ed25519 peer ID (``ValueError`` for anything else)."""
+    prefix = _IDENTITY_MULTIHASH_PREFIX + _LIBP2P_ED25519_PREFIX
+    if len(peer_id) > 64:
+        raise ValueError("too long for an Ed25519 peer ID")
+    raw = _unbase58(peer_id)
+    if not raw.startswith(prefix) or len(raw) != len(prefix) + PUBLIC_KEY_SIZE:
+        raise ValueError(f"{peer_id[:60]} is not an Ed25519 peer ID")
+    return raw[len(prefix) :]
+
+
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p peer ID (base58 identity multihash) of a raw 32-byte Ed25519 key."""
     if len(public_key) != PUBLIC_KEY_SIZE:
@@ -86,22 +108,24 @@ class Identity:
         return self.private_key.sign(data)
 
 
-def load_or_create_identity(data_dir: Path) -> Identity:
-    """Load ``identity.key`` from ``data_dir``, creating it (mode 0600) on first start."""
-    path = data_dir / KEY_FILE_NAME
-    if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise ConfigError(
-                f"{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`"
-            )
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except ValueError as exc:
-            raise ConfigError(f"{path} is not a valid PEM private key: {exc}") from exc
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError(f"{path} holds a {type(key).__name__}, expected an Ed25519 key")
-        return Identity(key)
+def load_identity(path: Path) -> Identity:
+    """An Ed25519 key from a PEM file readable by its owner only; ``ConfigError`` otherwise."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            f"{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`"
+        )
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not a valid PEM private key: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path} holds a {type(key).__name__}, expected an Ed25519 key")
+    return Identity(key)
+
+
+def create_identity(path: Path) -> Identity:
+    """A new Ed25519 key, written to ``path`` (mode 0600; never overwrites a file)."""
     identity = Identity.generate()
     pem = identity.private_key.private_bytes(
         serialization.Encoding.PEM,
@@ -114,3 +138,9 @@ def load_or_create_identity(data_dir: Path) -> Identity:
         handle.flush()
         os.fsync(handle.fileno())
     return identity
+
+
+def load_or_create_identity(data_dir: Path) -> Identity:
+    """Load ``identity.key`` from ``data_dir``, creating it (mode 0600) on first start."""
+    path = data_dir / KEY_FILE_NAME
+    return load_identity(path) if path.exists() else create_identity(path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -42,18 +41,3 @@ def state_dict_from_bytes(data: bytes, max_size: int) -> StateDict:
         array = wire.decode_array(entry[1], limits)
         state[name] = torch.from_numpy(np.array(array, copy=True))
     return state
-
-
-def check_compatible(received: Mapping[str, torch.Tensor], reference: Mapping[str, Any]) -> None:
-    """Raise ``RemoteProtocolError`` unless names, shapes and dtypes match ``reference``."""
-    if received.keys() != reference.keys():
-        missing = sorted(set(reference) - set(received))[:3]
-        extra = sorted(set(received) - set(reference))[:3]
-        raise RemoteProtocolError(f"model layout differs: missing {missing}, unexpected {extra}")
-    for name, tensor in received.items():
-        ref = reference[name]
-        if tensor.shape != ref.shape or tensor.dtype != ref.dtype:
-            raise RemoteProtocolError(
-                f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, "
-                f"expected {tuple(ref.shape)} {ref.dtype}"
-            )

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import msgpack
 import numpy as np
 
-from peerlearn.errors import LocalProtocolError, RemoteProtocolError
+from peerlearn.errors import LocalProtocolError, Offence, RemoteProtocolError
 from peerlearn.identity import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
@@ -67,7 +67,8 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise RemoteProtocolError(f"expected bytes, got {type(data).__name__}")
     if len(data) > limits.max_message_size:
         raise RemoteProtocolError(
-            f"message of {len(data)} bytes exceeds the limit of {limits.max_message_size}"
+            f"message of {len(data)} bytes exceeds the limit of {limits.max_message_size}",
+            Offence.OVERSIZED,
         )
     unpacker = msgpack.Unpacker(
         raw=False,
@@ -95,12 +96,20 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
 # --- schema helpers -------------------------------------------------------------------------
 
 
+def _describe_keys(keys: Any) -> str:
+    """Keys of any types (a hostile map mixes str and bytes), described without sorting them."""
+    shown = sorted(repr(k)[:40] for k in list(keys)[:8])
+    return "[" + ", ".join(shown) + (", ..." if len(keys) > 8 else "") + "]"
+
+
 def expect_map(value: Any, keys: set[str], what: str) -> dict[str, Any]:
     """Check that ``value`` is a map with exactly ``keys``."""
     if not isinstance(value, dict):
         raise RemoteProtocolError(f"{what}: expected a map, got {type(value).__name__}")
-    if set(value) != keys:
-        raise RemoteProtocolError(f"{what}: expected keys {sorted(keys)}, got {sorted(value)}")
+    if value.keys() != keys:
+        raise RemoteProtocolError(
+            f"{what}: expected keys {sorted(keys)}, got {_describe_keys(value.keys())}"
+        )
     return value
 
 
@@ -192,12 +201,14 @@ def open_envelope(
     if expected_sender is not None and sender != expected_sender:
         raise RemoteProtocolError(
             f"wrong sender: envelope signed by {peer_id_from_public_key(sender)}, "
-            f"but it came from {peer_id_from_public_key(expected_sender)}"
+            f"but it came from {peer_id_from_public_key(expected_sender)}",
+            Offence.FORGED,
         )
     signed = _signed_bytes(msg_type, version, sender, seq, timestamp, body_bytes)
     if not verify_signature(sender, signature, signed):
         raise RemoteProtocolError(
-            f"bad signature on {msg_type!r} from {peer_id_from_public_key(sender)}"
+            f"bad signature on {msg_type!r} from {peer_id_from_public_key(sender)}",
+            Offence.FORGED,
         )
     body = unpack(body_bytes, limits)
     return Envelope(msg_type, version, sender, seq, timestamp, body, signature)
@@ -247,17 +258,21 @@ class ReplayGuard:
         who = envelope.sender_id
         if envelope.timestamp < now - self.max_age:
             raise RemoteProtocolError(
-                f"stale message from {who}: {now - envelope.timestamp:.0f} s old"
+                f"stale message from {who}: {now - envelope.timestamp:.0f} s old",
+                Offence.REPLAYED,
             )
         if envelope.timestamp > now + self.max_clock_skew:
             raise RemoteProtocolError(
-                f"message from {who} is dated {envelope.timestamp - now:.0f} s in the future"
+                f"message from {who} is dated {envelope.timestamp - now:.0f} s in the future",
+                Offence.REPLAYED,
             )
         self._evict(now)
         last_seen, seqs, floor = self._seen.pop(envelope.sender, (now, set(), -1))
         if envelope.seq in seqs or envelope.seq <= floor:
             self._seen[envelope.sender] = (last_seen, seqs, floor)
-            raise RemoteProtocolError(f"replayed message from {who} (seq {envelope.seq})")
+            raise RemoteProtocolError(
+                f"replayed message from {who} (seq {envelope.seq})", Offence.REPLAYED
+            )
         seqs.add(envelope.seq)
         if len(seqs) > self.window:  # one over: forget the lowest
             lowest = min(seqs)
@@ -289,6 +304,8 @@ _DTYPES = {
     "bool": "?",
 }
 _TENSOR_KEYS = {"dtype", "shape", "data"}
+MAX_TENSOR_DIM = 2**31 - 1  # numpy rejects larger dimensions even when another one is 0
+MAX_TENSOR_ELEMENTS = 2**40
 
 
 def encode_array(array: np.ndarray) -> dict[str, Any]:
@@ -311,10 +328,13 @@ def decode_array(value: Any, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     if len(shape) > limits.max_tensor_dims:
         raise RemoteProtocolError(f"tensor has {len(shape)} dims (limit {limits.max_tensor_dims})")
     for dim in shape:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise RemoteProtocolError("tensor.shape must be non-negative integers")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= MAX_TENSOR_DIM:
+            raise RemoteProtocolError(f"tensor.shape must be integers in 0..{MAX_TENSOR_DIM}")
     dtype = np.dtype(_DTYPES[dtype_name])
     count = math.prod(shape)
+    # numpy also refuses shapes whose non-zero dimensions multiply past its address space
+    if math.prod(d for d in shape if d) > MAX_TENSOR_ELEMENTS:
+        raise RemoteProtocolError(f"tensor shape {shape[:8]} is too large")
     if count * dtype.itemsize != len(data):
         raise RemoteProtocolError(
             f"tensor data is {len(data)} bytes, shape {shape} of {dtype_name} needs "

@@ -14,11 +14,12 @@ from peerlearn.identity import Identity
 from peerlearn.node.host import open_host
 
 ALICE, MALLORY = Identity.generate(), Identity.generate()
+NOW = time.time()
 
 
 def test_peer_record_round_trip_and_newest_wins() -> None:
-    key, old = records.make_peer_record(ALICE, "s", ["/ip4/127.0.0.1/tcp/1"], seq=1)
-    _, new = records.make_peer_record(ALICE, "s", ["/ip4/127.0.0.1/tcp/2"], seq=2)
+    key, old = records.make_peer_record(ALICE, "s", ["/ip4/127.0.0.1/tcp/1"], seq=1, now=NOW)
+    _, new = records.make_peer_record(ALICE, "s", ["/ip4/127.0.0.1/tcp/2"], seq=2, now=NOW)
     assert records.validate_record(key, new).body["addrs"] == ["/ip4/127.0.0.1/tcp/2"]
     assert records.select_record(key, [old, new, b"junk"]) == 1
 
@@ -33,7 +34,7 @@ def test_peer_record_round_trip_and_newest_wins() -> None:
     ],
 )
 def test_invalid_records_are_refused(key: str, reason: str) -> None:
-    _, value = records.make_peer_record(MALLORY, "s", [], seq=1)
+    _, value = records.make_peer_record(MALLORY, "s", [], seq=1, now=NOW)
     if reason == "signed by the peer":  # Mallory signs a record about Alice
         body = {"key": key, "addrs": []}
         value = wire.seal(MALLORY, records.RECORD_TYPE, body, seq=1, timestamp=time.time())
@@ -53,7 +54,7 @@ def test_kademlia_stores_signed_records_and_rejects_others() -> None:
             ):
                 await b.connect(a.addrs()[0])
                 await c.connect(a.addrs()[0])
-                key, value = records.make_peer_record(ALICE, "s", a.addrs(), seq=7)
+                key, value = records.make_peer_record(ALICE, "s", a.addrs(), seq=7, now=time.time())
                 await a.put_value(key, value)
                 fetched = await c.get_value(key)
                 assert fetched is not None

@@ -8,10 +8,14 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.peer.id import ID
 
 from peerlearn.errors import ConfigError, DataDirLockedError
-from peerlearn.identity import KEY_FILE_NAME, Identity, load_or_create_identity
+from peerlearn.identity import (
+    KEY_FILE_NAME,
+    Identity,
+    load_or_create_identity,
+    public_key_from_peer_id,
+)
 from peerlearn.node.config import NodeConfig, load_config
 from peerlearn.node.datadir import DataDir, atomic_write_bytes
-from peerlearn.node.host import public_key_from_peer_id
 
 
 def test_identity_is_created_private_and_reused(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -57,7 +58,11 @@ def test_three_hosts_exchange_a_bit_identical_state_dict() -> None:
 
             async def handler(stream: Stream) -> None:
                 await blob.receive_blob(
-                    stream, max_size=2**24, replay_guard=wire.ReplayGuard(), accept=accept
+                    stream,
+                    max_size=2**24,
+                    replay_guard=wire.ReplayGuard(),
+                    admit=lambda offer, sender: contextlib.nullcontext(),
+                    accept=accept,
                 )
 
             host.set_handler(blob.PROTOCOL, handler)

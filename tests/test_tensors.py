@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from peerlearn import wire
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
-from peerlearn.tensors import check_compatible, state_dict_from_bytes, state_dict_to_bytes
+from peerlearn.learning.hygiene import check_layout
+from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
 
 
 def small_model() -> torch.nn.Module:
@@ -30,7 +31,7 @@ def test_state_dict_round_trip_is_bit_identical() -> None:
         assert decoded[name].dtype == tensor.dtype
         assert decoded[name].shape == tensor.shape
         assert decoded[name].numpy().tobytes() == tensor.numpy().tobytes()
-    check_compatible(decoded, state)
+    check_layout(decoded, state)
     small_model().load_state_dict(decoded)
 
 
@@ -39,7 +40,7 @@ def test_incompatible_layout_is_a_remote_error() -> None:
     other = dict(state)
     other["3.weight"] = torch.zeros(3, 3)
     with pytest.raises(RemoteProtocolError, match=r"3\.weight"):
-        check_compatible(other, state)
+        check_layout(other, state)
 
 
 def test_bfloat16_is_refused_locally() -> None:

@@ -116,6 +116,21 @@ def node() -> None:
 )
 @click.option("--upnp/--no-upnp", default=None, help="UPnP port mapping [default: off].")
 @click.option(
+    "--admission",
+    type=click.Choice(["open", "allowlist", "token"]),
+    default=None,
+    help="Who may join the swarm [default: open].",
+)
+@click.option("--allowlist-file", default=None, help="admission allowlist: file of peer IDs.")
+@click.option("--swarm-authority", default=None, help="admission token: the swarm's peer ID.")
+@click.option("--invite", default=None, help="admission token: this node's invite token.")
+@click.option(
+    "--fresh",
+    is_flag=True,
+    default=None,
+    help="Set existing checkpoints aside and start learning from round 0.",
+)
+@click.option(
     "--attack",
     type=click.Choice(NODE_ATTACKS),
     default=None,
@@ -201,6 +216,14 @@ def _render_status(s: dict[str, Any]) -> str:
         if nat["relayed_only"]:
             lines.append(f"relay only       {', '.join(nat['relayed_only'])} (hole punch failed)")
 
+    boundary = s.get("boundary") or {}
+    rejected = boundary.get("rejected") or {}
+    if rejected or boundary.get("banned_now"):
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(rejected.items()))
+        lines.append(
+            f"rejected inputs  {counts or 'none'}; {len(boundary.get('banned_now', []))} peers "
+            f"banned now, {boundary.get('bans_total', 0)} bans in all"
+        )
     learning = s.get("learning")
     if learning:
         acc = "-" if learning["accuracy"] is None else f"{learning['accuracy']:.3f}"
@@ -351,6 +374,82 @@ def sim_run(**options: Any) -> None:
     )
     click.echo(f"trace hash {result.trace_hash}")
     click.echo(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+@cli.group()
+def swarm() -> None:
+    """Private swarms: an authority key signs invites (for --admission token)."""
+
+
+def _authority_key_path(name: str, key: Path | None) -> Path:
+    return key if key is not None else Path("~/.peerlearn/swarms").expanduser() / f"{name}.key"
+
+
+@swarm.command("create")
+@click.argument("name")
+@click.option(
+    "--key",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to keep the authority key [default: ~/.peerlearn/swarms/NAME.key].",
+)
+def swarm_create(name: str, key: Path | None) -> None:
+    """Make the authority key of swarm NAME and print how members join it."""
+    from peerlearn.identity import create_identity
+
+    path = _authority_key_path(name, key)
+    if path.exists():
+        _fail(ConfigError(f"{path} exists already; swarm {name!r} has an authority key"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        authority = create_identity(path)
+    except OSError as exc:
+        _fail(ConfigError(f"cannot write {path}: {exc.strerror}"))
+        return
+    click.echo(f"swarm {name}: authority {authority.peer_id} (key in {path}; keep it safe)")
+    click.echo("invite each member by its peer ID (`peerlearn node status` shows it):")
+    click.echo(f"  peerlearn swarm invite PEER_ID --swarm {name}")
+    click.echo("members start with:")
+    click.echo(
+        f"  peerlearn node start --swarm {name} --admission token "
+        f"--swarm-authority {authority.peer_id} --invite TOKEN"
+    )
+
+
+@swarm.command("invite")
+@click.argument("peer_id")
+@click.option("--swarm", "name", required=True, help="The swarm's name.")
+@click.option(
+    "--key",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The authority key [default: ~/.peerlearn/swarms/NAME.key].",
+)
+@click.option(
+    "--valid-days", type=float, default=0.0, help="Days the invite stays valid (0: ever)."
+)
+def swarm_invite(peer_id: str, name: str, key: Path | None, valid_days: float) -> None:
+    """Print an invite token that lets PEER_ID join the swarm."""
+    import time
+
+    from peerlearn.gossip.admission import issue_invite
+    from peerlearn.identity import load_identity, public_key_from_peer_id
+
+    path = _authority_key_path(name, key)
+    try:
+        member = public_key_from_peer_id(peer_id)
+    except ValueError as exc:
+        _fail(ConfigError(f"{peer_id!r} is not a peer ID: {exc}"))
+        return
+    if not path.exists():
+        _fail(ConfigError(f"no authority key at {path}; run `peerlearn swarm create {name}`"))
+    try:
+        authority = load_identity(path)
+    except PeerlearnError as exc:
+        _fail(exc)
+        return
+    expires = time.time() + valid_days * 86_400 if valid_days > 0 else 0.0
+    click.echo(issue_invite(authority, name, member, expires).token)
 
 
 cli.add_command(testnet)

@@ -1,45 +1,70 @@
 """Swarm state as a delta-state CRDT of signed, single-writer records (sans-I/O).
 
-Each peer owns a fixed set of records (``RECORD_NAMES``): its membership (addresses), a
-heartbeat, its current round, its latest model (version + sha256) and its metrics. A record
-is an ``Entry`` signed by its owner's Ed25519 key, so nobody can write another peer's
-records, and a replica can accept entries from anyone. Merge keeps, per (owner, name), the
-entry with the highest (lamport, signature): last writer wins, deterministically.
+Each peer owns one record of each name in ``RECORD_NAMES`` (membership, heartbeat, round,
+model, metrics; their shapes are in ``schemas``). A record is an ``Entry`` signed by its
+owner's Ed25519 key, so nobody can write another peer's records and a replica can accept
+entries from anyone. Per (owner, name) the entry with the highest (clock, signature) wins.
 
-Merge is commutative, associative and idempotent, so replicas that have seen the same
-entries are equal whatever the order, duplication or loss on the way (tests/test_crdt.py).
-Size is bounded: a record overwrites its previous version, names are a closed set, values are
-capped, and at most ``max_owners`` owners are kept (the least recently active are dropped).
-Anti-entropy: ``digest()`` on one side, ``missing_for(digest)`` on the other.
+Clocks are hybrid logical clocks: ``clock = unix milliseconds << 16 | counter``. An entry
+dated more than ``max_skew`` seconds ahead of our clock is refused, so no peer can push a
+replica to a clock it cannot write past (a plain Lamport counter set to 2**63-1 froze every
+replica before). A new write takes ``max(now, own previous + 1)``.
+
+Remote entries go through three steps, so the expensive one can leave the event loop:
+
+1. ``decode_entries``: structure only (types and sizes);
+2. ``SwarmState.triage``: clock bound, record schema, admission of member records, and
+   "would it change anything": entries we already hold are dropped before any signature
+   is checked;
+3. ``verify_entries`` (pure, thread-safe): signatures; then ``SwarmState.merge``.
+
+Merge is commutative, associative and idempotent (tests/test_crdt.py). Size is bounded:
+records overwrite their previous versions, values are capped, and beyond ``max_owners``
+owners the least recently active one is dropped (never ourselves), in O(log n) per entry.
+Anti-entropy (``peerlearn.gossip.sync``) pages the digest by owner.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-from collections.abc import Iterable, Mapping
+import heapq
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from peerlearn import wire
-from peerlearn.errors import LocalProtocolError, RemoteProtocolError
+from peerlearn.errors import LocalProtocolError, Offence, RemoteProtocolError
+from peerlearn.gossip.admission import Admission
+from peerlearn.gossip.schemas import RECORD_NAMES, check_record
 from peerlearn.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
 
-RECORD_NAMES = ("member", "heartbeat", "round", "model", "metrics")
 MAX_VALUE_BYTES = 4096  # per record, msgpack-encoded
 DEFAULT_MAX_OWNERS = 10_000
+DEFAULT_MAX_SKEW = 60.0  # seconds an entry may be dated ahead of our clock
+CLOCK_SHIFT = 16  # low bits of a clock: a counter for writes within one millisecond
+MAX_CLOCK = 2**63 - 1
 _DOMAIN = b"peerlearn/crdt/v1"
-_VALUE_LIMITS = wire.Limits(max_message_size=MAX_VALUE_BYTES, max_array_len=256, max_map_len=64)
 
 Key = tuple[bytes, str]
 
 
+def clock_at(now: float) -> int:
+    """The hybrid logical clock value of wall-clock time ``now`` (seconds)."""
+    return int(now * 1000) << CLOCK_SHIFT
+
+
+def clock_seconds(clock: int) -> float:
+    return (clock >> CLOCK_SHIFT) / 1000
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One signed record: ``owner``'s value for ``name`` at logical time ``lamport``."""
+    """One signed record: ``owner``'s value for ``name`` at hybrid logical time ``clock``."""
 
     owner: bytes
     name: str
-    lamport: int
+    clock: int
     value: Any
     signature: bytes = field(repr=False)
 
@@ -48,123 +73,230 @@ class Entry:
         return (self.owner, self.name)
 
     def wins_over(self, other: Entry) -> bool:
-        return (self.lamport, self.signature) > (other.lamport, other.signature)
+        return (self.clock, self.signature) > (other.clock, other.signature)
 
     def to_wire(self) -> list[Any]:
-        return [self.owner, self.name, self.lamport, self.value, self.signature]
+        return [self.owner, self.name, self.clock, self.value, self.signature]
 
 
-def _signed_bytes(swarm: str, owner: bytes, name: str, lamport: int, value: Any) -> bytes:
-    return wire.pack([_DOMAIN, swarm, owner, name, lamport, value])
+def _signed_bytes(swarm: str, owner: bytes, name: str, clock: int, value: Any) -> bytes:
+    return wire.pack([_DOMAIN, swarm, owner, name, clock, value])
 
 
-def sign_entry(identity: Identity, swarm: str, name: str, lamport: int, value: Any) -> Entry:
+def sign_entry(identity: Identity, swarm: str, name: str, clock: int, value: Any) -> Entry:
     if name not in RECORD_NAMES:
         raise LocalProtocolError(f"unknown record {name!r}; known: {', '.join(RECORD_NAMES)}")
     if len(wire.pack(value)) > MAX_VALUE_BYTES:
         raise LocalProtocolError(f"record {name!r} is larger than {MAX_VALUE_BYTES} bytes")
     owner = identity.public_key
-    signature = identity.sign(_signed_bytes(swarm, owner, name, lamport, value))
-    return Entry(owner, name, lamport, value, signature)
+    signature = identity.sign(_signed_bytes(swarm, owner, name, clock, value))
+    return Entry(owner, name, clock, value, signature)
 
 
-def entry_from_wire(raw: Any, swarm: str) -> Entry:
-    """Decode and verify one entry; ``RemoteProtocolError`` if malformed or forged."""
+def verify_entry(swarm: str, entry: Entry) -> bool:
+    """Whether ``entry`` carries its owner's signature for ``swarm`` (pure; thread-safe)."""
+    signed = _signed_bytes(swarm, entry.owner, entry.name, entry.clock, entry.value)
+    return verify_signature(entry.owner, entry.signature, signed)
+
+
+def verify_entries(swarm: str, entries: Iterable[Entry]) -> tuple[list[Entry], list[Entry]]:
+    """(verified, forged): the expensive step, safe to run in a worker thread."""
+    verified: list[Entry] = []
+    forged: list[Entry] = []
+    for entry in entries:
+        (verified if verify_entry(swarm, entry) else forged).append(entry)
+    return verified, forged
+
+
+def entry_from_wire(raw: Any) -> Entry:
+    """The structure of one entry (types and sizes); its signature is not checked here."""
     if not isinstance(raw, list) or len(raw) != 5:
-        raise RemoteProtocolError("crdt entry must be [owner, name, lamport, value, signature]")
+        raise RemoteProtocolError("crdt entry must be [owner, name, clock, value, signature]")
     owner = wire.expect(raw[0], bytes, "entry.owner")
     name = wire.expect(raw[1], str, "entry.name")
-    lamport = wire.expect(raw[2], int, "entry.lamport")
-    value = raw[3]
+    clock = wire.expect(raw[2], int, "entry.clock")
     signature = wire.expect(raw[4], bytes, "entry.signature")
     if len(owner) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
         raise RemoteProtocolError("entry.owner or entry.signature has the wrong size")
-    if name not in RECORD_NAMES or not 0 <= lamport < 2**63:
-        raise RemoteProtocolError(f"entry {name!r} at lamport {lamport} is not allowed")
-    signed = _signed_bytes(swarm, owner, name, lamport, value)
-    if len(signed) > MAX_VALUE_BYTES + 256:
-        raise RemoteProtocolError("entry value is too large")
-    if not verify_signature(owner, signature, signed):
-        raise RemoteProtocolError(f"forged or corrupted {name!r} entry")
-    return Entry(owner, name, lamport, value, signature)
+    if name not in RECORD_NAMES or not 0 <= clock <= MAX_CLOCK:
+        raise RemoteProtocolError(f"entry {name[:20]!r} at clock {clock} is not allowed")
+    if len(wire.pack(raw[3])) > MAX_VALUE_BYTES:
+        raise RemoteProtocolError("entry value is too large", Offence.OVERSIZED)
+    return Entry(owner, name, clock, raw[3], signature)
 
 
-def entries_from_wire(data: bytes, swarm: str, limits: wire.Limits) -> list[Entry]:
-    raw = wire.expect(wire.unpack(data, limits), list, "crdt entries")
-    return [entry_from_wire(item, swarm) for item in raw]
+def decode_entries(data: bytes, limits: wire.Limits) -> list[Entry]:
+    """A msgpack list of entries, structure checked; ``RemoteProtocolError`` otherwise."""
+    return entries_from_list(wire.unpack(data, limits))
+
+
+def entries_from_list(raw: Any) -> list[Entry]:
+    return [entry_from_wire(item) for item in wire.expect(raw, list, "crdt entries")]
 
 
 def entries_to_wire(entries: Iterable[Entry]) -> bytes:
     return wire.pack([e.to_wire() for e in entries])
 
 
+@dataclass
+class Triage:
+    """What ``SwarmState.triage`` made of a batch of remote entries."""
+
+    candidates: list[Entry] = field(default_factory=list)  # verify these, then merge them
+    rejected: list[tuple[Entry, RemoteProtocolError]] = field(default_factory=list)
+    known: int = 0  # entries we hold already, or older versions of them
+    unknown_owner: int = 0  # records of owners that are not (yet) members: ignored
+
+
 class SwarmState:
     """One replica of the swarm's CRDT."""
 
-    def __init__(self, swarm: str, *, max_owners: int = DEFAULT_MAX_OWNERS) -> None:
+    def __init__(
+        self,
+        swarm: str,
+        *,
+        admission: Admission | None = None,
+        max_owners: int = DEFAULT_MAX_OWNERS,
+        max_skew: float = DEFAULT_MAX_SKEW,
+        protect: bytes | None = None,
+    ) -> None:
+        """``protect`` (our own public key) is never evicted."""
         self.swarm = swarm
+        self.admission = admission or Admission()
         self.max_owners = max_owners
+        self.max_skew = max_skew
+        self.protect = protect
         self.entries: dict[Key, Entry] = {}
-        self.lamport = 0
+        self.evicted_owners = 0
+        self._activity: dict[bytes, int] = {}  # owner -> highest clock among its entries
+        self._heap: list[tuple[int, bytes]] = []  # (activity, owner), stale items skipped
+        self._sorted_owners: list[bytes] | None = None
 
-    def write(self, identity: Identity, name: str, value: Any) -> Entry:
+    # -- local writes -----------------------------------------------------------------------
+
+    def write(self, identity: Identity, name: str, value: Any, now: float) -> Entry:
         """Create (and merge) a new version of one of our own records."""
-        self.lamport += 1
-        entry = sign_entry(identity, self.swarm, name, self.lamport, value)
-        self.merge_entry(entry)
+        previous = self.entries.get((identity.public_key, name))
+        clock = clock_at(now)
+        if previous is not None and previous.clock >= clock:
+            clock = previous.clock + 1
+        entry = sign_entry(identity, self.swarm, name, clock, value)
+        self._merge_one(entry)
         return entry
 
-    def merge_entry(self, entry: Entry) -> bool:
-        """Merge one verified entry; True if it changed the state."""
-        self.lamport = max(self.lamport, entry.lamport)
+    # -- remote entries ---------------------------------------------------------------------
+
+    def triage(self, entries: Iterable[Entry], now: float) -> Triage:
+        """Cheap checks before signatures: clock bound, schema, admission, novelty.
+
+        Member records are looked at first, so an owner's other records in the same batch
+        count once its membership is a candidate.
+        """
+        out = Triage()
+        batch = sorted(entries, key=lambda e: e.name != "member")
+        newcomers: set[bytes] = set()
+        limit = clock_at(now + self.max_skew)
+        for entry in batch:
+            current = self.entries.get(entry.key)
+            if current is not None and not entry.wins_over(current):
+                out.known += 1
+                continue
+            try:
+                if entry.clock > limit:
+                    raise RemoteProtocolError(
+                        f"{entry.name} record dated {clock_seconds(entry.clock) - now:.0f} s "
+                        "in the future",
+                        Offence.REPLAYED,
+                    )
+                check_record(entry.name, entry.value)
+                if entry.name == "member":
+                    self.admission.check_member(self.swarm, entry.owner, entry.value, now)
+                    newcomers.add(entry.owner)
+                elif not self.is_member(entry.owner) and entry.owner not in newcomers:
+                    out.unknown_owner += 1
+                    continue
+            except RemoteProtocolError as exc:
+                out.rejected.append((entry, exc))
+                continue
+            out.candidates.append(entry)
+        return out
+
+    def merge(self, verified: Iterable[Entry]) -> list[Entry]:
+        """Merge entries whose signatures were verified; returns those that changed the state.
+
+        Triage ran before; between the two the state may have moved on, so novelty and
+        membership are checked again (cheaply).
+        """
+        changed = []
+        for entry in sorted(verified, key=lambda e: e.name != "member"):
+            if entry.name != "member" and not self.is_member(entry.owner):
+                continue
+            if self._merge_one(entry):
+                changed.append(entry)
+        return changed
+
+    def _merge_one(self, entry: Entry) -> bool:
         current = self.entries.get(entry.key)
         if current is not None and not entry.wins_over(current):
             return False
+        if entry.owner not in self._activity:
+            self._sorted_owners = None
+            self._activity[entry.owner] = entry.clock
+            heapq.heappush(self._heap, (entry.clock, entry.owner))
+        elif entry.clock > self._activity[entry.owner]:
+            self._activity[entry.owner] = entry.clock
+            heapq.heappush(self._heap, (entry.clock, entry.owner))
         self.entries[entry.key] = entry
         self._bound()
         return True
 
-    def merge(self, entries: Iterable[Entry]) -> list[Entry]:
-        """Merge verified entries; returns those that changed the state."""
-        return [e for e in entries if self.merge_entry(e)]
-
     def _bound(self) -> None:
-        owners = self.owners()
-        if len(owners) <= self.max_owners:
-            return
-        activity = {o: max(e.lamport for k, e in self.entries.items() if k[0] == o) for o in owners}
-        for owner in sorted(owners, key=lambda o: (activity[o], o))[
-            : len(owners) - self.max_owners
-        ]:
-            for name in RECORD_NAMES:
-                self.entries.pop((owner, name), None)
+        """Drop the least recently active owners beyond ``max_owners`` (O(log n) each)."""
+        kept = []
+        while len(self._activity) > self.max_owners and self._heap:
+            activity, owner = heapq.heappop(self._heap)
+            if self._activity.get(owner) != activity:
+                continue  # a stale heap item: the owner was active since, or is gone
+            if owner == self.protect:
+                kept.append((activity, owner))
+                continue
+            self._forget(owner)
+        for item in kept:
+            heapq.heappush(self._heap, item)
+        if len(self._heap) > 4 * len(self._activity) + 64:  # compact stale items
+            self._heap = [(a, o) for o, a in self._activity.items()]
+            heapq.heapify(self._heap)
 
-    def owners(self) -> set[bytes]:
-        return {owner for owner, _ in self.entries}
+    def _forget(self, owner: bytes) -> None:
+        for name in RECORD_NAMES:
+            self.entries.pop((owner, name), None)
+        del self._activity[owner]
+        self._sorted_owners = None
+        self.evicted_owners += 1
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def is_member(self, owner: bytes) -> bool:
+        return (owner, "member") in self.entries
+
+    def owners(self) -> list[bytes]:
+        """Every owner, sorted (cached until the set of owners changes)."""
+        if self._sorted_owners is None:
+            self._sorted_owners = sorted(self._activity)
+        return self._sorted_owners
 
     def get(self, owner: bytes, name: str) -> Any:
         entry = self.entries.get((owner, name))
         return None if entry is None else entry.value
 
-    def digest(self) -> list[list[Any]]:
-        """What we hold, for anti-entropy: ``[[owner, name, lamport], ...]``."""
-        return [[o, n, e.lamport] for (o, n), e in sorted(self.entries.items())]
-
-    def missing_for(self, digest: Any) -> list[Entry]:
-        """Entries the holder of ``digest`` does not have (or has older versions of)."""
-        known: dict[Key, int] = {}
-        for item in wire.expect(digest, list, "digest"):
-            if (
-                isinstance(item, list)
-                and len(item) == 3
-                and isinstance(item[0], bytes)
-                and isinstance(item[1], str)
-                and isinstance(item[2], int)
-            ):
-                known[(item[0], item[1])] = item[2]
-            else:
-                raise RemoteProtocolError("digest items must be [owner, name, lamport]")
-        return [e for k, e in sorted(self.entries.items()) if known.get(k, -1) < e.lamport]
+    def records(self, name: str) -> Mapping[bytes, Any]:
+        """``{owner: value}`` of every ``name`` record."""
+        out = {}
+        for owner in self._activity:
+            entry = self.entries.get((owner, name))
+            if entry is not None:
+                out[owner] = entry.value
+        return out
 
     def state_hash(self) -> str:
         """Equal on replicas holding the same entries."""
@@ -173,5 +305,46 @@ class SwarmState:
             h.update(wire.pack(entry.to_wire()))
         return h.hexdigest()
 
-    def records(self, name: str) -> Mapping[bytes, Any]:
-        return {owner: e.value for (owner, n), e in self.entries.items() if n == name}
+    # -- anti-entropy -----------------------------------------------------------------------
+
+    def digest_pages(self, owners_per_page: int) -> Iterator[DigestPage]:
+        """Our digest, ``owners_per_page`` owners at a time, as consecutive owner ranges that
+        together cover every possible owner (so the peer can send what we lack anywhere)."""
+        owners = list(self.owners())
+        if not owners:
+            yield DigestPage(None, None, [])
+            return
+        for start in range(0, len(owners), owners_per_page):
+            chunk = owners[start : start + owners_per_page]
+            lo = None if start == 0 else chunk[0]
+            end = start + owners_per_page
+            hi = owners[end] if end < len(owners) else None
+            have = [
+                (owner, name, entry.clock)
+                for owner in chunk
+                for name in RECORD_NAMES
+                if (entry := self.entries.get((owner, name))) is not None
+            ]
+            yield DigestPage(lo, hi, have)
+
+    def missing_for(self, page: DigestPage) -> Iterator[Entry]:
+        """Entries of owners in ``[page.lo, page.hi)`` the holder of ``page`` lacks or holds
+        an older version of."""
+        known = {(owner, name): clock for owner, name, clock in page.have}
+        owners = self.owners()
+        start = 0 if page.lo is None else bisect.bisect_left(owners, page.lo)
+        end = len(owners) if page.hi is None else bisect.bisect_left(owners, page.hi)
+        for owner in owners[start:end]:
+            for name in RECORD_NAMES:
+                entry = self.entries.get((owner, name))
+                if entry is not None and known.get(entry.key, -1) < entry.clock:
+                    yield entry
+
+
+@dataclass(frozen=True)
+class DigestPage:
+    """What one replica holds for owners in ``[lo, hi)`` (None: unbounded on that side)."""
+
+    lo: bytes | None
+    hi: bytes | None
+    have: list[tuple[bytes, str, int]]

@@ -9,7 +9,6 @@ the newest (highest seq) wins.
 from __future__ import annotations
 
 import hashlib
-import time
 
 from peerlearn import wire
 from peerlearn.errors import RemoteProtocolError
@@ -31,11 +30,11 @@ def peer_record_key(swarm: str, peer_id: str) -> str:
 
 
 def make_peer_record(
-    identity: Identity, swarm: str, addrs: list[str], seq: int
+    identity: Identity, swarm: str, addrs: list[str], seq: int, now: float
 ) -> tuple[str, bytes]:
     key = peer_record_key(swarm, identity.peer_id)
     body = {"key": key, "addrs": addrs}
-    return key, wire.seal(identity, RECORD_TYPE, body, seq=seq, timestamp=time.time())
+    return key, wire.seal(identity, RECORD_TYPE, body, seq=seq, timestamp=now)
 
 
 def validate_record(key: str, value: bytes) -> wire.Envelope:

@@ -3,11 +3,16 @@
 Exchange (each ``frame`` is length-prefixed, see ``framing``)::
 
     sender   -> frame(signed envelope "blob_offer" {sha256, size, kind, meta})
-    receiver -> frame({accept: bool, reason: str})
+    receiver -> frame({ok: bool, reason: str})        # the offer accepted, or why not
     sender   -> `size` raw bytes, written in chunks
     receiver -> frame({ok: bool, reason: str})        # after sha256 + decode checks
 
-The sender only reports success after the receiver's ``ok``: nothing is dropped silently.
+The receiver decides on the signed offer alone, before a byte of the body is read: the
+sender must be allowed to send this kind, the size must fit the kind's limit, and memory for
+the body is reserved from a global and a per-peer budget (a full budget is a polite "busy",
+not an offence). Both sides keep a pace (``framing.Pace``), so a stalled peer is cut off
+within seconds. The sender only reports success after the receiver's final ``ok``: nothing
+is dropped silently.
 """
 
 from __future__ import annotations
@@ -15,17 +20,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from peerlearn import wire
-from peerlearn.errors import NetworkError, RemoteProtocolError
+from peerlearn.errors import NetworkError, Offence, RemoteProtocolError
 from peerlearn.identity import Identity
 from peerlearn.nat.policy import blob_path_allowed
-from peerlearn.node.framing import ByteStream, receive_exactly, receive_frame, send_frame
+from peerlearn.node.framing import (
+    DEFAULT_PACE,
+    ByteStream,
+    Pace,
+    receive_exactly,
+    receive_frame,
+    send_frame,
+    send_paced,
+)
 from peerlearn.node.host import P2PHost, Stream
 
 logger = logging.getLogger(__name__)
@@ -34,8 +49,12 @@ PROTOCOL = "/peerlearn/blob/1"
 OFFER_TYPE = "blob_offer"
 MAX_CONTROL_FRAME = 64 * 1024  # bytes; offers and replies
 MAX_KIND_LENGTH = 64  # characters
+MAX_REASON_LENGTH = 300  # characters
+# Waiting for the receiver's verdict on the whole blob: it hashes, decodes and checks it.
+VERDICT_PACE = Pace(idle_timeout=120.0, min_rate=1.0, grace=120.0)
 _OFFER_KEYS = {"sha256", "size", "kind", "meta"}
 _REPLY_KEYS = {"ok", "reason"}
+_REPLY_LIMITS = wire.Limits(max_message_size=MAX_CONTROL_FRAME, max_array_len=16, max_map_len=4)
 
 
 @dataclass(frozen=True)
@@ -59,9 +78,43 @@ class BlobRejected(NetworkError):
     """The receiving peer refused or failed to verify the blob."""
 
 
+class BlobBusy(Exception):
+    """A polite refusal of an offer (no room right now); not held against the sender."""
+
+
+class BlobBudget:
+    """Memory for inbound blob bodies: at most ``total`` bytes held at once, at most
+    ``per_peer`` of them for one peer. Reserved from the offer, before the body is read."""
+
+    def __init__(self, total: int, per_peer: int) -> None:
+        self.total = total
+        self.per_peer = per_peer
+        self.held = 0
+        self._by_peer: Counter[str] = Counter()
+        self.refused = 0
+
+    @contextmanager
+    def reserve(self, peer: str, size: int) -> Iterator[None]:
+        """Hold ``size`` bytes for ``peer`` for the block; ``BlobBusy`` if there is no room."""
+        if self.held + size > self.total or self._by_peer[peer] + size > self.per_peer:
+            self.refused += 1
+            raise BlobBusy(
+                f"busy: {self.held >> 20} MiB of {self.total >> 20} MiB of blob memory in use"
+            )
+        self.held += size
+        self._by_peer[peer] += size
+        try:
+            yield
+        finally:
+            self.held -= size
+            self._by_peer[peer] -= size
+            if self._by_peer[peer] <= 0:
+                del self._by_peer[peer]
+
+
 def parse_offer(envelope: wire.Envelope, max_size: int) -> BlobOffer:
     if envelope.type != OFFER_TYPE:
-        raise RemoteProtocolError(f"expected {OFFER_TYPE!r}, got {envelope.type!r}")
+        raise RemoteProtocolError(f"expected {OFFER_TYPE!r}, got {envelope.type[:40]!r}")
     body = wire.expect_map(envelope.body, _OFFER_KEYS, "blob_offer")
     sha256 = wire.expect(body["sha256"], bytes, "blob_offer.sha256")
     size = wire.expect(body["size"], int, "blob_offer.size")
@@ -70,21 +123,27 @@ def parse_offer(envelope: wire.Envelope, max_size: int) -> BlobOffer:
     if len(sha256) != 32 or not 0 < len(kind) <= MAX_KIND_LENGTH:
         raise RemoteProtocolError("blob_offer.sha256 or blob_offer.kind is malformed")
     if not 0 <= size <= max_size:
-        raise RemoteProtocolError(f"blob of {size} bytes exceeds the limit of {max_size}")
+        raise RemoteProtocolError(
+            f"blob of {size} bytes exceeds the limit of {max_size}", Offence.OVERSIZED
+        )
     return BlobOffer(sha256, size, kind, meta)
 
 
-def _reply(ok: bool, reason: str = "") -> bytes:
-    return wire.pack({"ok": ok, "reason": reason})
+def encode_reply(ok: bool, reason: str = "") -> bytes:
+    return wire.pack({"ok": ok, "reason": reason[:MAX_REASON_LENGTH]})
 
 
-def _parse_reply(data: bytes) -> tuple[bool, str]:
-    body = wire.expect_map(wire.unpack(data), _REPLY_KEYS, "blob reply")
-    return wire.expect(body["ok"], bool, "reply.ok"), wire.expect(body["reason"], str, "reason")
+def decode_reply(data: bytes) -> tuple[bool, str]:
+    body = wire.expect_map(wire.unpack(data, _REPLY_LIMITS), _REPLY_KEYS, "blob reply")
+    ok = wire.expect(body["ok"], bool, "reply.ok")
+    return ok, wire.expect(body["reason"], str, "reply.reason")[:MAX_REASON_LENGTH]
 
 
-async def _expect_ok(stream: ByteStream, stage: str) -> None:
-    ok, reason = _parse_reply(await receive_frame(stream, MAX_CONTROL_FRAME))
+async def _expect_ok(stream: ByteStream, stage: str, pace: Pace) -> None:
+    try:
+        ok, reason = decode_reply(await receive_frame(stream, MAX_CONTROL_FRAME, pace))
+    except RemoteProtocolError as exc:
+        raise BlobRejected(f"peer {stage} with a malformed reply: {exc}") from exc
     if not ok:
         raise BlobRejected(f"peer {stage}: {reason}")
 
@@ -98,16 +157,26 @@ async def send_blob(
     kind: str,
     meta: dict[str, Any],
     chunk_size: int = 1 << 20,
+    pace: Pace = DEFAULT_PACE,
 ) -> None:
     """Offer, send and get ``data`` confirmed; raises ``NetworkError`` if not delivered."""
     body = {"sha256": hashlib.sha256(data).digest(), "size": len(data), "kind": kind, "meta": meta}
     offer = wire.seal(identity, OFFER_TYPE, body, seq=seq, timestamp=time.time())
     await send_frame(stream, offer)
-    await _expect_ok(stream, "refused the offer")
-    view = memoryview(data)
-    for start in range(0, len(data), chunk_size):
-        await stream.send_all(bytes(view[start : start + chunk_size]))
-    await _expect_ok(stream, "rejected the blob")
+    await _expect_ok(stream, "refused the offer", pace)
+    await send_paced(stream, data, chunk_size, pace)
+    await _expect_ok(stream, "rejected the blob", VERDICT_PACE)
+
+
+async def _tell_refusal(stream: Stream, reason: str) -> None:
+    """Tell the sender why (best effort: the stream may be broken already)."""
+    try:
+        await send_frame(stream, encode_reply(False, reason))
+    except NetworkError as exc:
+        logger.debug("could not tell %s why its blob was refused: %s", stream.remote_peer_id, exc)
+
+
+Admit = Callable[[BlobOffer, str], AbstractContextManager[Any]]
 
 
 async def receive_blob(
@@ -115,35 +184,47 @@ async def receive_blob(
     *,
     max_size: int,
     replay_guard: wire.ReplayGuard,
+    admit: Admit,
     accept: Callable[[ReceivedBlob], Awaitable[None]],
+    pace: Pace = DEFAULT_PACE,
+    wall_clock: Callable[[], float] = time.time,
 ) -> ReceivedBlob | None:
-    """Serve one incoming blob. ``accept`` may raise ``RemoteProtocolError`` to reject it.
+    """Serve one incoming blob.
 
-    Returns the blob, or None when it was rejected (the reason is sent to the peer and logged).
+    ``admit(offer, sender_id)`` decides on the offer before the body is read: it returns a
+    context manager held while the body is in memory (a budget reservation), or raises
+    ``BlobBusy`` (a polite refusal) or ``RemoteProtocolError`` (an offence). ``accept`` may
+    raise ``RemoteProtocolError`` to reject the blob. Every rejection is sent to the peer
+    and then raised, so the host counts it; returns None after a polite refusal.
     """
     try:
         envelope = wire.open_envelope(
-            await receive_frame(stream, MAX_CONTROL_FRAME),
+            await receive_frame(stream, MAX_CONTROL_FRAME, pace),
             expected_sender=stream.remote_public_key,
         )
-        replay_guard.check(envelope, time.time())
+        replay_guard.check(envelope, wall_clock())
         offer = parse_offer(envelope, max_size)
-    except RemoteProtocolError as exc:
-        logger.warning("refused blob offer from %s: %s", stream.remote_peer_id, exc)
-        await send_frame(stream, _reply(False, str(exc)))
+        reservation = admit(offer, stream.remote_peer_id)
+    except BlobBusy as exc:
+        await _tell_refusal(stream, str(exc))
         return None
-    await send_frame(stream, _reply(True))
-    data = await receive_exactly(stream, offer.size)
-    blob = ReceivedBlob(stream.remote_peer_id, offer, data)
-    try:
-        if hashlib.sha256(data).digest() != offer.sha256:
-            raise RemoteProtocolError("sha256 of the received bytes does not match the offer")
-        await accept(blob)
     except RemoteProtocolError as exc:
-        logger.warning("rejected %s blob from %s: %s", offer.kind, blob.sender_id, exc)
-        await send_frame(stream, _reply(False, str(exc)))
-        return None
-    await send_frame(stream, _reply(True))
+        await _tell_refusal(stream, str(exc))
+        raise
+    with reservation:
+        await send_frame(stream, encode_reply(True))
+        data = await receive_exactly(stream, offer.size, pace)
+        blob = ReceivedBlob(stream.remote_peer_id, offer, data)
+        try:
+            if hashlib.sha256(data).digest() != offer.sha256:
+                raise RemoteProtocolError(
+                    "sha256 of the received bytes does not match the offer", Offence.FORGED
+                )
+            await accept(blob)
+        except RemoteProtocolError as exc:
+            await _tell_refusal(stream, str(exc))
+            raise
+    await send_frame(stream, encode_reply(True))
     return blob
 
 

@@ -8,9 +8,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 from peerlearn.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peerlearn.gossip.admission import Admission
 
 ENV_PREFIX = "PEERLEARN_"
 MIB = 2**20
@@ -39,8 +42,23 @@ class NodeConfig:
     max_connections: int = 256
     """Upper bound on simultaneous libp2p connections."""
 
-    max_blob_size: int = 1024 * MIB
+    max_blob_size: int = 512 * MIB
     """Largest model/blob (bytes) we accept from a peer."""
+
+    blob_memory: int = 1024 * MIB
+    """Bytes of inbound blob bodies held in memory at once, all peers together."""
+
+    blob_memory_per_peer: int = 512 * MIB
+    """Bytes of inbound blob bodies held in memory at once for one peer."""
+
+    stream_idle_timeout: float = 30.0
+    """Seconds a peer may leave a transfer without sending a byte before it is cut off."""
+
+    stream_min_rate: float = 64 * 1024
+    """Bytes per second a transfer must average (after 20 s) before it is cut off."""
+
+    received_quota: int = 1024 * MIB
+    """Bytes of shared models kept in the data dir's received/ folder (members only)."""
 
     blob_chunk_size: int = 1 * MIB
     """Bytes per write when sending a blob."""
@@ -56,6 +74,28 @@ class NodeConfig:
 
     mdns: bool = True
     """Announce and discover peers with mDNS on the local network (never on loopback)."""
+
+    admission: str = "open"
+    """Who may join the swarm: open (anyone), allowlist (allowlist_file) or token (invites)."""
+
+    allowlist_file: str = ""
+    """admission = allowlist: a file of peer IDs, one per line (# starts a comment)."""
+
+    swarm_authority: str = ""
+    """admission = token: the peer ID of the key that signs invites (`peerlearn swarm create`)."""
+
+    invite: str = ""
+    """admission = token: this node's invite token (`peerlearn swarm invite PEER_ID`)."""
+
+    max_members: int = 10_000
+    """Most members the swarm state keeps; beyond it the least recently active are dropped."""
+
+    max_update_ratio: float = 10.0
+    """Refuse models whose distance to ours exceeds this times (|our model| + sqrt(size));
+    0: no bound. NaN/inf values and wrong layouts are always refused."""
+
+    fresh: bool = False
+    """Set unusable (or any) checkpoints aside and start learning from round 0."""
 
     task: str = "digits"
     """Learning task (scikit-learn's bundled digits)."""
@@ -167,12 +207,23 @@ def _validate(config: NodeConfig) -> NodeConfig:
         "shutdown_timeout",
         "max_connections",
         "max_blob_size",
+        "blob_memory",
+        "blob_memory_per_peer",
+        "stream_idle_timeout",
+        "stream_min_rate",
+        "received_quota",
+        "max_members",
         "relay_circuit_seconds",
         "relay_circuit_bytes",
     )
     for name in (*positive, "blob_chunk_size", "blob_timeout"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+    if not config.max_blob_size <= config.blob_memory_per_peer <= config.blob_memory:
+        raise ConfigError("need max_blob_size <= blob_memory_per_peer <= blob_memory")
+    if config.max_update_ratio < 0:
+        raise ConfigError(f"max_update_ratio must not be negative, got {config.max_update_ratio}")
+    admission_rule(config)
     if config.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"log_level must be debug/info/warning/error, not {config.log_level!r}")
     if not config.listen:
@@ -220,6 +271,51 @@ def _validate_learning(config: NodeConfig) -> None:
         raise ConfigError(f"attack must be one of {', '.join(NODE_ATTACKS)}")
     if config.attack in ("sign-flip", "alie") and config.algo == "modest":
         raise ConfigError(f"the {config.attack} attack poisons gossiped models: use a gossip algo")
+
+
+def admission_rule(config: NodeConfig) -> Admission:
+    """The admission rule the settings describe; ``ConfigError`` in plain words if they are
+    incomplete (an allowlist without its file, token mode without authority or invite)."""
+    from peerlearn.gossip.admission import (
+        Admission,
+        AdmissionMode,
+        invite_from_token,
+        parse_allowlist,
+    )
+    from peerlearn.identity import public_key_from_peer_id
+
+    try:
+        mode = AdmissionMode(config.admission)
+    except ValueError:
+        known = ", ".join(m.value for m in AdmissionMode)
+        raise ConfigError(f"admission must be one of {known}, not {config.admission!r}") from None
+    if mode is AdmissionMode.ALLOWLIST:
+        if not config.allowlist_file:
+            raise ConfigError("admission = allowlist needs allowlist_file (a file of peer IDs)")
+        path = Path(config.allowlist_file).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read allowlist_file {path}: {exc.strerror}") from None
+        return Admission(mode, allowlist=parse_allowlist(text, str(path)))
+    if mode is AdmissionMode.TOKEN:
+        if not config.swarm_authority or not config.invite:
+            raise ConfigError(
+                "admission = token needs swarm_authority (the swarm's peer ID from "
+                "`peerlearn swarm create`) and invite (from `peerlearn swarm invite`)"
+            )
+        try:
+            authority = public_key_from_peer_id(config.swarm_authority)
+        except ValueError as exc:
+            raise ConfigError(f"swarm_authority is not a peer ID: {exc}") from None
+        invite = invite_from_token(config.invite)
+        if invite.authority != authority or invite.swarm != config.swarm:
+            raise ConfigError(
+                f"the invite is not for swarm {config.swarm!r} of authority "
+                f"{config.swarm_authority}"
+            )
+        return Admission(mode, authority=authority)
+    return Admission(mode)
 
 
 LEARNING_ALGORITHMS = ("gossip-vca", "gossip", "dpsgd", "modest")

@@ -19,29 +19,38 @@ import trio
 
 from peerlearn import wire
 from peerlearn.errors import ControlError, PeerlearnError, RemoteProtocolError
-from peerlearn.node.framing import receive_frame, send_frame
+from peerlearn.node.framing import Pace, receive_frame, send_frame
 
 logger = logging.getLogger(__name__)
 
-MAX_CONTROL_MESSAGE = 16 * 2**20  # bytes
-_LIMITS = wire.Limits(max_message_size=MAX_CONTROL_MESSAGE)
+MAX_REQUEST = 64 * 1024  # bytes
+MAX_RESPONSE = 64 * 2**20  # bytes
+MAX_CONNECTIONS = 16  # control connections served at once
+REQUEST_TIMEOUT = 10.0  # seconds for a client to send its whole request
+_REQUEST_LIMITS = wire.Limits(max_message_size=MAX_REQUEST, max_array_len=64, max_map_len=64)
+_RESPONSE_LIMITS = wire.Limits(
+    max_message_size=MAX_RESPONSE, max_array_len=1_000_000, max_map_len=100_000
+)
+_PACE = Pace(idle_timeout=REQUEST_TIMEOUT, min_rate=1024, grace=REQUEST_TIMEOUT)
 _HEADER = struct.Struct(">I")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
+def decode_request(data: bytes) -> tuple[str, dict[str, Any]]:
+    """(op, args) of a request frame's payload; ``RemoteProtocolError`` otherwise."""
+    request = wire.expect_map(wire.unpack(data, _REQUEST_LIMITS), {"op", "args"}, "control request")
+    op = wire.expect(request["op"], str, "op")
+    return op, wire.expect(request["args"], dict, "args")
+
+
 async def _serve_connection(stream: trio.SocketStream, handlers: Mapping[str, Handler]) -> None:
     async with stream:
         try:
-            request = wire.expect_map(
-                wire.unpack(await receive_frame(stream, MAX_CONTROL_MESSAGE), _LIMITS),
-                {"op", "args"},
-                "control request",
-            )
-            op = wire.expect(request["op"], str, "op")
-            args = wire.expect(request["args"], dict, "args")
-        except PeerlearnError as exc:
-            logger.warning("bad control request: %s", exc)
+            with trio.fail_after(REQUEST_TIMEOUT):
+                op, args = decode_request(await receive_frame(stream, MAX_REQUEST, _PACE))
+        except (PeerlearnError, trio.TooSlowError) as exc:
+            logger.warning("bad control request: %s", exc or "too slow")
             return
         handler = handlers.get(op)
         if handler is None:
@@ -77,11 +86,25 @@ async def serve_control(
         path.chmod(0o600)
         sock.listen(16)
         listener = trio.SocketListener(sock)
+        slots = trio.CapacityLimiter(MAX_CONNECTIONS)
+
+        async def serve(stream: trio.SocketStream) -> None:
+            try:
+                await _serve_connection(stream, handlers)
+            finally:
+                slots.release_on_behalf_of(stream)
+
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
                 stream = await listener.accept()
-                nursery.start_soon(_serve_connection, stream, handlers)
+                try:
+                    slots.acquire_on_behalf_of_nowait(stream)
+                except trio.WouldBlock:
+                    logger.warning("control socket busy: %d connections open", MAX_CONNECTIONS)
+                    await stream.aclose()
+                    continue
+                nursery.start_soon(serve, stream)
     finally:
         sock.close()
         path.unlink(missing_ok=True)
@@ -106,9 +129,9 @@ def call(socket_path: Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
             sock.sendall(_HEADER.pack(len(payload)) + payload)
             header = _recv_exactly(sock, _HEADER.size)
             (size,) = _HEADER.unpack(header)
-            if size > MAX_CONTROL_MESSAGE:
+            if size > MAX_RESPONSE:
                 raise ControlError(f"daemon response of {size} bytes is too large")
-            response = wire.unpack(_recv_exactly(sock, size), _LIMITS)
+            response = wire.unpack(_recv_exactly(sock, size), _RESPONSE_LIMITS)
         except TimeoutError as exc:
             raise ControlError(f"the daemon did not answer {op!r} within {timeout:.0f} s") from exc
         except RemoteProtocolError as exc:

@@ -18,20 +18,26 @@ import trio
 
 from peerlearn import __version__, wire
 from peerlearn.errors import (
+    ConfigError,
     LocalProtocolError,
     NetworkError,
+    Offence,
     PeerlearnError,
     RemoteProtocolError,
     unwrap_group,
 )
+from peerlearn.gossip.admission import Admission, AdmissionMode, invite_from_token
 from peerlearn.gossip.crdt import SwarmState
-from peerlearn.identity import Identity, load_or_create_identity
+from peerlearn.identity import Identity, load_or_create_identity, peer_id_from_public_key
+from peerlearn.learning.hygiene import check_finite
 from peerlearn.node import blob
-from peerlearn.node.config import NodeConfig
+from peerlearn.node.boundary import Boundary
+from peerlearn.node.config import NodeConfig, admission_rule
 from peerlearn.node.control import serve_control
 from peerlearn.node.datadir import DataDir, atomic_write_bytes, atomic_write_json
+from peerlearn.node.framing import Pace
 from peerlearn.node.host import P2PHost, RelaySettings, Stream, all_loopback, open_host
-from peerlearn.node.learner import MODEL_KIND, MODEST_KIND, Learner
+from peerlearn.node.learner import MODEL_KIND, MODEST_KIND, MSG_PROTOCOL, Learner
 from peerlearn.node.swarm import SwarmService
 from peerlearn.node.traversal import NatTraversal
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
@@ -74,6 +80,7 @@ class Daemon:
         data_dir: DataDir,
         host: P2PHost,
         stop: trio.Event,
+        boundary: Boundary,
         *,
         learn: bool = True,
     ) -> None:
@@ -82,18 +89,36 @@ class Daemon:
         self.host = host
         self.identity: Identity = host.identity
         self.stop = stop
+        self.boundary = boundary
         self.phase = "starting"
         self.started = time.monotonic()
         self.counters = Counters()
         self.sequence = wire.SequenceCounter(time.time())
         self.replay_guard = wire.ReplayGuard()
+        self.pace = Pace(idle_timeout=config.stream_idle_timeout, min_rate=config.stream_min_rate)
+        self.blob_budget = blob.BlobBudget(config.blob_memory, config.blob_memory_per_peer)
+        self.received_bytes = _folder_bytes(data_dir.received_dir)
         self.swarm: SwarmService | None = None
         self.learner: Learner | None = None
         self.update_sink: Callable[[blob.ReceivedBlob], None] | None = None
+        admission = admission_rule(config)
         if config.swarm:
-            self.swarm = SwarmService(
-                host, SwarmState(config.swarm), self.sequence, max_peers=config.max_connections
+            state = SwarmState(
+                config.swarm,
+                admission=admission,
+                max_owners=config.max_members,
+                protect=self.identity.public_key,
             )
+            self.swarm = SwarmService(
+                host,
+                state,
+                self.sequence,
+                max_peers=config.max_connections,
+                invite=_own_invite(config, admission, self.identity),
+            )
+            boundary.is_member = self.swarm.is_member
+            boundary.introduce = self.swarm.sync_with
+            boundary.members_only = frozenset({blob.PROTOCOL, MSG_PROTOCOL})
             if learn:
                 self.learner = Learner(
                     config,
@@ -104,6 +129,11 @@ class Daemon:
                     self.sequence,
                     self.replay_guard,
                 )
+
+        elif admission.mode is AdmissionMode.ALLOWLIST:
+            allowed = {peer_id_from_public_key(pk) for pk in admission.allowlist}
+            boundary.is_member = allowed.__contains__
+            boundary.members_only = frozenset({blob.PROTOCOL})
 
         self.nat: NatTraversal | None = None
         if host.relaying:
@@ -135,19 +165,49 @@ class Daemon:
     async def _serve_blob(self, stream: Stream) -> None:
         try:
             with trio.fail_after(self.config.blob_timeout):
-                received = await blob.receive_blob(
+                await blob.receive_blob(
                     stream,
                     max_size=self.config.max_blob_size,
                     replay_guard=self.replay_guard,
+                    admit=self._admit_blob,
                     accept=self._accept_blob,
+                    pace=self.pace,
                 )
-        except (trio.TooSlowError, NetworkError) as exc:
-            logger.warning("blob from %s failed: %s", stream.remote_peer_id, exc)
-            received = None
+        except trio.TooSlowError:
+            self.counters.updates_rejected += 1
+            logger.warning(
+                "blob from %s took longer than %.0f s",
+                stream.remote_peer_id,
+                self.config.blob_timeout,
+            )
+        except PeerlearnError:
+            self.counters.updates_rejected += 1
+            raise
         finally:
             await stream.close()
-        if received is None:
-            self.counters.updates_rejected += 1
+
+    def _admit_blob(self, offer: blob.BlobOffer, sender: str) -> Any:
+        """Decide on a signed offer before its body is read: the kind must be one this node
+        takes, the size within that kind's limit and the budgets; returns the budget
+        reservation held while the body is in memory."""
+        kind, size = offer.kind, offer.size
+        if kind in LEARNER_KINDS and self.learner is not None:
+            limit = self.learner.max_model_bytes
+            if size > limit:
+                raise RemoteProtocolError(
+                    f"a {kind} blob of {size} bytes; our model takes {limit}", Offence.OVERSIZED
+                )
+        elif kind in EMBEDDED_KINDS and self.update_sink is not None:
+            pass  # bounded by max_blob_size
+        elif kind == MODEL_UPDATE_KIND:
+            if self.received_bytes + size > self.config.received_quota:
+                raise blob.BlobBusy(
+                    f"the received/ folder is full ({self.received_bytes >> 20} MiB of "
+                    f"{self.config.received_quota >> 20} MiB)"
+                )
+        else:
+            raise RemoteProtocolError(f"unexpected blob kind {kind[:40]!r}")
+        return self.blob_budget.reserve(sender, size)
 
     async def _accept_blob(self, received: blob.ReceivedBlob) -> None:
         if received.offer.kind in LEARNER_KINDS and self.learner is not None:
@@ -158,12 +218,12 @@ class Daemon:
             self.counters.updates_received += 1
             self.counters.bytes_in += received.offer.size
             return
-        if received.offer.kind != MODEL_UPDATE_KIND:
-            raise RemoteProtocolError(f"unexpected blob kind {received.offer.kind!r}")
         state = state_dict_from_bytes(received.data, self.config.max_blob_size)
+        check_finite(state)
         digest = received.offer.sha256.hex()
         path = self.data_dir.received_dir / f"{received.sender_id[-12:]}-{digest[:16]}.pt"
         await trio.to_thread.run_sync(_save_state_dict, state, path)
+        self.received_bytes = _folder_bytes(self.data_dir.received_dir)
         self.counters.updates_received += 1
         self.counters.bytes_in += received.offer.size
         event = {
@@ -294,9 +354,16 @@ class Daemon:
             "bytes_out": c.bytes_out,
             "bytes_in": c.bytes_in,
             "recent_updates": list(c.recent),
+            "boundary": {
+                **self.boundary.status(),
+                "blob_memory_held": self.blob_budget.held,
+                "blobs_refused_busy": self.blob_budget.refused,
+                "received_bytes": self.received_bytes,
+                "library_faults": self.host.library_faults,
+            },
             "swarm": self.config.swarm or None,
+            "swarm_state": self.swarm.status() if self.swarm is not None else None,
             "learning": self.learner.status() if self.learner is not None else None,
-            "crdt_versions": self.swarm.versions() if self.swarm is not None else {},
             "nat": self.nat.status() if self.nat is not None else None,
         }
 
@@ -335,7 +402,17 @@ class Daemon:
         async def share(args: dict[str, Any]) -> list[dict[str, Any]]:
             return await self.share_model(Path(str(args.get("path", ""))))
 
-        return {"status": status, "peers": peers, "stop": stop, "connect": connect, "share": share}
+        async def crdt_versions(args: dict[str, Any]) -> list[list[Any]]:
+            return self.swarm.versions() if self.swarm is not None else []
+
+        return {
+            "status": status,
+            "peers": peers,
+            "stop": stop,
+            "connect": connect,
+            "share": share,
+            "crdt_versions": crdt_versions,
+        }
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -346,6 +423,23 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LocalProtocolError(f"{path} does not hold a state_dict of tensors")
     return state
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _own_invite(config: NodeConfig, admission: Admission, identity: Identity) -> bytes | None:
+    """Token admission: our invite (checked to be ours), for our member record."""
+    if admission.mode is not AdmissionMode.TOKEN:
+        return None
+    invite = invite_from_token(config.invite)
+    if invite.member != identity.public_key:
+        raise ConfigError(
+            f"the invite was issued for {peer_id_from_public_key(invite.member)}, but this "
+            f"node is {identity.peer_id}; ask for an invite for {identity.peer_id}"
+        )
+    return invite.to_wire()
 
 
 def _save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -409,6 +503,7 @@ async def run_daemon(
         identity = load_or_create_identity(data_dir.root)
         stop = trio.Event()
         shutdown = trio.CancelScope()
+        boundary = Boundary(trio.current_time)
         try:
             with shutdown:
                 async with (
@@ -420,10 +515,11 @@ async def run_daemon(
                         mdns=config.mdns and bool(config.swarm),
                         relay=relay_settings(config),
                         upnp=config.upnp,
+                        gate=boundary,
                     ) as host,
                     trio.open_nursery() as nursery,
                 ):
-                    daemon = Daemon(config, data_dir, host, stop, learn=learn)
+                    daemon = Daemon(config, data_dir, host, stop, boundary, learn=learn)
 
                     if handle_signals:
                         nursery.start_soon(_watch_signals, stop, shutdown)

@@ -32,8 +32,9 @@ import torch
 import trio
 
 from peerlearn import wire
-from peerlearn.errors import LocalProtocolError, PeerlearnError, unwrap_group
+from peerlearn.errors import LocalProtocolError, PeerlearnError, RemoteProtocolError, unwrap_group
 from peerlearn.learning import protocols, robust
+from peerlearn.learning.hygiene import check_finite, check_received
 from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import PAYLOAD_KIND, Daemon, run_daemon
@@ -78,6 +79,7 @@ def _to_update(received: blob.ReceivedBlob, max_size: int) -> Update:
     round_ = meta.get("round") if isinstance(meta.get("round"), int) else None
     if received.offer.kind == MODEL_KIND:
         model = state_dict_from_bytes(received.data, max_size)
+        check_finite(model)
         return Update(
             received.sender_id, MODEL_KIND, model=model, round=round_, received_at=time.time()
         )
@@ -98,6 +100,7 @@ class AsyncNode:
         self._daemon = daemon
         self._sink = sink
         self.dropped_updates = 0
+        self.rejected_updates = 0
         config = daemon.config
         self._rule = robust.create_rule(
             config.filter if config.filter != "bristle" else "mean", f=config.byzantine_bound
@@ -175,9 +178,25 @@ class AsyncNode:
         )
 
     def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict:
-        """Merge received models into ``own`` with the configured rule, beta and VCA."""
-        models = [u.model if isinstance(u, Update) else u for u in updates]
-        received = [m for m in models if m is not None]
+        """Merge received models into ``own`` with the configured rule, beta and VCA.
+
+        Each model must first pass ``hygiene.check_received`` against ``own`` (same layout,
+        finite values, update norm within ``max_update_ratio``); the others are left out,
+        logged and counted in ``rejected_updates``.
+        """
+        received = []
+        for update in updates:
+            model = update.model if isinstance(update, Update) else update
+            if model is None:
+                continue
+            try:
+                check_received(model, own, max_update_ratio=self._daemon.config.max_update_ratio)
+            except RemoteProtocolError as exc:
+                self.rejected_updates += 1
+                sender = update.sender if isinstance(update, Update) else "the caller"
+                logger.warning("not merging the model from %s: %s", sender, exc)
+                continue
+            received.append(model)
         return protocols.merge_received(
             own,
             received,

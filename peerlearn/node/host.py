@@ -20,11 +20,14 @@ It configures the library safely (see ``shared/research/py-libp2p-evaluation.md`
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import multiaddr
 import trio
@@ -57,32 +60,34 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedStreamError
-from libp2p.tools.anyio_service import background_trio_service
+from libp2p.tools.anyio_service.trio_manager import TrioManager
+from libp2p.tools.anyio_service.utils import get_task_name
 from libp2p.utils.address_validation import get_available_interfaces
+from libp2p.utils.connection_shutdown import is_expected_connection_shutdown
 
-from peerlearn.errors import ConfigError, LocalProtocolError, NetworkError, RemoteProtocolError
+from peerlearn.errors import (
+    ConfigError,
+    LocalProtocolError,
+    NetworkError,
+    Offence,
+    ProtocolUnsupportedError,
+    RemoteProtocolError,
+    TransferTooSlowError,
+)
 from peerlearn.gossip import records
-from peerlearn.identity import PUBLIC_KEY_SIZE, Identity
+from peerlearn.identity import Identity, public_key_from_peer_id
 from peerlearn.node.logs import reattach_library_logging
 
 MAX_PUBLISH_SIZE = 256 * 1024  # bytes; gossip carries small messages only (pubsub drops > 1 MiB)
 GOSSIP_DEGREE = (4, 6, 12)  # mesh degree low, target, high
 GOSSIP_HEARTBEAT = 1  # seconds (the library default is 120)
 GOSSIP_RATE_LIMIT = 200.0  # messages per topic per second per peer, raised on purpose
-SUBSCRIPTION_BUFFER = 256  # messages queued per subscription before we report drops
+SHUTDOWN_SERVICES_TIMEOUT = 5.0  # seconds for mDNS and UPnP to stop
+MAX_INBOUND_STREAMS_PER_PEER = 64  # streams a peer may hold open to us at once (all protocols)
 
 logger = logging.getLogger(__name__)
 
-_IDENTITY_PEER_ID_PREFIX = b"\x00\x24\x08\x01\x12\x20"  # identity multihash of an Ed25519 key
 _STREAM_ERRORS = (StreamError, MuxedStreamError, trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-def public_key_from_peer_id(peer_id: str) -> bytes:
-    """The raw Ed25519 key inlined in an Ed25519 peer ID (raises ``ValueError`` otherwise)."""
-    raw = ID.from_base58(peer_id).to_bytes()
-    if not raw.startswith(_IDENTITY_PEER_ID_PREFIX) or len(raw) != 6 + PUBLIC_KEY_SIZE:
-        raise ValueError(f"{peer_id} is not an Ed25519 peer ID")
-    return bytes(raw[len(_IDENTITY_PEER_ID_PREFIX) :])
 
 
 def parse_peer_multiaddr(address: str) -> tuple[str, Any]:
@@ -95,6 +100,100 @@ def parse_peer_multiaddr(address: str) -> tuple[str, Any]:
             "(expected e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...)"
         ) from exc
     return info.peer_id.to_base58(), info
+
+
+class PeerGate(Protocol):
+    """The daemon's rules at the trust boundary, as the host applies them to every stream."""
+
+    def banned(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is banned: its streams of any protocol are reset unread."""
+        ...
+
+    async def admits(self, peer_id: str, protocol: str) -> bool:
+        """Whether ``peer_id`` may use our ``protocol`` (members-only protocols need a
+        member); asked before a byte of the stream is read. The gate counts refusals."""
+        ...
+
+    def rejected(self, peer_id: str, offence: Offence, detail: str) -> bool:
+        """Count an input of ``peer_id``'s that we rejected; True if the peer is now banned
+        (the host then disconnects it)."""
+        ...
+
+
+class OpenGate:
+    """Admits everyone and only logs rejections (tests and tools without a daemon)."""
+
+    def banned(self, peer_id: str) -> bool:
+        return False
+
+    async def admits(self, peer_id: str, protocol: str) -> bool:
+        return True
+
+    def rejected(self, peer_id: str, offence: Offence, detail: str) -> bool:
+        logger.info("rejected input from %s (%s): %s", peer_id, offence, detail)
+        return False
+
+
+def _peer_of(fn: Any, args: Sequence[Any]) -> str | None:
+    """The remote peer a library task works for, when its target or arguments say."""
+    for candidate in (getattr(fn, "__self__", None), *args):
+        for holder in (candidate, getattr(candidate, "muxed_conn", None)):
+            peer = getattr(holder, "peer_id", None)
+            if isinstance(peer, ID):
+                return str(peer.to_base58())
+        if isinstance(candidate, ID):
+            return str(candidate.to_base58())
+    return None
+
+
+class _ContainedManager(TrioManager):  # type: ignore[misc]
+    """py-libp2p's service manager, except that a per-peer task that fails on what a peer
+    sent (a gossipsub RPC protobuf cannot parse, say) is reported to ``on_fault`` instead
+    of cancelling the whole service, and with it the daemon. The service's own main task
+    and its long-running daemon tasks keep the library's behaviour."""
+
+    def __init__(self, service: Any, on_fault: Callable[[str | None, Exception], None]) -> None:
+        super().__init__(service)
+        self._on_fault = on_fault
+
+    def run_task(
+        self,
+        async_fn: Callable[..., Awaitable[Any]],
+        *args: Any,
+        daemon: bool = False,
+        name: str | None = None,
+        _internal: bool = False,
+    ) -> None:
+        if daemon or _internal:
+            super().run_task(async_fn, *args, daemon=daemon, name=name, _internal=_internal)
+            return
+        on_fault = self._on_fault
+
+        async def contained(*task_args: Any) -> None:
+            try:
+                await async_fn(*task_args)
+            except Exception as exc:
+                if is_expected_connection_shutdown(exc):
+                    raise
+                on_fault(_peer_of(async_fn, task_args), exc)
+
+        super().run_task(contained, *args, name=get_task_name(async_fn, name))
+
+
+@asynccontextmanager
+async def _contained_service(
+    service: Any, on_fault: Callable[[str | None, Exception], None]
+) -> AsyncIterator[None]:
+    """``background_trio_service`` with ``_ContainedManager``."""
+    async with trio.open_nursery() as nursery:
+        manager = _ContainedManager(service, on_fault)
+        service._manager = manager
+        nursery.start_soon(manager.run)
+        await manager.wait_started()
+        try:
+            yield
+        finally:
+            await manager.stop()
 
 
 class Stream:
@@ -263,15 +362,85 @@ class P2PHost:
     """A running libp2p host: identity, listen addresses, dialing, streams, peers,
     and (when a swarm is given) the Kademlia DHT and gossipsub."""
 
-    def __init__(self, raw_host: Any, identity: Identity) -> None:
+    def __init__(
+        self, raw_host: Any, identity: Identity, gate: PeerGate, nursery: trio.Nursery
+    ) -> None:
         self._host = raw_host
         self.identity = identity
         self.peer_id = identity.peer_id
+        self.gate = gate
+        self._nursery = nursery  # for disconnecting peers the gate banned
         self._dht: Any = None
         self._pubsub: Any = None
         self.publish_failures = 0
+        self.library_faults = 0
         self._mdns_found: list[tuple[str, list[str]]] = []
         self._relay: _Relay | None = None
+        self._inbound_streams: Counter[str] = Counter()
+        network = raw_host.get_network()
+        network.set_stream_handler(self._guard_dispatch(network.common_stream_handler))
+
+    # -- the trust boundary -------------------------------------------------------------------
+
+    def reject(self, peer_id: str, offence: Offence, detail: str) -> None:
+        """Count a rejected input; a peer the gate bans is disconnected at once."""
+        if self.gate.rejected(peer_id, offence, detail):
+            self._nursery.start_soon(self.disconnect, peer_id)
+
+    def library_fault(self, peer_id: str | None, error: Exception) -> None:
+        """py-libp2p failed on something (in a task or a stream handler of its own)."""
+        self.library_faults += 1
+        detail = f"{type(error).__name__}: {error}"
+        if peer_id is None:
+            logger.warning("networking library task failed: %s", detail)
+        else:
+            self.reject(peer_id, Offence.LIBRARY_ERROR, detail)
+
+    def _guard_dispatch(
+        self, dispatch: Callable[[Any], Awaitable[None]]
+    ) -> Callable[[Any], Awaitable[None]]:
+        """Wraps every inbound stream, of any protocol (the library's included): banned
+        peers and peers over their stream budget are reset before negotiation, and an
+        exception from a handler ends that stream only, never the connection or the host."""
+
+        async def guarded(net_stream: Any) -> None:
+            peer = net_stream.muxed_conn.peer_id.to_base58()
+            if self.gate.banned(peer):
+                await _reset_quietly(net_stream)
+                self._nursery.start_soon(self.disconnect, peer)
+                return
+            if self._inbound_streams[peer] >= MAX_INBOUND_STREAMS_PER_PEER:
+                await _reset_quietly(net_stream)
+                self.reject(peer, Offence.OVERSIZED, "too many streams open at once")
+                return
+            self._inbound_streams[peer] += 1
+            try:
+                await dispatch(net_stream)
+            except Exception as exc:
+                if not is_expected_connection_shutdown(exc):
+                    self.library_fault(peer, exc)
+                await _reset_quietly(net_stream)
+            finally:
+                self._inbound_streams[peer] -= 1
+                if self._inbound_streams[peer] <= 0:
+                    del self._inbound_streams[peer]
+
+        return guarded
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id`` (never raises)."""
+        try:
+            await self._host.get_network().close_peer(ID.from_base58(peer_id))
+        except Exception as exc:
+            logger.debug("disconnecting %s: %s", peer_id, exc)
+
+    def protocols_of(self, peer_id: str) -> list[str] | None:
+        """The protocols ``peer_id`` announced with identify; None until it has."""
+        try:
+            protocols = self._host.get_peerstore().get_protocols(ID.from_base58(peer_id))
+        except Exception:
+            return None
+        return [str(p) for p in protocols] or None
 
     def take_mdns_discoveries(self) -> list[tuple[str, list[str]]]:
         """Peers announced over mDNS since the last call, as (peer id, addrs)."""
@@ -497,21 +666,41 @@ class P2PHost:
         return self.paths().get(peer_id) == "direct"
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """A new stream of ``protocol``; ``ProtocolUnsupportedError`` if the peer does not
+        serve it, ``NetworkError`` for anything else that goes wrong."""
         try:
             raw = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except Exception as exc:
+            if "not supported" in str(exc.__cause__ or ""):
+                raise ProtocolUnsupportedError(f"{peer_id} does not serve {protocol}") from exc
             raise NetworkError(f"cannot open {protocol} stream to {peer_id}: {exc}") from exc
         return Stream(raw)
 
     def set_handler(self, protocol: str, handler: StreamHandler) -> None:
-        """Serve ``protocol``; the handler's errors are logged and the stream is reset."""
+        """Serve ``protocol``. The gate may refuse the peer before a byte is read. A handler
+        raises ``RemoteProtocolError`` for input it rejects and ``TransferTooSlowError`` for
+        a peer that does not keep pace: the peer is scored for it and the stream is reset.
+        Other errors are logged; none reaches the host."""
 
         async def run(raw: Any) -> None:
             stream = Stream(raw)
+            peer = stream.remote_peer_id
+            if not await self.gate.admits(peer, protocol):
+                await stream.reset()
+                return
             try:
                 await handler(stream)
+            except RemoteProtocolError as exc:
+                self.reject(peer, exc.offence, f"{protocol}: {exc}")
+                await stream.reset()
+            except TransferTooSlowError as exc:
+                self.reject(peer, Offence.TOO_SLOW, f"{protocol}: {exc}")
+                await stream.reset()
+            except NetworkError as exc:
+                logger.debug("%s stream from %s broke: %s", protocol, peer, exc)
+                await stream.reset()
             except Exception:
-                logger.exception("%s handler failed for %s", protocol, stream.remote_peer_id)
+                logger.exception("%s handler failed for %s", protocol, peer)
                 await stream.reset()
 
         self._host.set_stream_handler(TProtocol(protocol), run)
@@ -548,7 +737,7 @@ async def _relay_services(host: P2PHost, settings: RelaySettings | None) -> Asyn
     async with AsyncExitStack() as services:
         for service in (relay.protocol, relay.discovery, relay.dcutr):
             if service is not None:
-                await services.enter_async_context(background_trio_service(service))
+                await services.enter_async_context(_contained_service(service, host.library_fault))
         host._relay = relay
         try:
             yield
@@ -588,9 +777,9 @@ async def _swarm_services(host: P2PHost, loopback: bool) -> AsyncIterator[None]:
     )
     pubsub = Pubsub(host._host, router)
     async with (
-        background_trio_service(dht),
-        background_trio_service(pubsub),
-        background_trio_service(router),
+        _contained_service(dht, host.library_fault),
+        _contained_service(pubsub, host.library_fault),
+        _contained_service(router, host.library_fault),
     ):
         await pubsub.wait_until_ready()
         host._dht, host._pubsub = dht, pubsub
@@ -598,6 +787,64 @@ async def _swarm_services(host: P2PHost, loopback: bool) -> AsyncIterator[None]:
             yield
         finally:
             host._dht = host._pubsub = None
+
+
+def refuse_ports_in_use(listen: Sequence[str]) -> None:
+    """``ConfigError`` if another process listens on one of our fixed TCP ports.
+
+    py-libp2p binds with SO_REUSEPORT, so a second daemon on a taken port would start and
+    silently share the incoming connections with the first one; a plain bind tells.
+    """
+    for text in listen:
+        try:
+            addr = multiaddr.Multiaddr(text)
+            ip, port = addr.value_for_protocol("ip4"), int(addr.value_for_protocol("tcp"))
+        except Exception as exc:
+            raise ConfigError(
+                f"invalid listen address {text!r}: {exc} (expected /ip4/<ip>/tcp/<port>)"
+            ) from exc
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((ip, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"TCP port {port} on {ip} is already in use by another process; "
+                        "stop it or choose another --listen port"
+                    ) from None
+                raise ConfigError(f"cannot listen on {text}: {exc.strerror}") from None
+
+
+@asynccontextmanager
+async def _run_network(raw: Any, addrs: list[Any], host: P2PHost) -> AsyncIterator[None]:
+    """py-libp2p's ``BasicHost.run``, with the network service under ``_ContainedManager``."""
+    network = raw.get_network()
+    async with _contained_service(network, host.library_fault):
+        try:
+            await network.listen(*addrs)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {[str(a) for a in addrs]}: {exc}") from exc
+        if raw.mDNS is not None:
+            raw.mDNS.start()
+        if raw.upnp is not None and await raw.upnp.discover():
+            for addr in raw.get_transport_addrs():
+                if port := addr.value_for_protocol("tcp"):
+                    await raw.upnp.add_port_mapping(int(port), "TCP")
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_SERVICES_TIMEOUT):
+                await raw._shutdown_background_services()
+
+
+async def _reset_quietly(net_stream: Any) -> None:
+    try:
+        await net_stream.reset()
+    except Exception as exc:
+        logger.debug("resetting a stream: %s", exc)
 
 
 @asynccontextmanager
@@ -610,14 +857,17 @@ async def open_host(
     mdns: bool = False,
     relay: RelaySettings | None = None,
     upnp: bool = False,
+    gate: PeerGate | None = None,
 ) -> AsyncIterator[P2PHost]:
     """Start a libp2p host listening on ``listen``; it is closed when the block exits.
 
     With ``swarm_services`` it also runs the Kademlia DHT and gossipsub; with ``mdns`` it
     announces itself and notes peers announced on the local network (never on loopback);
-    with ``relay`` it runs circuit relay v2 (and DCUtR if asked).
+    with ``relay`` it runs circuit relay v2 (and DCUtR if asked). ``gate`` decides who may
+    open streams and counts what is rejected (default: everyone; rejections logged).
     """
     reattach_library_logging()
+    refuse_ports_in_use(listen)
     key = Libp2pEd25519PrivateKey.from_bytes(identity.private_bytes)
     key_pair = KeyPair(key, key.get_public_key())
     security = {
@@ -643,19 +893,18 @@ async def open_host(
         listen_addrs=addrs,
         connection_config=connections,
     )
-    try:
-        async with raw.run(addrs):
-            host = P2PHost(raw, identity)
+    async with trio.open_nursery() as nursery:
+        host = P2PHost(raw, identity, gate or OpenGate(), nursery)
+        async with _run_network(raw, addrs, host):
             if mdns:
                 peerDiscovery.register_peer_discovered_handler(host._on_mdns_peer)
             try:
                 async with _relay_services(host, relay):
                     if not swarm_services:
                         yield host
-                        return
-                    async with _swarm_services(host, all_loopback(addrs)):
-                        yield host
+                    else:
+                        async with _swarm_services(host, all_loopback(addrs)):
+                            yield host
             finally:
                 peerDiscovery.unregister_peer_discovered_handler(host._on_mdns_peer)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {list(listen)}: {exc}") from exc
+        nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -27,17 +28,18 @@ import trio
 
 from peerlearn import wire
 from peerlearn.errors import NetworkError, RemoteProtocolError
-from peerlearn.gossip.crdt import Entry, entries_from_wire, entries_to_wire
-from peerlearn.identity import peer_id_from_public_key
+from peerlearn.gossip.crdt import Entry, decode_entries, entries_to_wire
+from peerlearn.identity import peer_id_from_public_key, public_key_from_peer_id
 from peerlearn.learning import attacks, bristle, data, modest, protocols, robust
+from peerlearn.learning.hygiene import check_finite, check_layout, check_received
 from peerlearn.learning.model import ModelSpec, StateDict, accuracy, featurize, sgd
 from peerlearn.node import blob
+from peerlearn.node.checkpoints import CheckpointError, CheckpointStore
 from peerlearn.node.config import NodeConfig, parse_shard
-from peerlearn.node.datadir import atomic_write_bytes
 from peerlearn.node.framing import receive_frame, send_frame
-from peerlearn.node.host import P2PHost, Stream, public_key_from_peer_id
+from peerlearn.node.host import P2PHost, Stream
 from peerlearn.node.swarm import SwarmService
-from peerlearn.tensors import check_compatible, state_dict_from_bytes, state_dict_to_bytes
+from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +49,14 @@ MODEST_KIND = "modest"
 MODEST_MESSAGE = "modest"
 CHECKPOINT_FILE = "checkpoint.msgpack"
 SHARD_SEED = 1234  # every node must cut the training set into the same shards
-MAX_MODEL_BYTES = 16 * 2**20
+MODEL_SIZE_SLACK = 4096  # bytes a peer's encoding of our model's layout may differ by
 MESSAGE_TIMEOUT = 10.0  # seconds per small message
 PUSH_DRAIN = 10.0  # seconds the last round's pushes may still take after learning ends
 _CHECKPOINT_LIMITS = wire.Limits(max_message_size=64 * 2**20, max_array_len=100_000)
 _MSG_LIMITS = wire.Limits(max_message_size=4096)
+
+
+_Checkpoint = tuple[StateDict, int, float | None, list[Entry]]  # model, round, accuracy, crdt
 
 
 class Learner:
@@ -71,7 +76,6 @@ class Learner:
         self.config = config
         self.host = host
         self.swarm = swarm
-        self.checkpoint_path = data_dir / CHECKPOINT_FILE
         self.on_bytes = on_bytes
         bristle_filter = config.filter == "bristle"
         self.spec = ModelSpec("transfer", 256) if bristle_filter else ModelSpec("mlp", 32)
@@ -118,6 +122,8 @@ class Learner:
         self.replay_guard = replay_guard
 
         self.modest: _ModestDriver | None = None
+        self._model_bytes = len(state_dict_to_bytes(self.model))
+        self.checkpoints = CheckpointStore(data_dir / CHECKPOINT_FILE)
         self.resumed = self._load_checkpoint()
         host.set_handler(MSG_PROTOCOL, self._serve_message)
 
@@ -144,24 +150,41 @@ class Learner:
     # -- checkpoints ------------------------------------------------------------------------
 
     def _load_checkpoint(self) -> int | None:
-        if not self.checkpoint_path.exists():
+        """Resume from the newest usable checkpoint (see ``CheckpointStore``); None when
+        there is none. Raises ``CheckpointError`` when one exists but none can be used."""
+        if self.config.fresh:
+            for moved in self.checkpoints.discard():
+                logger.warning("starting fresh: set %s aside", moved)
+        loaded = self.checkpoints.load(self._decode_checkpoint)
+        if loaded is None:
             return None
-        try:
-            raw = wire.expect_map(
-                wire.unpack(self.checkpoint_path.read_bytes(), _CHECKPOINT_LIMITS),
-                {"round", "accuracy", "model", "crdt"},
-                "checkpoint",
-            )
-            model = state_dict_from_bytes(raw["model"], _CHECKPOINT_LIMITS.max_message_size)
-            check_compatible(model, self.model)
-            entries = entries_from_wire(raw["crdt"], self.config.swarm, _CHECKPOINT_LIMITS)
-        except (RemoteProtocolError, OSError) as exc:
-            logger.error("ignoring unreadable checkpoint %s: %s", self.checkpoint_path, exc)
-            return None
-        self.model, self.round, self.accuracy = model, int(raw["round"]), raw["accuracy"]
-        self.swarm.state.merge(entries)
-        logger.info("resumed from checkpoint at round %d", self.round)
+        model, round_, accuracy_, entries = loaded.value
+        self.model, self.round, self.accuracy = model, round_, accuracy_
+        self.swarm.restore(entries)
+        logger.info("resumed from %s at round %d", loaded.path.name, self.round)
         return self.round
+
+    def _decode_checkpoint(
+        self, payload: bytes
+    ) -> tuple[StateDict, int, float | None, list[Entry]]:
+        raw = wire.expect_map(
+            wire.unpack(payload, _CHECKPOINT_LIMITS),
+            {"round", "accuracy", "model", "crdt"},
+            "checkpoint",
+        )
+        round_, accuracy_ = raw["round"], raw["accuracy"]
+        if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+            raise CheckpointError(f"round must be a non-negative integer, not {round_!r}")
+        if accuracy_ is not None and not (
+            isinstance(accuracy_, float) and math.isfinite(accuracy_)
+        ):
+            raise CheckpointError(f"accuracy must be a number, not {accuracy_!r}")
+        model_bytes = wire.expect(raw["model"], bytes, "checkpoint.model")
+        model = state_dict_from_bytes(model_bytes, _CHECKPOINT_LIMITS.max_message_size)
+        check_layout(model, self.model)
+        check_finite(model)
+        crdt = wire.expect(raw["crdt"], bytes, "checkpoint.crdt")
+        return model, round_, accuracy_, decode_entries(crdt, _CHECKPOINT_LIMITS)
 
     def _save_checkpoint(
         self, round_: int, accuracy_: float, model_bytes: bytes, crdt: list[Entry]
@@ -175,7 +198,7 @@ class Learner:
                 "crdt": entries_to_wire(crdt),
             }
         )
-        atomic_write_bytes(self.checkpoint_path, payload)
+        self.checkpoints.save(payload)
 
     # -- shared steps -----------------------------------------------------------------------
 
@@ -245,10 +268,16 @@ class Learner:
         self.on_bytes(len(payload), 0)
         return True
 
+    @property
+    def max_model_bytes(self) -> int:
+        """The size of our model on the wire: a peer's model of the same layout has it too."""
+        return self._model_bytes + MODEL_SIZE_SLACK
+
     async def accept_blob(self, received: blob.ReceivedBlob) -> None:
-        """Called by the daemon for blobs of kind ``model`` or ``modest``."""
-        model = state_dict_from_bytes(received.data, MAX_MODEL_BYTES)
-        check_compatible(model, self.model)
+        """Called by the daemon for blobs of kind ``model`` or ``modest``: the model must
+        pass ``hygiene.check_received`` against ours before it can reach any merge."""
+        model = state_dict_from_bytes(received.data, self.max_model_bytes)
+        check_received(model, self.model, max_update_ratio=self.config.max_update_ratio)
         pk = public_key_from_peer_id(received.sender_id)  # checked against the signed offer
         self.models_received += 1
         self.on_bytes(0, received.offer.size)
@@ -372,18 +401,16 @@ class Learner:
         return True
 
     async def _serve_message(self, stream: Stream) -> None:
+        """One small signed message; what is wrong with it is raised for the host to count."""
         try:
-            with trio.fail_after(MESSAGE_TIMEOUT):
-                data = await receive_frame(stream, _MSG_LIMITS.max_message_size)
+            data = await receive_frame(stream, _MSG_LIMITS.max_message_size)
             envelope = wire.open_envelope(
                 data, _MSG_LIMITS, expected_sender=stream.remote_public_key
             )
             self.replay_guard.check(envelope, time.time())
             if envelope.type != MODEST_MESSAGE or self.modest is None:
-                raise RemoteProtocolError(f"unexpected {envelope.type!r} message")
+                raise RemoteProtocolError(f"unexpected {envelope.type[:40]!r} message")
             self.modest.receive_small(envelope.sender, envelope.body)
-        except (RemoteProtocolError, NetworkError, trio.TooSlowError) as exc:
-            logger.info("message from %s rejected: %s", stream.remote_peer_id, exc)
         finally:
             await stream.close()
 

@@ -2,16 +2,24 @@
 
 * Discovery: every member provides the swarm key in the DHT and publishes a signed peer
   record; a loop connects to the providers it finds and to every member listed in the CRDT.
+  An address that cannot be dialled (malformed, a relay address without relay support, a
+  dead host) fails alone; the other addresses and peers go on.
 * State: ``SwarmState`` (``peerlearn.gossip.crdt``). Local writes are signed and published
-  as deltas over gossipsub; on every new connection, and periodically, the two sides run
-  anti-entropy over ``/peerlearn/sync/1`` (digest -> missing entries, both ways), which also
-  repairs anything gossip dropped.
+  as deltas over gossipsub (bare lists of signed entries: each entry is signed by its owner
+  and idempotent, so a replayed delta changes nothing). On every new connection, and every
+  ``ANTI_ENTROPY_INTERVAL``, the node pulls what it lacks from each peer over
+  ``/peerlearn/sync/2`` (``peerlearn.gossip.sync``), which also repairs what gossip dropped.
+* Remote entries are triaged on the event loop (cheap checks), their signatures verified in
+  a worker thread, then merged; whatever is rejected is counted against the peer it came
+  from. Peers whose identify shows no ``/peerlearn/sync/2`` are not peerlearn nodes: they
+  are left alone.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,28 +28,45 @@ import trio
 
 from peerlearn import wire
 from peerlearn.backoff import doubling_delay
-from peerlearn.errors import NetworkError, RemoteProtocolError
-from peerlearn.gossip import records
-from peerlearn.gossip.crdt import SwarmState, entries_from_wire, entries_to_wire
-from peerlearn.identity import peer_id_from_public_key
+from peerlearn.errors import (
+    NetworkError,
+    Offence,
+    PeerlearnError,
+    ProtocolUnsupportedError,
+    RemoteProtocolError,
+)
+from peerlearn.gossip import records, sync
+from peerlearn.gossip.admission import AdmissionMode
+from peerlearn.gossip.crdt import (
+    DigestPage,
+    Entry,
+    SwarmState,
+    decode_entries,
+    entries_to_wire,
+    verify_entries,
+)
+from peerlearn.gossip.schemas import RECORD_NAMES
+from peerlearn.identity import peer_id_from_public_key, public_key_from_peer_id
 from peerlearn.node.framing import receive_frame, send_frame
-from peerlearn.node.host import P2PHost, Stream
+from peerlearn.node.host import MAX_PUBLISH_SIZE, P2PHost, Stream
 
 logger = logging.getLogger(__name__)
 
-SYNC_PROTOCOL = "/peerlearn/sync/1"
-MAX_SYNC_FRAME = 8 * 2**20  # bytes
-SYNC_LIMITS = wire.Limits(max_message_size=MAX_SYNC_FRAME, max_array_len=100_000, max_map_len=64)
+SYNC_PROTOCOL = sync.SYNC_PROTOCOL
+GOSSIP_LIMITS = wire.Limits(max_message_size=MAX_PUBLISH_SIZE, max_array_len=4096, max_map_len=64)
 DISCOVERY_FAST = 0.5  # seconds between discovery rounds while joining
 DISCOVERY_SLOW = 5.0  # seconds between discovery rounds afterwards
 ANTI_ENTROPY_INTERVAL = 10.0  # seconds
 HEARTBEAT_INTERVAL = 30.0  # seconds (liveness is coarse; each one is gossiped to everyone)
-SYNC_TIMEOUT = 10.0  # seconds per anti-entropy exchange
+SYNC_TIMEOUT = 120.0  # seconds for one whole anti-entropy session (frames keep a pace too)
+DIAL_TIMEOUT = 10.0  # seconds per dial
+MAX_SYNC_SESSIONS = 32  # sessions served at once (one per peer)
 MAX_DIALS_IN_FLIGHT = 16
 DIAL_STAGGER = 0.5  # seconds between starting dials to a peer's successive addresses
 FIRST_SYNC_GRACE = 2.0  # seconds a joining node waits for its first sync before dialling others
 DIAL_RETRY_FIRST = 1.0  # seconds before redialling a peer whose dial failed; doubles per failure
 DIAL_RETRY_MAX = 60.0  # seconds
+INLINE_VERIFY = 16  # entries verified on the event loop; larger batches go to a thread
 
 
 @dataclass
@@ -82,22 +107,29 @@ class SwarmService:
         sequence: wire.SequenceCounter,
         *,
         max_peers: int,
+        invite: bytes | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """``sequence`` is the node's single counter for everything its identity signs."""
+        """``sequence`` is the node's single counter for everything its identity signs;
+        ``invite`` (token admission) goes into our member record; ``wall_clock`` dates what
+        we sign and judges what others dated."""
 
         self.host = host
         self.state = state
         self.max_peers = max_peers
+        self.invite = invite
+        self.wall_clock = wall_clock
         self.join_started: float | None = None  # first moment we had a peer
         self.join_seconds: float | None = None  # from then until all members were connected
         self.synced_with: set[str] = set()
-        self.rejected_entries = 0
-        self.listeners: list[Callable[[list[Any]], None]] = []
-        self._pending: list[Any] = []
+        self.foreign_peers: set[str] = set()  # connected, but not peerlearn nodes
+        self.listeners: list[Callable[[list[Entry]], None]] = []
+        self._pending: list[Entry] = []
         self._publish_wakeup = trio.Event()
         self._discovery_wakeup = trio.Event()
         self._providers: dict[str, list[str]] = {}  # from the DHT
         self._busy: set[str] = set()  # peers being dialled or synced by discovery
+        self._serving: set[str] = set()  # peers whose sync session we serve right now
         self._backoff = DialBackoff()
         self._sequence = sequence
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
@@ -110,25 +142,41 @@ class SwarmService:
 
     def write(self, name: str, value: Any) -> None:
         """Sign and merge one of our records; it is gossiped shortly after."""
-        entry = self.state.write(self.host.identity, name, value)
+        entry = self.state.write(self.host.identity, name, value, self.wall_clock())
         self._pending.append(entry)
         self._publish_wakeup.set()
         self._notify([entry])
 
     def announce_addrs(self) -> None:
         """Re-publish our member record after our addresses changed (e.g. a relay slot)."""
-        if self.state.get(self.host.identity.public_key, "member") is not None:
-            self.write("member", {"addrs": self.host.addrs()})
-
-    def versions(self) -> dict[str, int]:
-        """``{"<owner hex prefix>/<record>": lamport}``: lets observers compare replicas."""
-        return {f"{o.hex()[:16]}/{n}": e.lamport for (o, n), e in self.state.entries.items()}
+        current = self.state.get(self.host.identity.public_key, "member")
+        if current is not None:
+            self.write("member", {**current, "addrs": self.host.addrs()})
 
     def members(self) -> list[str]:
         """Peer IDs of every member that published a member record (ourselves included)."""
         return sorted(peer_id_from_public_key(o) for o in self.state.records("member"))
 
-    def _notify(self, changed: list[Any]) -> None:
+    def is_member(self, peer_id: str) -> bool:
+        try:
+            return self.state.is_member(public_key_from_peer_id(peer_id))
+        except ValueError:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "entries": len(self.state.entries),
+            "members": len(self.state.records("member")),
+            "evicted_owners": self.state.evicted_owners,
+            "admission": self.state.admission.mode.value,
+            "foreign_peers": len(self.foreign_peers),
+        }
+
+    def versions(self) -> list[list[Any]]:
+        """``[[owner hex, record, clock], ...]``: lets observers compare replicas."""
+        return [[o.hex(), n, e.clock] for (o, n), e in sorted(self.state.entries.items())]
+
+    def _notify(self, changed: list[Entry]) -> None:
         for entry in changed:
             if entry.name == "member":  # a new member, or new addresses: dial it now
                 self._backoff.reset(peer_id_from_public_key(entry.owner))
@@ -136,16 +184,40 @@ class SwarmService:
         for listener in self.listeners:
             listener(changed)
 
-    def _merge(self, data: bytes, source: str) -> int:
-        try:
-            entries = entries_from_wire(data, self.swarm, SYNC_LIMITS)
-        except RemoteProtocolError as exc:
-            self.rejected_entries += 1
-            logger.warning("rejected swarm state from %s: %s", source, exc)
-            return 0
-        changed = self.state.merge(entries)
+    # -- remote entries -------------------------------------------------------------------
+
+    async def accept(self, entries: list[Entry], source: str) -> list[Entry]:
+        """Triage, verify and merge entries that came from ``source`` (a peer ID); what is
+        rejected is counted against ``source``, once per kind of offence per batch."""
+        triage = self.state.triage(entries, self.wall_clock())
+        offences: dict[Offence, list[str]] = defaultdict(list)
+        for _, error in triage.rejected:
+            offences[error.offence].append(str(error))
+        if len(triage.candidates) <= INLINE_VERIFY:
+            verified, forged = verify_entries(self.swarm, triage.candidates)
+        else:
+            verified, forged = await trio.to_thread.run_sync(
+                verify_entries, self.swarm, triage.candidates
+            )
+        if forged:
+            offences[Offence.FORGED].append(f"{forged[0].name} record with a bad signature")
+        for offence, reasons in offences.items():
+            detail = f"{len(reasons)} swarm records rejected, e.g. {reasons[0]}"
+            self.host.reject(source, offence, detail)
+        changed = self.state.merge(verified)
         if changed:
             self._notify(changed)
+        return changed
+
+    def restore(self, entries: list[Entry]) -> int:
+        """Entries from our own checkpoint (at start, before any peer): checked like any
+        others; returns how many were kept."""
+        triage = self.state.triage(entries, self.wall_clock())
+        verified, _ = verify_entries(self.swarm, triage.candidates)
+        changed = self.state.merge(verified)
+        dropped = len(entries) - len(changed) - triage.known
+        if dropped:
+            logger.warning("dropped %d swarm records from the checkpoint (invalid)", dropped)
         return len(changed)
 
     # -- tasks ----------------------------------------------------------------------------
@@ -153,8 +225,8 @@ class SwarmService:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if self.host.connected_peers():
             self.join_started = time.monotonic()
-        self.write("member", {"addrs": self.host.addrs()})
-        self.write("heartbeat", {"t": time.time()})
+        self.write("member", self._member_value())
+        self.write("heartbeat", {"t": self.wall_clock()})
         async with self.host.subscribe(topic(self.swarm)) as next_message, trio.open_nursery() as n:
             n.start_soon(self._receive_gossip, next_message)
             n.start_soon(self._publisher)
@@ -163,10 +235,21 @@ class SwarmService:
             n.start_soon(self._anti_entropy)
             task_status.started()
 
+    def _member_value(self) -> dict[str, Any]:
+        value: dict[str, Any] = {"addrs": self.host.addrs()}
+        if self.invite is not None:
+            value["invite"] = self.invite
+        return value
+
     async def _receive_gossip(self, next_message: Callable[[], Awaitable[Any]]) -> None:
         while True:
             message = await next_message()
-            self._merge(message.data, f"gossip from {message.sender_id}")
+            try:
+                entries = decode_entries(message.data, GOSSIP_LIMITS)
+            except RemoteProtocolError as exc:
+                self.host.reject(message.sender_id, exc.offence, f"swarm gossip: {exc}")
+                continue
+            await self.accept(entries, message.sender_id)
 
     async def _publisher(self) -> None:
         """Batches local writes into one gossip message (keeps under the rate limit)."""
@@ -181,7 +264,7 @@ class SwarmService:
     async def _heartbeats(self) -> None:
         while True:
             await trio.sleep(HEARTBEAT_INTERVAL)
-            self.write("heartbeat", {"t": time.time()})
+            self.write("heartbeat", {"t": self.wall_clock()})
 
     async def _discovery(self) -> None:
         """Dials every member we learn of as soon as we learn of it: a new member record
@@ -204,8 +287,9 @@ class SwarmService:
         """Provide the swarm key and publish our peer record in the DHT (once)."""
         try:
             await self.host.provide(key)
+            now = self.wall_clock()
             record_key, value = records.make_peer_record(
-                self.host.identity, self.swarm, self.host.addrs(), self._sequence.next(time.time())
+                self.host.identity, self.swarm, self.host.addrs(), self._sequence.next(now), now
             )
             await self.host.put_value(record_key, value)
         except NetworkError as exc:
@@ -249,7 +333,7 @@ class SwarmService:
                 self._busy.add(peer_id)
                 nursery.start_soon(self._dial, peer_id, addrs)
                 room -= 1
-        for peer_id in sorted(connected - self.synced_with - self._busy):
+        for peer_id in sorted(connected - self.synced_with - self._busy - self.foreign_peers):
             self._busy.add(peer_id)
             nursery.start_soon(self._sync_new, peer_id)
         self._check_joined()
@@ -260,9 +344,11 @@ class SwarmService:
         for peer_id, addrs in self.host.take_mdns_discoveries():
             candidates.setdefault(peer_id, addrs)  # not members yet: sync decides
         for owner, value in self.state.records("member").items():
-            listed = value.get("addrs") if isinstance(value, dict) else None
-            if isinstance(listed, list):
-                candidates[peer_id_from_public_key(owner)] = [str(a) for a in listed]
+            candidates[peer_id_from_public_key(owner)] = list(value["addrs"])
+        if not self.host.relaying:  # circuit addresses need relay support
+            candidates = {
+                p: [a for a in addrs if "/p2p-circuit" not in a] for p, addrs in candidates.items()
+            }
         return candidates
 
     def _check_joined(self) -> None:
@@ -298,17 +384,18 @@ class SwarmService:
     async def _dial_addrs(self, peer_id: str, addrs: list[str]) -> None:
         """Tries the addresses in order, each ``DIAL_STAGGER`` after the one before without
         waiting for it to fail (a LAN address behind another NAT only ever times out); the
-        first connection wins and the other attempts are cancelled."""
+        first connection wins and the other attempts are cancelled. Each address fails on
+        its own, whatever is wrong with it."""
         won: list[str] = []
 
         async def attempt(delay: float, full: str, cancel: trio.CancelScope) -> None:
             await trio.sleep(delay)
             started = time.monotonic()
             try:
-                with trio.fail_after(SYNC_TIMEOUT):
+                with trio.fail_after(DIAL_TIMEOUT):
                     await self.host.connect(full)
-            except (NetworkError, trio.TooSlowError) as exc:
-                logger.debug("dial %s: %s", full, exc)
+            except (PeerlearnError, trio.TooSlowError) as exc:
+                logger.debug("dial %s: %s", full[:200], exc)
                 return
             logger.debug("connected to %s in %.2f s", full, time.monotonic() - started)
             won.append(full)
@@ -331,30 +418,100 @@ class SwarmService:
             await trio.sleep(ANTI_ENTROPY_INTERVAL)
             async with trio.open_nursery() as nursery:
                 for peer in self.host.connected_peers():
-                    nursery.start_soon(self.sync_with, peer.peer_id)
+                    if peer.peer_id not in self.foreign_peers:
+                        nursery.start_soon(self.sync_with, peer.peer_id)
 
     # -- anti-entropy protocol ------------------------------------------------------------
 
+    def _foreign(self, peer_id: str) -> None:
+        if peer_id not in self.foreign_peers:
+            logger.debug("%s does not speak %s: leaving it alone", peer_id, SYNC_PROTOCOL)
+            self.foreign_peers.add(peer_id)
+
     async def sync_with(self, peer_id: str) -> None:
-        """digest -> their missing entries + their digest -> our missing entries."""
+        """Pull what ``peer_id`` holds and we lack (``peerlearn.gossip.sync``). Peers whose
+        identify, or whose answer to our stream, shows they do not speak the protocol are
+        not peerlearn nodes and are left alone from then on."""
+        protocols = self.host.protocols_of(peer_id)
+        if peer_id in self.foreign_peers or (protocols and SYNC_PROTOCOL not in protocols):
+            self._foreign(peer_id)
+            return
         started = time.monotonic()
         try:
             with trio.fail_after(SYNC_TIMEOUT):
                 stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
                 try:
-                    await send_frame(stream, wire.pack(self.state.digest()))
-                    self._merge(await receive_frame(stream, MAX_SYNC_FRAME), peer_id)
-                    their_digest = wire.unpack(
-                        await receive_frame(stream, MAX_SYNC_FRAME), SYNC_LIMITS
-                    )
-                    await send_frame(stream, entries_to_wire(self.state.missing_for(their_digest)))
+                    pulled = await self._pull(stream)
                 finally:
                     await stream.close()
-        except (NetworkError, RemoteProtocolError, trio.TooSlowError) as exc:
+        except ProtocolUnsupportedError:
+            self._foreign(peer_id)
+            return
+        except RemoteProtocolError as exc:
+            self.host.reject(peer_id, exc.offence, f"anti-entropy: {exc}")
+            return
+        except (NetworkError, trio.TooSlowError) as exc:
             logger.debug("anti-entropy with %s failed: %s", peer_id, exc)
             return
-        logger.debug("synced with %s in %.2f s", peer_id, time.monotonic() - started)
-        self._synced(peer_id)
+        if pulled:
+            logger.debug("synced with %s in %.2f s", peer_id, time.monotonic() - started)
+            self._synced(peer_id)
+
+    async def _pull(self, stream: Stream) -> bool:
+        """One pull session as the initiator. In an open swarm there is nothing to keep
+        from a non-member, so the first digest page goes out with our hello (one round
+        trip less on a busy peer); otherwise only after the peer's hello admitted it."""
+        me = self.state.entries.get((self.host.identity.public_key, "member"))
+        if me is None:
+            return False  # not started yet
+        pages = iter(self.state.digest_pages(sync.OWNERS_PER_PAGE))
+        first = next(pages)
+        eager = self.state.admission.mode is AdmissionMode.OPEN
+        await send_frame(stream, sync.encode_hello(me))
+        if eager:
+            await send_frame(stream, sync.encode_want(first))
+        frame = sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME))
+        if isinstance(frame, sync.Refused):
+            logger.info("%s refused to sync with us: %s", stream.remote_peer_id, frame.reason)
+            return False
+        if not isinstance(frame, sync.Hello):
+            raise RemoteProtocolError(f"expected hello, got {type(frame).__name__}")
+        await self._introduce(frame.member, stream.remote_peer_id)
+        if not eager:
+            await send_frame(stream, sync.encode_want(first))
+        page: DigestPage | None = first
+        budget = self.state.max_owners * len(RECORD_NAMES)  # entries a whole state can hold
+        while page is not None:
+            more = True
+            while more:
+                frame = sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME))
+                if not isinstance(frame, sync.Entries):
+                    raise RemoteProtocolError(f"expected entries, got {type(frame).__name__}")
+                budget -= len(frame.entries)
+                if budget < 0:
+                    raise RemoteProtocolError(
+                        "sent more records than a swarm holds", Offence.OVERSIZED
+                    )
+                await self.accept(frame.entries, stream.remote_peer_id)
+                more = frame.more
+            page = next(pages, None)
+            if page is not None:
+                await send_frame(stream, sync.encode_want(page))
+        return True
+
+    async def _introduce(self, member: Entry, peer_id: str) -> None:
+        """Admit the peer's member record from a hello, or raise why not."""
+        if member.owner != public_key_from_peer_id(peer_id):
+            raise RemoteProtocolError("hello carries someone else's member record", Offence.FORGED)
+        triage = self.state.triage([member], self.wall_clock())
+        if triage.rejected:
+            raise triage.rejected[0][1]
+        verified, forged = verify_entries(self.swarm, triage.candidates)
+        if forged:
+            raise RemoteProtocolError("hello member record has a bad signature", Offence.FORGED)
+        changed = self.state.merge(verified)
+        if changed:
+            self._notify(changed)
 
     def _synced(self, peer_id: str) -> None:
         if not self.synced_with:
@@ -363,15 +520,44 @@ class SwarmService:
         self._check_joined()
 
     async def _serve_sync(self, stream: Stream) -> None:
+        """Serve one pull. Raises ``RemoteProtocolError`` for what the peer got wrong (the
+        host counts it); a busy node refuses politely."""
+        peer = stream.remote_peer_id
+        if peer in self._serving or len(self._serving) >= MAX_SYNC_SESSIONS:
+            await send_frame(stream, sync.encode_refused("busy"))
+            await stream.close()
+            return
+        self._serving.add(peer)
         try:
             with trio.fail_after(SYNC_TIMEOUT):
-                their_digest = wire.unpack(await receive_frame(stream, MAX_SYNC_FRAME), SYNC_LIMITS)
-                await send_frame(stream, entries_to_wire(self.state.missing_for(their_digest)))
-                await send_frame(stream, wire.pack(self.state.digest()))
-                self._merge(await receive_frame(stream, MAX_SYNC_FRAME), stream.remote_peer_id)
-        except (NetworkError, RemoteProtocolError, trio.TooSlowError) as exc:
-            logger.debug("anti-entropy from %s failed: %s", stream.remote_peer_id, exc)
+                frame = sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME))
+                if not isinstance(frame, sync.Hello):
+                    raise RemoteProtocolError(f"expected hello, got {type(frame).__name__}")
+                me = self.state.entries.get((self.host.identity.public_key, "member"))
+                if me is None:
+                    await send_frame(stream, sync.encode_refused("starting"))
+                    return
+                try:
+                    await self._introduce(frame.member, peer)
+                except RemoteProtocolError as exc:
+                    await send_frame(stream, sync.encode_refused(str(exc)))
+                    raise
+                await send_frame(stream, sync.encode_hello(me))
+                await self._serve_pages(stream)
+        except trio.TooSlowError:
+            logger.debug("anti-entropy from %s took longer than %.0f s", peer, SYNC_TIMEOUT)
             return
         finally:
+            self._serving.discard(peer)
             await stream.close()
-        self._synced(stream.remote_peer_id)
+        self._synced(peer)
+
+    async def _serve_pages(self, stream: Stream) -> None:
+        while True:
+            frame = sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME))
+            if not isinstance(frame, sync.Want):
+                raise RemoteProtocolError(f"expected want, got {type(frame).__name__}")
+            for data in sync.encode_entries(self.state.missing_for(frame.page)):
+                await send_frame(stream, data)
+            if frame.page.hi is None:
+                return

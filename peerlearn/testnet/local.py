@@ -174,14 +174,16 @@ class LocalSwarm:
         for i in range(self.size):
             wait_for(f"node{i} to become ready", partial(self._addrs, i), timeout)
 
+    def call(self, i: int, op: str, timeout: float = STATUS_TIMEOUT) -> Any:
+        """Node ``i``'s answer to a control operation, or None while it cannot answer."""
+        try:
+            return call(self.data_dir(i).control_socket, op, timeout=timeout)
+        except ControlError:
+            return None
+
     def status(self, i: int, timeout: float = STATUS_TIMEOUT) -> dict[str, Any]:
         """The daemon's status, or {} while it cannot answer."""
-        try:
-            status: dict[str, Any] = call(
-                self.data_dir(i).control_socket, "status", timeout=timeout
-            )
-        except ControlError:
-            return {}
+        status: dict[str, Any] = self.call(i, "status", timeout) or {}
         return status
 
     def learning(self, i: int) -> dict[str, Any]:

@@ -160,6 +160,16 @@ class Testnet:
             )
         return rows, raw
 
+    def crdt_versions(self) -> dict[int, dict[str, int]]:
+        """Each live node's ``{"<owner>/<record>": clock}`` (for replica convergence)."""
+        out = {}
+        for i in range(self.spec.nodes):
+            if self.swarm.alive(i):
+                rows = self.swarm.call(i, "crdt_versions", SAMPLE_STATUS_TIMEOUT)
+                if rows is not None:
+                    out[i] = {f"{owner}/{name}": clock for owner, name, clock in rows}
+        return out
+
     def edges(self, raw: dict[int, dict[str, Any]]) -> set[tuple[int, int]]:
         """Connections between nodes, as index pairs, from their statuses."""
         index = {peer: i for i, peer in self.peer_ids.items()}

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from peerlearn.errors import PeerlearnError
 from peerlearn.testnet.network import Sample, Testnet
@@ -74,18 +73,17 @@ Progress = Callable[[RunResult, list[Sample], float], None]
 class _Convergence:
     """Time from a heal until every live replica holds what any replica held at the heal."""
 
-    def __init__(self, healed_at: float, raw: dict[int, dict[str, Any]]) -> None:
+    def __init__(self, healed_at: float, versions: dict[int, dict[str, int]]) -> None:
         self.healed_at = healed_at
         self.target: dict[str, int] = {}
-        for status in raw.values():
-            for key, lamport in (status.get("crdt_versions") or {}).items():
-                self.target[key] = max(self.target.get(key, 0), lamport)
+        for replica in versions.values():
+            for key, clock in replica.items():
+                self.target[key] = max(self.target.get(key, 0), clock)
 
-    def reached(self, raw: dict[int, dict[str, Any]]) -> bool:
-        live = [s.get("crdt_versions") for s in raw.values() if s]
-        return bool(live) and all(
-            v is not None and all(v.get(k, -1) >= lam for k, lam in self.target.items())
-            for v in live
+    def reached(self, versions: dict[int, dict[str, int]]) -> bool:
+        return bool(versions) and all(
+            all(replica.get(k, -1) >= clock for k, clock in self.target.items())
+            for replica in versions.values()
         )
 
 
@@ -128,7 +126,7 @@ def run_once(
             if (
                 convergence is not None
                 and result.convergence_seconds is None
-                and convergence.reached(raw)
+                and convergence.reached(net.crdt_versions())
             ):
                 result.convergence_seconds = round(elapsed - convergence.healed_at, 3)
             # Events fire in file order, at most one per sample, so each one's effect is seen.
@@ -139,7 +137,7 @@ def run_once(
                 if event.action == "kill":
                     kill_round = top
                 if event.action == "heal":
-                    convergence = _Convergence(elapsed, raw)
+                    convergence = _Convergence(elapsed, net.crdt_versions())
                 if event.action == "restart":
                     result.restarted_at.update(dict.fromkeys(targets, elapsed))
             if progress is not None:
