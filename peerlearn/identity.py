@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     return raw[len(prefix) :]
 
 
+@functools.lru_cache(maxsize=65_536)  # swarms ask for the same few thousand IDs again and again
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p peer ID (base58 identity multihash) of a raw 32-byte Ed25519 key."""
     if len(public_key) != PUBLIC_KEY_SIZE:

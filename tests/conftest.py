@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,7 +18,14 @@ settings.register_profile(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile("peerlearn")
+# `make fuzz`: random (not derandomized) and many more examples per property.
+settings.register_profile(
+    "fuzz",
+    deadline=None,
+    max_examples=5000,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("fuzz" if os.environ.get("PEERLEARN_FUZZ") else "peerlearn")
 
 
 def wait_until(probe: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.05) -> T:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peerlearn.backoff import doubling_delay
+from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 
 JOIN = "join"
 LEAVE = "leave"
@@ -666,3 +667,100 @@ class ModestNode:
             self.training = True
             self._events.append(TrainRequest(message.round, message.model))
         # same or older round: a duplicate from another aggregator, ignored
+
+
+# --- the wire codec ---------------------------------------------------------------------------
+# Small messages travel as signed envelope bodies; models as blobs whose offer carries
+# ``encode_model_meta``. Decoding any input gives a message or a ``RemoteProtocolError``.
+
+MAX_VIEW = 100_000  # entries in a piggybacked view
+
+
+def encode_small(message: Message) -> dict[str, Any]:
+    """A ping, pong, ack or membership message as a msgpack-able map."""
+    if isinstance(message, Ping):
+        return {"kind": "ping", "round": message.round, "nonce": message.nonce}
+    if isinstance(message, Pong):
+        return {"kind": "pong", "round": message.round, "nonce": message.nonce}
+    if isinstance(message, AggAck):
+        return {"kind": "ack", "round": message.round, "success": message.success}
+    if isinstance(message, Membership):
+        return {
+            "kind": "membership",
+            "round": message.round,
+            "index": message.index,
+            "status": message.status,
+        }
+    raise LocalProtocolError(f"not a small message: {type(message).__name__}")
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise RemoteProtocolError(f"MoDeST {what} must be a non-negative integer")
+    return value
+
+
+def decode_small(body: Any) -> Message:
+    """The inverse of ``encode_small``."""
+    if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
+        raise RemoteProtocolError("a MoDeST message is a map")
+    kind = body.get("kind")
+    fields = {
+        "ping": {"kind", "round", "nonce"},
+        "pong": {"kind", "round", "nonce"},
+        "ack": {"kind", "round", "success"},
+        "membership": {"kind", "round", "index", "status"},
+    }.get(kind if isinstance(kind, str) else "")
+    if fields is None or body.keys() != fields:
+        raise RemoteProtocolError(f"unknown or malformed MoDeST message {str(kind)[:20]!r}")
+    round_ = _int(body["round"], "round")
+    if kind == "ping":
+        return Ping(round_, _int(body["nonce"], "nonce"))
+    if kind == "pong":
+        return Pong(round_, _int(body["nonce"], "nonce"))
+    if kind == "ack":
+        if not isinstance(body["success"], bool):
+            raise RemoteProtocolError("MoDeST ack success must be a bool")
+        return AggAck(round_, body["success"])
+    if body["status"] not in (JOIN, LEAVE):
+        raise RemoteProtocolError("MoDeST membership status must be join or leave")
+    return Membership(round_, _int(body["index"], "index"), body["status"])
+
+
+def encode_view(view: Mapping[bytes, ViewEntry]) -> list[list[Any]]:
+    return [[pk, e.last_active, e.index, e.status] for pk, e in sorted(view.items())]
+
+
+def decode_view(raw: Any) -> dict[bytes, ViewEntry]:
+    if not isinstance(raw, list) or len(raw) > MAX_VIEW:
+        raise RemoteProtocolError("a MoDeST view is a list")
+    out: dict[bytes, ViewEntry] = {}
+    for item in raw:
+        if (
+            not isinstance(item, list)
+            or len(item) != 4
+            or not isinstance(item[0], bytes)
+            or len(item[0]) != 32
+            or item[3] not in (JOIN, LEAVE)
+        ):
+            raise RemoteProtocolError("malformed MoDeST view entry")
+        out[item[0]] = ViewEntry(_int(item[1], "last_active"), _int(item[2], "index"), item[3])
+    return out
+
+
+def encode_model_meta(message: TrainedModel | AggregatedModel) -> dict[str, Any]:
+    kind = "trained" if isinstance(message, TrainedModel) else "aggregated"
+    return {"type": kind, "round": message.round, "view": encode_view(message.view)}
+
+
+def decode_model_meta(meta: Any, model: Any) -> TrainedModel | AggregatedModel:
+    """The message a model blob's offer ``meta`` describes, carrying ``model``."""
+    if not isinstance(meta, dict) or meta.keys() != {"type", "round", "view"}:
+        raise RemoteProtocolError("malformed MoDeST model metadata")
+    round_ = _int(meta["round"], "round")
+    view = decode_view(meta["view"])
+    if meta["type"] == "trained":
+        return TrainedModel(round_, model, view)
+    if meta["type"] == "aggregated":
+        return AggregatedModel(round_, model, view)
+    raise RemoteProtocolError("MoDeST model type must be trained or aggregated")

@@ -22,7 +22,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,24 +194,24 @@ async def receive_blob(
     ``admit(offer, sender_id)`` decides on the offer before the body is read: it returns a
     context manager held while the body is in memory (a budget reservation), or raises
     ``BlobBusy`` (a polite refusal) or ``RemoteProtocolError`` (an offence). ``accept`` may
-    raise ``RemoteProtocolError`` to reject the blob. Every rejection is sent to the peer
+    raise either too, to refuse the blob after all. Every rejection is sent to the peer
     and then raised, so the host counts it; returns None after a polite refusal.
     """
-    try:
-        envelope = wire.open_envelope(
-            await receive_frame(stream, MAX_CONTROL_FRAME, pace),
-            expected_sender=stream.remote_public_key,
-        )
-        replay_guard.check(envelope, wall_clock())
-        offer = parse_offer(envelope, max_size)
-        reservation = admit(offer, stream.remote_peer_id)
-    except BlobBusy as exc:
-        await _tell_refusal(stream, str(exc))
-        return None
-    except RemoteProtocolError as exc:
-        await _tell_refusal(stream, str(exc))
-        raise
-    with reservation:
+    with ExitStack() as holding:
+        try:
+            envelope = wire.open_envelope(
+                await receive_frame(stream, MAX_CONTROL_FRAME, pace),
+                expected_sender=stream.remote_public_key,
+            )
+            replay_guard.check(envelope, wall_clock())
+            offer = parse_offer(envelope, max_size)
+            holding.enter_context(admit(offer, stream.remote_peer_id))
+        except BlobBusy as exc:
+            await _tell_refusal(stream, str(exc))
+            return None
+        except RemoteProtocolError as exc:
+            await _tell_refusal(stream, str(exc))
+            raise
         await send_frame(stream, encode_reply(True))
         data = await receive_exactly(stream, offer.size, pace)
         blob = ReceivedBlob(stream.remote_peer_id, offer, data)
@@ -221,6 +221,9 @@ async def receive_blob(
                     "sha256 of the received bytes does not match the offer", Offence.FORGED
                 )
             await accept(blob)
+        except BlobBusy as exc:
+            await _tell_refusal(stream, str(exc))
+            return None
         except RemoteProtocolError as exc:
             await _tell_refusal(stream, str(exc))
             raise

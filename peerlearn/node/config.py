@@ -52,10 +52,10 @@ class NodeConfig:
     """Bytes of inbound blob bodies held in memory at once for one peer."""
 
     stream_idle_timeout: float = 30.0
-    """Seconds a peer may leave a transfer without sending a byte before it is cut off."""
+    """Seconds a peer may leave a stream without sending a byte (also for its first byte)."""
 
     stream_min_rate: float = 64 * 1024
-    """Bytes per second a transfer must average (after 20 s) before it is cut off."""
+    """Bytes per second a transfer must average once stream_idle_timeout has passed."""
 
     received_quota: int = 1024 * MIB
     """Bytes of shared models kept in the data dir's received/ folder (members only)."""

@@ -31,7 +31,6 @@ _REQUEST_LIMITS = wire.Limits(max_message_size=MAX_REQUEST, max_array_len=64, ma
 _RESPONSE_LIMITS = wire.Limits(
     max_message_size=MAX_RESPONSE, max_array_len=1_000_000, max_map_len=100_000
 )
-_PACE = Pace(idle_timeout=REQUEST_TIMEOUT, min_rate=1024, grace=REQUEST_TIMEOUT)
 _HEADER = struct.Struct(">I")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -44,11 +43,14 @@ def decode_request(data: bytes) -> tuple[str, dict[str, Any]]:
     return op, wire.expect(request["args"], dict, "args")
 
 
-async def _serve_connection(stream: trio.SocketStream, handlers: Mapping[str, Handler]) -> None:
+async def _serve_connection(
+    stream: trio.SocketStream, handlers: Mapping[str, Handler], request_timeout: float
+) -> None:
     async with stream:
         try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                op, args = decode_request(await receive_frame(stream, MAX_REQUEST, _PACE))
+            pace = Pace(idle_timeout=request_timeout, min_rate=1024, grace=request_timeout)
+            with trio.fail_after(request_timeout):
+                op, args = decode_request(await receive_frame(stream, MAX_REQUEST, pace))
         except (PeerlearnError, trio.TooSlowError) as exc:
             logger.warning("bad control request: %s", exc or "too slow")
             return
@@ -76,9 +78,12 @@ async def serve_control(
     path: Path,
     handlers: Mapping[str, Handler],
     *,
+    request_timeout: float = REQUEST_TIMEOUT,
     task_status: Any = trio.TASK_STATUS_IGNORED,  # trio.TaskStatus; trio-stubs hide it
 ) -> None:
-    """Listen on ``path`` until cancelled; the socket file is removed afterwards."""
+    """Listen on ``path`` until cancelled; the socket file is removed afterwards. A client
+    has ``request_timeout`` seconds to send its request (at most ``MAX_REQUEST`` bytes);
+    at most ``MAX_CONNECTIONS`` are served at once."""
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -90,7 +95,7 @@ async def serve_control(
 
         async def serve(stream: trio.SocketStream) -> None:
             try:
-                await _serve_connection(stream, handlers)
+                await _serve_connection(stream, handlers, request_timeout)
             finally:
                 slots.release_on_behalf_of(stream)
 

@@ -52,6 +52,7 @@ RECENT_EVENTS = 100  # received updates remembered for `status`
 PING_TIMEOUT = 2.0  # seconds, for `peers`
 LAG_PROBE_INTERVAL = 0.1  # seconds
 LAG_WARNING = 1.0  # seconds of event-loop lag that get logged
+LAG_WINDOW = 100  # probes in "recent" lag (10 s)
 
 
 class ShutdownTimeoutError(PeerlearnError):
@@ -66,6 +67,9 @@ class Counters:
     bytes_out: int = 0
     bytes_in: int = 0
     loop_lag_max: float = 0.0  # seconds the event loop was late, worst seen
+    loop_lags: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=LAG_WINDOW)
+    )  # the latest probes
     recent: collections.deque[dict[str, Any]] = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_EVENTS)
     )
@@ -95,7 +99,11 @@ class Daemon:
         self.counters = Counters()
         self.sequence = wire.SequenceCounter(time.time())
         self.replay_guard = wire.ReplayGuard()
-        self.pace = Pace(idle_timeout=config.stream_idle_timeout, min_rate=config.stream_min_rate)
+        self.pace = Pace(
+            idle_timeout=config.stream_idle_timeout,
+            min_rate=config.stream_min_rate,
+            grace=config.stream_idle_timeout,
+        )
         self.blob_budget = blob.BlobBudget(config.blob_memory, config.blob_memory_per_peer)
         self.received_bytes = _folder_bytes(data_dir.received_dir)
         self.swarm: SwarmService | None = None
@@ -115,6 +123,7 @@ class Daemon:
                 self.sequence,
                 max_peers=config.max_connections,
                 invite=_own_invite(config, admission, self.identity),
+                pace=self.pace,
             )
             boundary.is_member = self.swarm.is_member
             boundary.introduce = self.swarm.sync_with
@@ -201,13 +210,16 @@ class Daemon:
             pass  # bounded by max_blob_size
         elif kind == MODEL_UPDATE_KIND:
             if self.received_bytes + size > self.config.received_quota:
-                raise blob.BlobBusy(
-                    f"the received/ folder is full ({self.received_bytes >> 20} MiB of "
-                    f"{self.config.received_quota >> 20} MiB)"
-                )
+                raise blob.BlobBusy(self._quota_full())
         else:
             raise RemoteProtocolError(f"unexpected blob kind {kind[:40]!r}")
         return self.blob_budget.reserve(sender, size)
+
+    def _quota_full(self) -> str:
+        return (
+            f"the received/ folder is full ({self.received_bytes} of "
+            f"{self.config.received_quota} bytes)"
+        )
 
     async def _accept_blob(self, received: blob.ReceivedBlob) -> None:
         if received.offer.kind in LEARNER_KINDS and self.learner is not None:
@@ -222,7 +234,10 @@ class Daemon:
         check_finite(state)
         digest = received.offer.sha256.hex()
         path = self.data_dir.received_dir / f"{received.sender_id[-12:]}-{digest[:16]}.pt"
-        await trio.to_thread.run_sync(_save_state_dict, state, path)
+        saved = await trio.to_thread.run_sync(_torch_bytes, state)
+        if self.received_bytes + len(saved) > self.config.received_quota:
+            raise blob.BlobBusy(self._quota_full())
+        await trio.to_thread.run_sync(atomic_write_bytes, path, saved)
         self.received_bytes = _folder_bytes(self.data_dir.received_dir)
         self.counters.updates_received += 1
         self.counters.bytes_in += received.offer.size
@@ -348,6 +363,7 @@ class Daemon:
             "connected_peer_ids": connected,
             "open_streams": self.host.open_streams(),
             "loop_lag_max_ms": round(c.loop_lag_max * 1000, 1),
+            "loop_lag_recent_ms": round(max(c.loop_lags, default=0.0) * 1000, 1),
             "updates_sent": c.updates_sent,
             "updates_received": c.updates_received,
             "updates_rejected": c.updates_rejected,
@@ -442,10 +458,10 @@ def _own_invite(config: NodeConfig, admission: Admission, identity: Identity) ->
     return invite.to_wire()
 
 
-def _save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+def _torch_bytes(state: dict[str, torch.Tensor]) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 async def _watch_signals(stop: trio.Event, force: trio.CancelScope) -> None:
@@ -478,6 +494,7 @@ async def _watch_loop_lag(counters: Counters) -> None:
         await trio.sleep(LAG_PROBE_INTERVAL)
         lag = trio.current_time() - before - LAG_PROBE_INTERVAL
         counters.loop_lag_max = max(counters.loop_lag_max, lag)
+        counters.loop_lags.append(lag)
         if lag > LAG_WARNING:
             logger.warning("event loop was blocked for %.2f s", lag)
 

@@ -59,6 +59,27 @@ _MSG_LIMITS = wire.Limits(max_message_size=4096)
 _Checkpoint = tuple[StateDict, int, float | None, list[Entry]]  # model, round, accuracy, crdt
 
 
+def decode_checkpoint(payload: bytes, reference: StateDict) -> _Checkpoint:
+    """A checkpoint's content, every field checked (``reference``: our model's layout);
+    ``CheckpointError`` or ``RemoteProtocolError`` in one line for anything wrong."""
+    raw = wire.expect_map(
+        wire.unpack(payload, _CHECKPOINT_LIMITS),
+        {"round", "accuracy", "model", "crdt"},
+        "checkpoint",
+    )
+    round_, accuracy_ = raw["round"], raw["accuracy"]
+    if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+        raise CheckpointError(f"round must be a non-negative integer, not {round_!r:.40}")
+    if accuracy_ is not None and not (isinstance(accuracy_, float) and math.isfinite(accuracy_)):
+        raise CheckpointError(f"accuracy must be a number, not {accuracy_!r:.40}")
+    model_bytes = wire.expect(raw["model"], bytes, "checkpoint.model")
+    model = state_dict_from_bytes(model_bytes, _CHECKPOINT_LIMITS.max_message_size)
+    check_layout(model, reference)
+    check_finite(model)
+    crdt = wire.expect(raw["crdt"], bytes, "checkpoint.crdt")
+    return model, round_, accuracy_, decode_entries(crdt, _CHECKPOINT_LIMITS)
+
+
 class Learner:
     """One node's learning loop (any algorithm) and its network plumbing."""
 
@@ -136,7 +157,7 @@ class Learner:
             "phase": self.phase,
             "round": self.current_round(),
             "accuracy": self.accuracy,
-            "members": len(self.swarm.members()),
+            "members": self.swarm.member_count(),
             "join_seconds": self.swarm.join_seconds,
             "models_sent": self.models_sent,
             "models_received": self.models_received,
@@ -155,7 +176,7 @@ class Learner:
         if self.config.fresh:
             for moved in self.checkpoints.discard():
                 logger.warning("starting fresh: set %s aside", moved)
-        loaded = self.checkpoints.load(self._decode_checkpoint)
+        loaded = self.checkpoints.load(lambda payload: decode_checkpoint(payload, self.model))
         if loaded is None:
             return None
         model, round_, accuracy_, entries = loaded.value
@@ -163,28 +184,6 @@ class Learner:
         self.swarm.restore(entries)
         logger.info("resumed from %s at round %d", loaded.path.name, self.round)
         return self.round
-
-    def _decode_checkpoint(
-        self, payload: bytes
-    ) -> tuple[StateDict, int, float | None, list[Entry]]:
-        raw = wire.expect_map(
-            wire.unpack(payload, _CHECKPOINT_LIMITS),
-            {"round", "accuracy", "model", "crdt"},
-            "checkpoint",
-        )
-        round_, accuracy_ = raw["round"], raw["accuracy"]
-        if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
-            raise CheckpointError(f"round must be a non-negative integer, not {round_!r}")
-        if accuracy_ is not None and not (
-            isinstance(accuracy_, float) and math.isfinite(accuracy_)
-        ):
-            raise CheckpointError(f"accuracy must be a number, not {accuracy_!r}")
-        model_bytes = wire.expect(raw["model"], bytes, "checkpoint.model")
-        model = state_dict_from_bytes(model_bytes, _CHECKPOINT_LIMITS.max_message_size)
-        check_layout(model, self.model)
-        check_finite(model)
-        crdt = wire.expect(raw["crdt"], bytes, "checkpoint.crdt")
-        return model, round_, accuracy_, decode_entries(crdt, _CHECKPOINT_LIMITS)
 
     def _save_checkpoint(
         self, round_: int, accuracy_: float, model_bytes: bytes, crdt: list[Entry]
@@ -295,7 +294,7 @@ class Learner:
         enough = trio.Event()
 
         def check_members(changed: list[Entry]) -> None:
-            if len(self.swarm.members()) >= self.config.min_members:
+            if self.swarm.member_count() >= self.config.min_members:
                 enough.set()
 
         self.swarm.listeners.append(check_members)
@@ -403,7 +402,7 @@ class Learner:
     async def _serve_message(self, stream: Stream) -> None:
         """One small signed message; what is wrong with it is raised for the host to count."""
         try:
-            data = await receive_frame(stream, _MSG_LIMITS.max_message_size)
+            data = await receive_frame(stream, _MSG_LIMITS.max_message_size, self.swarm.pace)
             envelope = wire.open_envelope(
                 data, _MSG_LIMITS, expected_sender=stream.remote_public_key
             )
@@ -413,26 +412,6 @@ class Learner:
             self.modest.receive_small(envelope.sender, envelope.body)
         finally:
             await stream.close()
-
-
-def _view_to_wire(view: Any) -> list[list[Any]]:
-    return [[pk, e.last_active, e.index, e.status] for pk, e in sorted(view.items())]
-
-
-def _view_from_wire(raw: Any) -> dict[bytes, modest.ViewEntry]:
-    out: dict[bytes, modest.ViewEntry] = {}
-    for item in wire.expect(raw, list, "view"):
-        if (
-            not isinstance(item, list)
-            or len(item) != 4
-            or not isinstance(item[0], bytes)
-            or len(item[0]) != 32
-            or not all(isinstance(v, int) for v in item[1:3])
-            or item[3] not in (modest.JOIN, modest.LEAVE)
-        ):
-            raise RemoteProtocolError("malformed MoDeST view entry")
-        out[item[0]] = modest.ViewEntry(item[1], item[2], item[3])
-    return out
 
 
 class _ModestDriver:
@@ -478,31 +457,11 @@ class _ModestDriver:
         self.wakeup.set()
 
     def receive_small(self, src: bytes, body: Any) -> None:
-        kind = body.get("kind") if isinstance(body, dict) else None
-        try:
-            r = int(body["round"])
-            if kind == "ping":
-                message: modest.Message = modest.Ping(r, int(body["nonce"]))
-            elif kind == "pong":
-                message = modest.Pong(r, int(body["nonce"]))
-            elif kind == "ack":
-                message = modest.AggAck(r, bool(body["success"]))
-            elif kind == "membership":
-                message = modest.Membership(r, int(body["index"]), str(body["status"]))
-            else:
-                raise RemoteProtocolError(f"unknown MoDeST message {kind!r}")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RemoteProtocolError(f"malformed MoDeST {kind} message: {exc}") from exc
-        self.core.receive(src, message, trio.current_time())
+        self.core.receive(src, modest.decode_small(body), trio.current_time())
         self.wakeup.set()
 
     def receive_model(self, src: bytes, meta: dict[str, Any], model: StateDict) -> None:
-        kind, r = meta.get("type"), meta.get("round")
-        if not isinstance(r, int) or kind not in ("trained", "aggregated"):
-            raise RemoteProtocolError("malformed MoDeST model metadata")
-        view = _view_from_wire(meta.get("view", []))
-        cls = modest.TrainedModel if kind == "trained" else modest.AggregatedModel
-        self.core.receive(src, cls(r, model, view), trio.current_time())
+        self.core.receive(src, modest.decode_model_meta(meta, model), trio.current_time())
         self.wakeup.set()
 
     async def run(self) -> None:
@@ -524,7 +483,7 @@ class _ModestDriver:
             nursery.cancel_scope.cancel()
 
     async def _send_small(self, dst: bytes, message: modest.Message) -> None:
-        if not await self.learner.send_message(dst, _small_to_wire(message)):
+        if not await self.learner.send_message(dst, modest.encode_small(message)):
             self.core.send_failed(dst, message, trio.current_time())
             self.wakeup.set()
 
@@ -533,11 +492,7 @@ class _ModestDriver:
         for send in self.core.messages_to_send():
             message = send.message
             if isinstance(message, modest.TrainedModel | modest.AggregatedModel):
-                meta = {
-                    "type": "trained" if isinstance(message, modest.TrainedModel) else "aggregated",
-                    "round": message.round,
-                    "view": _view_to_wire(message.view),
-                }
+                meta = modest.encode_model_meta(message)
                 nursery.start_soon(learner.push_model, send.dst, message.model, MODEST_KIND, meta)
             else:
                 nursery.start_soon(self._send_small, send.dst, message)
@@ -565,20 +520,3 @@ class _ModestDriver:
             self.wakeup.set()
         if self.training is scope:
             self.training = None
-
-
-def _small_to_wire(message: modest.Message) -> dict[str, Any]:
-    if isinstance(message, modest.Ping):
-        return {"kind": "ping", "round": message.round, "nonce": message.nonce}
-    if isinstance(message, modest.Pong):
-        return {"kind": "pong", "round": message.round, "nonce": message.nonce}
-    if isinstance(message, modest.AggAck):
-        return {"kind": "ack", "round": message.round, "success": message.success}
-    if isinstance(message, modest.Membership):
-        return {
-            "kind": "membership",
-            "round": message.round,
-            "index": message.index,
-            "status": message.status,
-        }
-    raise TypeError(f"not a small message: {message!r}")

@@ -47,7 +47,7 @@ from peerlearn.gossip.crdt import (
 )
 from peerlearn.gossip.schemas import RECORD_NAMES
 from peerlearn.identity import peer_id_from_public_key, public_key_from_peer_id
-from peerlearn.node.framing import receive_frame, send_frame
+from peerlearn.node.framing import DEFAULT_PACE, Pace, receive_frame, send_frame
 from peerlearn.node.host import MAX_PUBLISH_SIZE, P2PHost, Stream
 
 logger = logging.getLogger(__name__)
@@ -108,16 +108,19 @@ class SwarmService:
         *,
         max_peers: int,
         invite: bytes | None = None,
+        pace: Pace = DEFAULT_PACE,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``sequence`` is the node's single counter for everything its identity signs;
-        ``invite`` (token admission) goes into our member record; ``wall_clock`` dates what
-        we sign and judges what others dated."""
+        ``invite`` (token admission) goes into our member record; ``pace`` is what peers
+        must keep on our streams; ``wall_clock`` dates what we sign and judges what others
+        dated."""
 
         self.host = host
         self.state = state
         self.max_peers = max_peers
         self.invite = invite
+        self.pace = pace
         self.wall_clock = wall_clock
         self.join_started: float | None = None  # first moment we had a peer
         self.join_seconds: float | None = None  # from then until all members were connected
@@ -157,6 +160,9 @@ class SwarmService:
         """Peer IDs of every member that published a member record (ourselves included)."""
         return sorted(peer_id_from_public_key(o) for o in self.state.records("member"))
 
+    def member_count(self) -> int:
+        return len(self.state.records("member"))
+
     def is_member(self, peer_id: str) -> bool:
         try:
             return self.state.is_member(public_key_from_peer_id(peer_id))
@@ -166,7 +172,7 @@ class SwarmService:
     def status(self) -> dict[str, Any]:
         return {
             "entries": len(self.state.entries),
-            "members": len(self.state.records("member")),
+            "members": self.member_count(),
             "evicted_owners": self.state.evicted_owners,
             "admission": self.state.admission.mode.value,
             "foreign_peers": len(self.foreign_peers),
@@ -470,7 +476,7 @@ class SwarmService:
         await send_frame(stream, sync.encode_hello(me))
         if eager:
             await send_frame(stream, sync.encode_want(first))
-        frame = sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME))
+        frame = await self._next_frame(stream)
         if isinstance(frame, sync.Refused):
             logger.info("%s refused to sync with us: %s", stream.remote_peer_id, frame.reason)
             return False
@@ -484,7 +490,9 @@ class SwarmService:
         while page is not None:
             more = True
             while more:
-                frame = sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME))
+                frame = sync.decode_frame(
+                    await receive_frame(stream, sync.MAX_SYNC_FRAME, self.pace)
+                )
                 if not isinstance(frame, sync.Entries):
                     raise RemoteProtocolError(f"expected entries, got {type(frame).__name__}")
                 budget -= len(frame.entries)
@@ -513,6 +521,9 @@ class SwarmService:
         if changed:
             self._notify(changed)
 
+    async def _next_frame(self, stream: Stream) -> sync.Frame:
+        return sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME, self.pace))
+
     def _synced(self, peer_id: str) -> None:
         if not self.synced_with:
             self._discovery_wakeup.set()  # the dials held back for the first sync
@@ -530,7 +541,9 @@ class SwarmService:
         self._serving.add(peer)
         try:
             with trio.fail_after(SYNC_TIMEOUT):
-                frame = sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME))
+                frame = sync.decode_frame(
+                    await receive_frame(stream, sync.MAX_SYNC_FRAME, self.pace)
+                )
                 if not isinstance(frame, sync.Hello):
                     raise RemoteProtocolError(f"expected hello, got {type(frame).__name__}")
                 me = self.state.entries.get((self.host.identity.public_key, "member"))
@@ -554,7 +567,7 @@ class SwarmService:
 
     async def _serve_pages(self, stream: Stream) -> None:
         while True:
-            frame = sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME))
+            frame = await self._next_frame(stream)
             if not isinstance(frame, sync.Want):
                 raise RemoteProtocolError(f"expected want, got {type(frame).__name__}")
             for data in sync.encode_entries(self.state.missing_for(frame.page)):

@@ -24,7 +24,7 @@ import trio
 from peerlearn import wire
 from peerlearn.errors import NetworkError, RemoteProtocolError
 from peerlearn.nat.policy import PUBLIC, UNKNOWN, PathTracker, Reachability
-from peerlearn.node.framing import receive_frame, send_frame
+from peerlearn.node.framing import Pace, receive_frame, send_frame
 from peerlearn.node.host import P2PHost, Stream
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ MAX_PORTS = 4
 RESERVATION_REFRESH = 60.0  # seconds (libp2p reservations last an hour; we renew early)
 PUNCH_CHECK_INTERVAL = 1.0  # seconds between looks at relayed connections
 STARTUP_BUDGET = 10.0  # seconds run() may spend before reporting started
+PROBE_PACE = Pace(idle_timeout=PROBE_TIMEOUT, grace=PROBE_TIMEOUT)  # a dial-back takes a while
 _LIMITS = wire.Limits(max_message_size=1024, max_array_len=MAX_PORTS, max_map_len=4)
 
 
@@ -109,11 +110,7 @@ class NatTraversal:
                 try:
                     ports = self.host.listen_ports()[:MAX_PORTS]
                     await send_frame(stream, wire.pack({"ports": ports}))
-                    reply = wire.expect_map(
-                        wire.unpack(await receive_frame(stream, _LIMITS.max_message_size), _LIMITS),
-                        {"reached"},
-                        "autonat reply",
-                    )
+                    reply = wire.expect_map(await _read(stream), {"reached"}, "autonat reply")
                 finally:
                     await stream.close()
         except (NetworkError, RemoteProtocolError, trio.TooSlowError) as exc:
@@ -123,18 +120,17 @@ class NatTraversal:
         return reached if isinstance(reached, bool) else None
 
     async def _serve_dial_back(self, stream: Stream) -> None:
+        """Dial the peer back on the ports it names, at the IP its stream came from (never
+        anyone else); a malformed request is raised for the host to count."""
         try:
             with trio.fail_after(PROBE_TIMEOUT):
-                request = wire.expect_map(
-                    wire.unpack(await receive_frame(stream, _LIMITS.max_message_size), _LIMITS),
-                    {"ports"},
-                    "autonat request",
-                )
-                ports = [p for p in request["ports"] if isinstance(p, int) and 0 < p < 65536]
+                request = wire.expect_map(await _read(stream), {"ports"}, "autonat request")
+                ports = wire.expect(request["ports"], list, "autonat request.ports")
+                ports = [p for p in ports if isinstance(p, int) and 0 < p < 65536]
                 ip = stream.remote_ip  # None over a relay: we only dial what we saw directly
                 reached = None if ip is None else await _dial_back(ip, ports[:MAX_PORTS])
                 await send_frame(stream, wire.pack({"reached": reached}))
-        except (NetworkError, RemoteProtocolError, trio.TooSlowError) as exc:
+        except (NetworkError, trio.TooSlowError) as exc:
             logger.debug("dial-back request from %s failed: %s", stream.remote_peer_id, exc)
         finally:
             await stream.close()
@@ -176,6 +172,10 @@ class NatTraversal:
             logger.info("hole punch to %s: direct connection", peer)
         else:
             logger.info("hole punch to %s failed; staying on the relay", peer)
+
+
+async def _read(stream: Stream) -> Any:
+    return wire.unpack(await receive_frame(stream, _LIMITS.max_message_size, PROBE_PACE), _LIMITS)
 
 
 async def _dial_back(ip: str, ports: list[int]) -> bool:

@@ -1,0 +1,199 @@
+"""Every decoder of remote (or on-disk) input turns any bytes into a value or its declared
+error, never anything else: mutated valid encodings, byte- and structure-level.
+
+``make fuzz`` runs the same properties with many more examples (``PEERLEARN_FUZZ=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from peerlearn import wire
+from peerlearn.errors import ConfigError, RemoteProtocolError
+from peerlearn.gossip import records, sync
+from peerlearn.gossip.admission import invite_from_token, invite_from_wire, issue_invite
+from peerlearn.gossip.crdt import (
+    DigestPage,
+    SwarmState,
+    decode_entries,
+    entries_to_wire,
+    sign_entry,
+)
+from peerlearn.gossip.schemas import RECORD_NAMES, check_record
+from peerlearn.identity import Identity
+from peerlearn.learning import modest
+from peerlearn.learning.hygiene import check_received
+from peerlearn.node import blob
+from peerlearn.node.checkpoints import CheckpointError, CheckpointStore
+from peerlearn.node.control import decode_request
+from peerlearn.node.learner import decode_checkpoint
+from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
+from tests.adversarial.mutations import mutated, mutated_value
+
+ALICE = Identity.from_seed(b"a" * 32)
+SWARM = "fuzz"
+NOW = 1_800_000_000.0
+MODEL = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(2)}
+MEMBER = sign_entry(ALICE, SWARM, "member", 5, {"addrs": ["/ip4/127.0.0.1/tcp/1"]})
+OFFER_BODY = {"sha256": b"\x01" * 32, "size": 10, "kind": "model", "meta": {"round": 1}}
+
+
+def only(errors: tuple[type[Exception], ...], decode: Callable[[Any], Any], data: Any) -> None:
+    """``decode(data)`` returns or raises one of ``errors``; anything else fails the test."""
+    with contextlib.suppress(*errors):
+        decode(data)
+
+
+VALID_ENVELOPE = wire.seal(ALICE, "update", {"x": [1, 2]}, seq=1, timestamp=NOW)
+
+
+@given(mutated(VALID_ENVELOPE))
+def test_envelope(data: bytes) -> None:
+    only((RemoteProtocolError,), wire.open_envelope, data)
+
+
+@given(mutated_value(OFFER_BODY))
+def test_blob_offer_signed_by_a_hostile_peer(body: Any) -> None:
+    """The sender signs whatever it likes: the offer's schema must still hold."""
+    envelope = wire.open_envelope(wire.seal(ALICE, blob.OFFER_TYPE, body, seq=2, timestamp=NOW))
+    only((RemoteProtocolError,), lambda e: blob.parse_offer(e, 2**20), envelope)
+
+
+@given(mutated(blob.encode_reply(False, "busy")))
+def test_blob_reply(data: bytes) -> None:
+    only((RemoteProtocolError,), blob.decode_reply, data)
+
+
+VALID_BATCH = entries_to_wire([MEMBER, sign_entry(ALICE, SWARM, "round", 6, {"round": 3})])
+
+
+@given(mutated(VALID_BATCH))
+def test_crdt_entry_batch_through_triage_and_merge(data: bytes) -> None:
+    state = SwarmState(SWARM)
+    try:
+        entries = decode_entries(data, wire.DEFAULT_LIMITS)
+    except RemoteProtocolError:
+        return
+    triage = state.triage(entries, NOW)  # never raises: rejections are collected
+    assert all(isinstance(e, RemoteProtocolError) for _, e in triage.rejected)
+
+
+@given(st.sampled_from(RECORD_NAMES), mutated_value({"addrs": [], "t": 1.0, "round": 1}))
+def test_record_values_signed_by_their_owner(name: str, value: Any) -> None:
+    only((RemoteProtocolError,), lambda v: check_record(name, v), value)
+
+
+FRAMES = [
+    sync.encode_hello(MEMBER),
+    sync.encode_refused("busy"),
+    sync.encode_want(DigestPage(None, b"\x05" * 32, [(b"\x01" * 32, "member", 3)])),
+    *sync.encode_entries([MEMBER]),
+]
+
+
+@given(st.sampled_from(FRAMES).flatmap(mutated))
+def test_sync_frame(data: bytes) -> None:
+    only((RemoteProtocolError,), sync.decode_frame, data)
+
+
+VALID_TENSORS = state_dict_to_bytes(MODEL)
+
+
+@given(mutated(VALID_TENSORS))
+def test_tensors(data: bytes) -> None:
+    only((RemoteProtocolError,), lambda d: state_dict_from_bytes(d, 2**20), data)
+
+
+@given(st.sampled_from([float("nan"), float("inf"), 1e30, -1e30, 0.0]))
+def test_received_models_are_finite_and_bounded(value: float) -> None:
+    hostile = {n: torch.full_like(t, value) for n, t in MODEL.items()}
+    only((RemoteProtocolError,), lambda m: check_received(m, MODEL), hostile)
+
+
+VALID_CHECKPOINT = wire.pack(
+    {"round": 3, "accuracy": 0.5, "model": VALID_TENSORS, "crdt": VALID_BATCH}
+)
+
+
+@given(mutated(VALID_CHECKPOINT))
+def test_checkpoint_content(data: bytes) -> None:
+    only((RemoteProtocolError, ConfigError), lambda d: decode_checkpoint(d, MODEL), data)
+
+
+@given(mutated(VALID_CHECKPOINT), mutated(VALID_CHECKPOINT))
+def test_checkpoint_files_fall_back_or_refuse_in_one_line(latest: bytes, previous: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        store = CheckpointStore(Path(folder) / "checkpoint.msgpack")
+        store.save(previous)
+        store.save(latest)
+        with contextlib.suppress(CheckpointError):
+            loaded = store.load(lambda payload: decode_checkpoint(payload, MODEL))
+            assert loaded is not None
+
+
+@given(mutated(wire.pack({"op": "status", "args": {}})))
+def test_control_request(data: bytes) -> None:
+    only((RemoteProtocolError,), decode_request, data)
+
+
+VALID_INVITE = issue_invite(ALICE, SWARM, Identity.from_seed(b"b" * 32).public_key).to_wire()
+
+
+@given(mutated(VALID_INVITE))
+def test_invite(data: bytes) -> None:
+    only((RemoteProtocolError,), invite_from_wire, data)
+
+
+@given(st.text(max_size=80) | st.just(issue_invite(ALICE, SWARM, ALICE.public_key).token))
+def test_invite_token_typed_by_an_operator(token: str) -> None:
+    only((ConfigError,), invite_from_token, token)
+
+
+@given(
+    st.sampled_from(
+        [modest.encode_small(m) for m in (modest.Ping(1, 2), modest.AggAck(3, True))]
+        + [modest.encode_small(modest.Membership(1, 2, modest.JOIN))]
+    ).flatmap(mutated_value)
+)
+def test_modest_small_message(body: Any) -> None:
+    only((RemoteProtocolError,), modest.decode_small, body)
+
+
+VALID_META = modest.encode_model_meta(
+    modest.TrainedModel(4, None, {b"\x02" * 32: modest.ViewEntry(3, 1, modest.JOIN)})
+)
+
+
+@given(mutated_value(VALID_META))
+def test_modest_model_meta(meta: Any) -> None:
+    only((RemoteProtocolError,), lambda m: modest.decode_model_meta(m, None), meta)
+
+
+VALID_RECORD_KEY, VALID_RECORD = records.make_peer_record(
+    ALICE, SWARM, ["/ip4/1.2.3.4/tcp/1"], 1, NOW
+)
+
+
+@given(mutated(VALID_RECORD))
+def test_dht_record(data: bytes) -> None:
+    only((RemoteProtocolError,), lambda d: records.validate_record(VALID_RECORD_KEY, d), data)
+
+
+@pytest.mark.parametrize(
+    "mixed",
+    [{"op": "status", b"args": {}}, {"ok": True, b"reason": ""}, {"t": "hello", b"member": 1}],
+)
+def test_maps_with_mixed_key_types_are_a_remote_error_not_a_type_error(mixed: Any) -> None:
+    data = wire.pack(mixed)
+    for decode in (decode_request, blob.decode_reply, sync.decode_frame):
+        with pytest.raises(RemoteProtocolError):
+            decode(data)

@@ -1,0 +1,167 @@
+"""Restarts never lose progress silently; local inputs (checkpoint files, the control socket,
+the received/ folder) are bounded and checked like remote ones."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from peerlearn import wire
+from peerlearn.node.checkpoints import MAGIC, CheckpointStore
+from peerlearn.node.control import MAX_REQUEST, serve_control
+from peerlearn.node.daemon import Daemon
+from peerlearn.node.learner import CHECKPOINT_FILE
+from tests.adversarial.hostile import daemon, eventually, node_config, run
+
+pytestmark = pytest.mark.integration
+
+
+def learned(tmp_path: Path, rounds: int = 3) -> Path:
+    """A data dir whose daemon learned ``rounds`` rounds and stopped (two checkpoints)."""
+    config = node_config(tmp_path, "d", algo="gossip-vca", round_interval=0.1, max_rounds=rounds)
+
+    async def main() -> None:
+        async with daemon(config, learn=True) as node:
+            await eventually(lambda: node.learner and node.learner.round >= rounds, 60)
+
+    run(main)
+    return config.data_dir
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = learned(tmp_path)
+    flip_a_byte(data_dir / CHECKPOINT_FILE)  # a bit flip in a tensor: the checksum tells
+    config = node_config(tmp_path, "d", algo="gossip-vca", round_interval=60)
+
+    async def main() -> None:
+        with caplog.at_level(logging.WARNING):
+            async with daemon(config, learn=True) as node:
+                assert node.learner is not None
+                assert node.learner.resumed == 2  # the previous checkpoint's round
+        assert "checksum mismatch" in caplog.text
+
+    run(main)
+
+
+def _start(data_dir: Path, *flags: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "peerlearn", "node", "start", "--data-dir", str(data_dir),
+         "--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "adversarial", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def test_unusable_checkpoints_refuse_to_start_in_one_line_unless_fresh(tmp_path: Path) -> None:
+    data_dir = learned(tmp_path)
+    flip_a_byte(data_dir / CHECKPOINT_FILE)
+    flip_a_byte(data_dir / f"{CHECKPOINT_FILE}.prev")
+    refused = _start(data_dir)
+    out, err = refused.communicate(timeout=60)
+    assert refused.returncode == 2, (out, err)
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: cannot resume")
+    assert "--fresh" in err
+    fresh = _start(data_dir, "--fresh", "--round-interval", "0.2")
+    try:
+        from peerlearn.node.control import call
+        from tests.conftest import wait_until
+
+        socket = data_dir / "control.sock"
+        state = wait_until(lambda: call(socket, "status")["learning"]["round"] >= 1, 60)
+        assert state
+        assert call(socket, "status")["learning"]["resumed_from_round"] is None
+    finally:
+        fresh.terminate()
+        fresh.communicate(timeout=30)
+    assert len(list(data_dir.glob(f"{CHECKPOINT_FILE}*.discarded-*"))) == 2
+
+
+def test_an_invalid_value_in_a_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    data_dir = learned(tmp_path, rounds=1)
+    store = CheckpointStore(data_dir / CHECKPOINT_FILE)
+    payload = wire.unpack(
+        (data_dir / CHECKPOINT_FILE).read_bytes()[len(MAGIC) + 32 :],
+        wire.Limits(max_message_size=2**26),
+    )
+    store.save(wire.pack({**payload, "round": "seven"}))  # a valid checksum, a bad value
+    store.save(wire.pack({**payload, "round": "seven"}))
+    refused = _start(data_dir)
+    _, err = refused.communicate(timeout=60)
+    assert refused.returncode == 2
+    assert err.count("\n") == 1, err
+    assert "round must be a non-negative integer" in err
+
+
+def test_the_control_socket_bounds_slow_and_large_requests(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+
+    async def status(args: dict[str, object]) -> dict[str, object]:
+        return {"ok": True}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve_control(
+                    path, {"status": status}, request_timeout=0.5, task_status=task_status
+                )
+            )
+            silent = await trio.open_unix_socket(str(path))
+            with trio.fail_after(3):
+                assert await silent.receive_some(1) == b""  # closed after the timeout
+            huge = await trio.open_unix_socket(str(path))
+            await huge.send_all((MAX_REQUEST + 1).to_bytes(4, "big"))
+            with trio.fail_after(3):
+                assert await huge.receive_some(1) == b""  # refused before reading a body
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_the_received_folder_has_a_quota(tmp_path: Path) -> None:
+    model = {"w": torch.arange(100, dtype=torch.float32)}
+    torch.save(model, tmp_path / "m.pt")
+    saved = (tmp_path / "m.pt").stat().st_size  # as the receiver keeps it
+    config = node_config(tmp_path, "d", swarm="", received_quota=int(saved * 2.5))
+
+    async def main() -> None:
+        async with daemon(config) as node:
+            boot = (node.host.addrs()[0],)
+            async with daemon(node_config(tmp_path, "s", swarm="", bootstrap=boot)) as sender:
+                results = await shares(sender)
+            assert [r["ok"] for r in results] == [True, True, False]
+            assert "received/ folder is full" in results[2]["error"]
+            assert node.received_bytes <= config.received_quota
+
+    async def shares(sender: Daemon) -> list[dict[str, object]]:
+        results = []
+        for _ in range(3):
+            model["w"] += 1
+            torch.save(model, tmp_path / "m.pt")
+            results += await sender.share_model(tmp_path / "m.pt")
+        return results
+
+    run(main)
+
+
+def test_checksums_cover_the_whole_payload(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "c")
+    store.save(b"payload")
+    raw = (tmp_path / "c").read_bytes()
+    assert raw == MAGIC + hashlib.sha256(b"payload").digest() + b"payload"
