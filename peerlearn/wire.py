@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -61,8 +62,7 @@ def pack(obj: Any) -> bytes:
         raise LocalProtocolError(f"cannot encode {type(obj).__name__}: {exc}") from exc
 
 
-def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Decode one msgpack value from ``data`` within ``limits``; anything else is rejected."""
+def _unpacker(data: Any, limits: Limits) -> msgpack.Unpacker:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise RemoteProtocolError(f"expected bytes, got {type(data).__name__}")
     if len(data) > limits.max_message_size:
@@ -80,17 +80,38 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         max_map_len=limits.max_map_len,
         max_ext_len=0,
     )
+    unpacker.feed(data)
+    return unpacker
+
+
+def _next_value(unpacker: msgpack.Unpacker) -> Any:
     try:
-        unpacker.feed(data)
-        value = unpacker.unpack()
+        return unpacker.unpack()
     except msgpack.OutOfData as exc:
         raise RemoteProtocolError("truncated msgpack") from exc
     except (ValueError, msgpack.UnpackException, RecursionError) as exc:
         # ValueError covers ExtraData, FormatError, StackError and limit violations.
         raise RemoteProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from exc
+
+
+def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Decode one msgpack value from ``data`` within ``limits``; anything else is rejected."""
+    unpacker = _unpacker(data, limits)
+    value = _next_value(unpacker)
     if unpacker.tell() != len(data):
         raise RemoteProtocolError(f"{len(data) - unpacker.tell()} trailing bytes after msgpack")
     return value
+
+
+def unpack_sequence(data: bytes, limits: Limits, max_values: int) -> Iterator[Any]:
+    """Decode consecutive msgpack values (each within ``limits``), at most ``max_values``."""
+    unpacker = _unpacker(data, limits)
+    for _ in range(max_values):
+        if unpacker.tell() == len(data):
+            return
+        yield _next_value(unpacker)
+    if unpacker.tell() != len(data):
+        raise RemoteProtocolError(f"more than {max_values} msgpack values", Offence.OVERSIZED)
 
 
 # --- schema helpers -------------------------------------------------------------------------

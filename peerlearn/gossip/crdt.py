@@ -29,7 +29,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +136,26 @@ def entries_from_list(raw: Any) -> list[Entry]:
 
 def entries_to_wire(entries: Iterable[Entry]) -> bytes:
     return wire.pack([e.to_wire() for e in entries])
+
+
+SNAPSHOT_CHUNK = 500  # entries per msgpack list in a snapshot
+
+
+def encode_snapshot(entries: Sequence[Entry]) -> bytes:
+    """A whole replica for the disk: consecutive msgpack lists of ``SNAPSHOT_CHUNK`` entries,
+    so neither writing nor reading it holds the interpreter for long at a time."""
+    return b"".join(
+        entries_to_wire(entries[start : start + SNAPSHOT_CHUNK])
+        for start in range(0, len(entries), SNAPSHOT_CHUNK)
+    )
+
+
+def decode_snapshot(data: bytes, max_entries: int) -> list[Entry]:
+    limits = wire.Limits(max_message_size=len(data), max_array_len=SNAPSHOT_CHUNK)
+    entries: list[Entry] = []
+    for chunk in wire.unpack_sequence(data, limits, max_entries // SNAPSHOT_CHUNK + 1):
+        entries += entries_from_list(chunk)
+    return entries
 
 
 @dataclass

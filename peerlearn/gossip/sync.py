@@ -33,6 +33,7 @@ MAX_SYNC_FRAME = 1 * 2**20  # bytes
 OWNERS_PER_PAGE = 512
 MAX_HAVE = OWNERS_PER_PAGE * len(RECORD_NAMES)
 MAX_REASON = 200  # characters
+MAX_ENTRIES_PER_FRAME = 512  # keeps the work one frame costs the receiver's event loop small
 LIMITS = wire.Limits(max_message_size=MAX_SYNC_FRAME, max_array_len=MAX_HAVE, max_map_len=8)
 
 
@@ -74,13 +75,14 @@ def encode_want(page: DigestPage) -> bytes:
 
 
 def encode_entries(entries: Iterable[Entry], max_frame: int = MAX_SYNC_FRAME) -> Iterator[bytes]:
-    """``entries`` as frames of at most ``max_frame`` bytes; the last says ``more: false``."""
+    """``entries`` as frames of at most ``max_frame`` bytes and ``MAX_ENTRIES_PER_FRAME``
+    entries; the last says ``more: false``."""
     batch: list[list[Any]] = []
     size = 0
     for entry in entries:
         raw = entry.to_wire()
         item_size = len(wire.pack(raw))
-        if batch and (size + item_size + 64 > max_frame or len(batch) >= LIMITS.max_array_len):
+        if batch and (size + item_size + 64 > max_frame or len(batch) >= MAX_ENTRIES_PER_FRAME):
             yield wire.pack({"t": "entries", "entries": batch, "more": True})
             batch, size = [], 0
         batch.append(raw)

@@ -32,13 +32,14 @@ from peerlearn.identity import Identity, load_or_create_identity, peer_id_from_p
 from peerlearn.learning.hygiene import check_finite
 from peerlearn.node import blob
 from peerlearn.node.boundary import Boundary
+from peerlearn.node.checkpoints import CheckpointStore
 from peerlearn.node.config import NodeConfig, admission_rule
 from peerlearn.node.control import serve_control
 from peerlearn.node.datadir import DataDir, atomic_write_bytes, atomic_write_json
 from peerlearn.node.framing import Pace
 from peerlearn.node.host import P2PHost, RelaySettings, Stream, all_loopback, open_host
 from peerlearn.node.learner import MODEL_KIND, MODEST_KIND, MSG_PROTOCOL, Learner
-from peerlearn.node.swarm import SwarmService
+from peerlearn.node.swarm import STATE_FILE, SwarmService
 from peerlearn.node.traversal import NatTraversal
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
 
@@ -124,6 +125,7 @@ class Daemon:
                 max_peers=config.max_connections,
                 invite=_own_invite(config, admission, self.identity),
                 pace=self.pace,
+                store=CheckpointStore(data_dir.root / STATE_FILE),
             )
             boundary.is_member = self.swarm.is_member
             boundary.introduce = self.swarm.sync_with

@@ -28,7 +28,7 @@ import trio
 
 from peerlearn import wire
 from peerlearn.errors import NetworkError, RemoteProtocolError
-from peerlearn.gossip.crdt import Entry, decode_entries, entries_to_wire
+from peerlearn.gossip.crdt import Entry
 from peerlearn.identity import peer_id_from_public_key, public_key_from_peer_id
 from peerlearn.learning import attacks, bristle, data, modest, protocols, robust
 from peerlearn.learning.hygiene import check_finite, check_layout, check_received
@@ -56,7 +56,7 @@ _CHECKPOINT_LIMITS = wire.Limits(max_message_size=64 * 2**20, max_array_len=100_
 _MSG_LIMITS = wire.Limits(max_message_size=4096)
 
 
-_Checkpoint = tuple[StateDict, int, float | None, list[Entry]]  # model, round, accuracy, crdt
+_Checkpoint = tuple[StateDict, int, float | None]  # model, round, accuracy
 
 
 def decode_checkpoint(payload: bytes, reference: StateDict) -> _Checkpoint:
@@ -64,7 +64,7 @@ def decode_checkpoint(payload: bytes, reference: StateDict) -> _Checkpoint:
     ``CheckpointError`` or ``RemoteProtocolError`` in one line for anything wrong."""
     raw = wire.expect_map(
         wire.unpack(payload, _CHECKPOINT_LIMITS),
-        {"round", "accuracy", "model", "crdt"},
+        {"round", "accuracy", "model"},
         "checkpoint",
     )
     round_, accuracy_ = raw["round"], raw["accuracy"]
@@ -76,8 +76,7 @@ def decode_checkpoint(payload: bytes, reference: StateDict) -> _Checkpoint:
     model = state_dict_from_bytes(model_bytes, _CHECKPOINT_LIMITS.max_message_size)
     check_layout(model, reference)
     check_finite(model)
-    crdt = wire.expect(raw["crdt"], bytes, "checkpoint.crdt")
-    return model, round_, accuracy_, decode_entries(crdt, _CHECKPOINT_LIMITS)
+    return model, round_, accuracy_
 
 
 class Learner:
@@ -179,24 +178,14 @@ class Learner:
         loaded = self.checkpoints.load(lambda payload: decode_checkpoint(payload, self.model))
         if loaded is None:
             return None
-        model, round_, accuracy_, entries = loaded.value
-        self.model, self.round, self.accuracy = model, round_, accuracy_
-        self.swarm.restore(entries)
+        self.model, self.round, self.accuracy = loaded.value
         logger.info("resumed from %s at round %d", loaded.path.name, self.round)
         return self.round
 
-    def _save_checkpoint(
-        self, round_: int, accuracy_: float, model_bytes: bytes, crdt: list[Entry]
-    ) -> None:
-        """Runs in a worker thread: ``crdt`` is a snapshot taken in the trio thread."""
-        payload = wire.pack(
-            {
-                "round": round_,
-                "accuracy": accuracy_,
-                "model": model_bytes,
-                "crdt": entries_to_wire(crdt),
-            }
-        )
+    def _save_checkpoint(self, round_: int, accuracy_: float, model_bytes: bytes) -> None:
+        """Runs in a worker thread. The swarm state is saved by the swarm service, on its
+        own schedule: writing 10,000 members' records every round held the event loop."""
+        payload = wire.pack({"round": round_, "accuracy": accuracy_, "model": model_bytes})
         self.checkpoints.save(payload)
 
     # -- shared steps -----------------------------------------------------------------------
@@ -231,8 +220,7 @@ class Learner:
                 return  # MoDeST: an aggregate we already know (as trainer and aggregator)
             acc = await trio.to_thread.run_sync(accuracy, self.spec, model, self.test)
             model_bytes = state_dict_to_bytes(model)
-            crdt = list(self.swarm.state.entries.values())
-            await trio.to_thread.run_sync(self._save_checkpoint, round_, acc, model_bytes, crdt)
+            await trio.to_thread.run_sync(self._save_checkpoint, round_, acc, model_bytes)
             self.round, self.model, self.accuracy = round_, model, acc
             digest = hashlib.sha256(model_bytes).hexdigest()
             self.swarm.write("round", {"round": round_})
@@ -278,14 +266,16 @@ class Learner:
         model = state_dict_from_bytes(received.data, self.max_model_bytes)
         check_received(model, self.model, max_update_ratio=self.config.max_update_ratio)
         pk = public_key_from_peer_id(received.sender_id)  # checked against the signed offer
-        self.models_received += 1
-        self.on_bytes(0, received.offer.size)
         if received.offer.kind == MODEL_KIND:
             self.inbox[pk] = model
-        elif self.modest is not None:
-            self.modest.receive_model(pk, received.offer.meta, model)
-        else:
+        elif self.config.algo != "modest":
             raise RemoteProtocolError("this node does not run MoDeST")
+        elif self.modest is None:
+            raise blob.BlobBusy("not learning yet")
+        else:
+            self.modest.receive_model(pk, received.offer.meta, model)
+        self.models_received += 1
+        self.on_bytes(0, received.offer.size)
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -407,8 +397,11 @@ class Learner:
                 data, _MSG_LIMITS, expected_sender=stream.remote_public_key
             )
             self.replay_guard.check(envelope, time.time())
-            if envelope.type != MODEST_MESSAGE or self.modest is None:
+            if envelope.type != MODEST_MESSAGE:
                 raise RemoteProtocolError(f"unexpected {envelope.type[:40]!r} message")
+            if self.modest is None:  # not learning yet (or not MoDeST): nothing to answer
+                logger.debug("MoDeST message from %s before we started", stream.remote_peer_id)
+                return
             self.modest.receive_small(envelope.sender, envelope.body)
         finally:
             await stream.close()
@@ -444,6 +437,9 @@ class _ModestDriver:
         self.training: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
         learner.swarm.listeners.append(self._on_crdt_change)
+        # What the swarm state held before we listened counts too (a restarted node's first
+        # sync may land between its restore and this driver's start).
+        self._on_crdt_change(list(learner.swarm.state.entries.values()))
 
     def _on_crdt_change(self, changed: list[Entry]) -> None:
         now = trio.current_time()

@@ -42,11 +42,14 @@ from peerlearn.gossip.crdt import (
     Entry,
     SwarmState,
     decode_entries,
+    decode_snapshot,
+    encode_snapshot,
     entries_to_wire,
     verify_entries,
 )
 from peerlearn.gossip.schemas import RECORD_NAMES
 from peerlearn.identity import peer_id_from_public_key, public_key_from_peer_id
+from peerlearn.node.checkpoints import CheckpointError, CheckpointStore
 from peerlearn.node.framing import DEFAULT_PACE, Pace, receive_frame, send_frame
 from peerlearn.node.host import MAX_PUBLISH_SIZE, P2PHost, Stream
 
@@ -67,6 +70,10 @@ FIRST_SYNC_GRACE = 2.0  # seconds a joining node waits for its first sync before
 DIAL_RETRY_FIRST = 1.0  # seconds before redialling a peer whose dial failed; doubles per failure
 DIAL_RETRY_MAX = 60.0  # seconds
 INLINE_VERIFY = 16  # entries verified on the event loop; larger batches go to a thread
+ACCEPT_SLICE = 256  # remote entries triaged and merged at a time
+STATE_FILE = "swarm-state.msgpack"
+SAVE_INTERVAL = 30.0  # seconds between saves of a changing swarm state
+SAVE_AT_SHUTDOWN = 5.0  # seconds the last save may take
 
 
 @dataclass
@@ -109,12 +116,14 @@ class SwarmService:
         max_peers: int,
         invite: bytes | None = None,
         pace: Pace = DEFAULT_PACE,
+        store: CheckpointStore | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``sequence`` is the node's single counter for everything its identity signs;
         ``invite`` (token admission) goes into our member record; ``pace`` is what peers
-        must keep on our streams; ``wall_clock`` dates what we sign and judges what others
-        dated."""
+        must keep on our streams; ``store`` keeps the state across restarts (restored here,
+        saved every ``SAVE_INTERVAL`` while it changes and at shutdown); ``wall_clock`` dates
+        what we sign and judges what others dated."""
 
         self.host = host
         self.state = state
@@ -135,6 +144,10 @@ class SwarmService:
         self._serving: set[str] = set()  # peers whose sync session we serve right now
         self._backoff = DialBackoff()
         self._sequence = sequence
+        self._store = store
+        self._changed = trio.Event()
+        if store is not None:
+            self._restore(store)
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
 
     @property
@@ -183,6 +196,7 @@ class SwarmService:
         return [[o.hex(), n, e.clock] for (o, n), e in sorted(self.state.entries.items())]
 
     def _notify(self, changed: list[Entry]) -> None:
+        self._changed.set()
         for entry in changed:
             if entry.name == "member":  # a new member, or new addresses: dial it now
                 self._backoff.reset(peer_id_from_public_key(entry.owner))
@@ -194,7 +208,14 @@ class SwarmService:
 
     async def accept(self, entries: list[Entry], source: str) -> list[Entry]:
         """Triage, verify and merge entries that came from ``source`` (a peer ID); what is
-        rejected is counted against ``source``, once per kind of offence per batch."""
+        rejected is counted against ``source``, once per kind of offence per batch. Large
+        batches are taken a slice at a time, so the event loop is never held for long."""
+        if len(entries) > ACCEPT_SLICE:
+            changed = []
+            for start in range(0, len(entries), ACCEPT_SLICE):
+                changed += await self.accept(entries[start : start + ACCEPT_SLICE], source)
+                await trio.lowlevel.checkpoint()
+            return changed
         triage = self.state.triage(entries, self.wall_clock())
         offences: dict[Offence, list[str]] = defaultdict(list)
         for _, error in triage.rejected:
@@ -215,16 +236,43 @@ class SwarmService:
             self._notify(changed)
         return changed
 
-    def restore(self, entries: list[Entry]) -> int:
-        """Entries from our own checkpoint (at start, before any peer): checked like any
-        others; returns how many were kept."""
+    def _restore(self, store: CheckpointStore) -> None:
+        """Our saved state (before any peer): checked like any remote entries. A damaged
+        file costs nothing the peers cannot give back, so it is reported, not fatal."""
+        try:
+            loaded = store.load(lambda data: decode_snapshot(data, self._max_entries))
+        except CheckpointError as exc:
+            logger.warning("starting with an empty swarm state: %s", exc)
+            return
+        if loaded is None:
+            return
+        entries = loaded.value
         triage = self.state.triage(entries, self.wall_clock())
         verified, _ = verify_entries(self.swarm, triage.candidates)
-        changed = self.state.merge(verified)
-        dropped = len(entries) - len(changed) - triage.known
-        if dropped:
-            logger.warning("dropped %d swarm records from the checkpoint (invalid)", dropped)
-        return len(changed)
+        kept = self.state.merge(verified)
+        dropped = len(entries) - len(kept) - triage.known
+        logger.info("restored %d swarm records (%d invalid dropped)", len(kept), dropped)
+
+    @property
+    def _max_entries(self) -> int:
+        return self.state.max_owners * len(RECORD_NAMES)
+
+    async def _persist(self, store: CheckpointStore) -> None:
+        """Save the state when it changed, at most every ``SAVE_INTERVAL`` seconds, and once
+        more at shutdown (within a bounded time)."""
+        try:
+            while True:
+                await self._changed.wait()
+                self._changed = trio.Event()
+                await self._save(store)
+                await trio.sleep(SAVE_INTERVAL)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(SAVE_AT_SHUTDOWN):
+                await self._save(store)
+
+    async def _save(self, store: CheckpointStore) -> None:
+        snapshot = list(self.state.entries.values())
+        await trio.to_thread.run_sync(lambda: store.save(encode_snapshot(snapshot)))
 
     # -- tasks ----------------------------------------------------------------------------
 
@@ -239,6 +287,8 @@ class SwarmService:
             n.start_soon(self._heartbeats)
             n.start_soon(self._discovery)
             n.start_soon(self._anti_entropy)
+            if self._store is not None:
+                n.start_soon(self._persist, self._store)
             task_status.started()
 
     def _member_value(self) -> dict[str, Any]:
@@ -328,34 +378,36 @@ class SwarmService:
         else:
             candidates = self._dial_candidates()
         room = min(MAX_DIALS_IN_FLIGHT - len(self._busy), self.max_peers - len(connected))
-        for peer_id, addrs in sorted(candidates.items()):
-            if room <= 0:
-                break
-            if peer_id == self.host.peer_id or peer_id in connected or peer_id in self._busy:
-                continue
-            if not self._backoff.due(peer_id, time.monotonic()):
-                continue
-            if addrs:
-                self._busy.add(peer_id)
-                nursery.start_soon(self._dial, peer_id, addrs)
-                room -= 1
+        now = time.monotonic()
+        skip = connected | self._busy | {self.host.peer_id}
+        due = [
+            (peer_id, addrs)
+            for peer_id, addrs in candidates.items()
+            if peer_id not in skip and self._backoff.due(peer_id, now)
+        ]
+        for peer_id, addrs in sorted(due)[: max(room, 0)]:
+            self._busy.add(peer_id)
+            nursery.start_soon(self._dial, peer_id, addrs)
         for peer_id in sorted(connected - self.synced_with - self._busy - self.foreign_peers):
             self._busy.add(peer_id)
             nursery.start_soon(self._sync_new, peer_id)
         self._check_joined()
 
     def _dial_candidates(self) -> dict[str, list[str]]:
-        """{peer: addresses} from the DHT, mDNS and member records (these win: signed)."""
+        """{peer: addresses} from the DHT, mDNS and member records (these win: signed);
+        peers without an address we could dial are left out."""
         candidates = dict(self._providers)
         for peer_id, addrs in self.host.take_mdns_discoveries():
             candidates.setdefault(peer_id, addrs)  # not members yet: sync decides
         for owner, value in self.state.records("member").items():
-            candidates[peer_id_from_public_key(owner)] = list(value["addrs"])
-        if not self.host.relaying:  # circuit addresses need relay support
-            candidates = {
-                p: [a for a in addrs if "/p2p-circuit" not in a] for p, addrs in candidates.items()
-            }
-        return candidates
+            if value["addrs"]:
+                candidates[peer_id_from_public_key(owner)] = list(value["addrs"])
+        relaying = self.host.relaying  # circuit addresses need relay support
+        usable = {
+            peer: [a for a in addrs if relaying or "/p2p-circuit" not in a]
+            for peer, addrs in candidates.items()
+        }
+        return {peer: addrs for peer, addrs in usable.items() if addrs}
 
     def _check_joined(self) -> None:
         """Joined = synced with someone and connected to every member we know of, except
@@ -363,7 +415,12 @@ class SwarmService:
         after every sync and failed dial: one slow dial must not delay the verdict."""
         if self.join_seconds is not None or self.join_started is None or not self.synced_with:
             return
-        members = set(self.members()) - {self.host.peer_id} - self._backoff.unreachable
+        members = {
+            peer_id_from_public_key(owner)
+            for owner, value in self.state.records("member").items()
+            if value["addrs"]  # a member without an address cannot be dialled
+        }
+        members -= {self.host.peer_id} | self._backoff.unreachable
         now_connected = {p.peer_id for p in self.host.connected_peers()}
         if members <= now_connected:
             self.join_seconds = time.monotonic() - self.join_started
@@ -486,7 +543,7 @@ class SwarmService:
         if not eager:
             await send_frame(stream, sync.encode_want(first))
         page: DigestPage | None = first
-        budget = self.state.max_owners * len(RECORD_NAMES)  # entries a whole state can hold
+        budget = self._max_entries  # entries a whole state can hold
         while page is not None:
             more = True
             while more:

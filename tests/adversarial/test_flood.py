@@ -20,7 +20,7 @@ from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 FAKES = 10_000
-MAX_LAG_MS = 250  # on a loaded 2-core CI machine; bench/hostile_flood.py reports the real one
+MAX_LAG_MS = 100  # the goal; measured 3-4 ms on a 2-core machine
 MAX_RSS_GROWTH_MB = 300
 
 
