@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint fuzz bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check peerlearn tests bench examples
 	$(PY) -m mypy peerlearn
 
+# Everything but `slow` (each over a minute): unit, property, real-libp2p, NAT lab (root), CLI.
 test: lint
-	$(PY) -m pytest -m "not slow" -q
+	@start=$$(date +%s); \
+	$(PY) -m pytest -m "not slow" -q --durations=10; status=$$?; \
+	echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$status
+
+# The decoder properties with 5000 examples each instead of 100 (about 2 minutes).
+fuzz: $(STAMP)
+	PEERLEARN_FUZZ=1 $(PY) -m pytest -q tests/adversarial/test_decoders.py
 
 bench: $(STAMP)
 	$(PY) bench/stream_throughput.py

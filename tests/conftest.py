@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -42,3 +42,18 @@ def wait_until(probe: Callable[[], T | None], timeout: float = 20.0, interval: f
                 return value
         time.sleep(interval)
     pytest.fail(f"condition not met within {timeout} s (last error: {last_error})")
+
+
+ROOT_MARKERS = ("nat", "root")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """With PEERLEARN_REQUIRE_ROOT_TESTS=1 (``.ci/run`` as root), a root-only test that
+    skips is a failure: CI must run the NAT lab, not quietly leave it out."""
+    outcome = yield
+    report = outcome.get_result()
+    required = os.environ.get("PEERLEARN_REQUIRE_ROOT_TESTS") == "1"
+    if required and report.skipped and any(item.get_closest_marker(m) for m in ROOT_MARKERS):
+        report.outcome = "failed"
+        report.longrepr = f"root-only test skipped although CI runs as root: {report.longrepr}"

@@ -18,6 +18,7 @@ from tests.conftest import wait_until
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.root,
     pytest.mark.skipif(
         os.geteuid() != 0 or shutil.which("ip") is None,
         reason="needs root and iproute2 to create network namespaces",
@@ -80,6 +81,7 @@ def test_mdns_finds_the_other_namespace_without_bootstrap(
                     stderr=subprocess.STDOUT,
                 )
             )
+            log.close()  # the child keeps its own copy
         for name in "ab":  # each side reports its own join, possibly a moment later
             wait_until(lambda n=name: "joined swarm lan" in (tmp_path / f"{n}.log").read_text(), 60)
         assert "1 members connected" in (tmp_path / "b.log").read_text()

@@ -46,21 +46,21 @@ s.accept()
 
 def _reaches(client: LabHost, server: LabHost, ip: str | None = None) -> bool:
     """Can ``client`` open a TCP connection to port 7000 of ``server`` (at ``ip``)?"""
-    listener = subprocess.Popen(
+    with subprocess.Popen(
         server.command(sys.executable, "-c", _LISTEN, server.ip),
         stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
-    )
-    try:
-        assert listener.stdout is not None
-        assert listener.stdout.readline() == "listening\n"
-        dial = f"import socket; socket.create_connection(('{ip or server.ip}', 7000), timeout=2)"
-        return (
-            subprocess.run(client.command(sys.executable, "-c", dial), timeout=20).returncode == 0
-        )
-    finally:
-        listener.kill()
-        listener.wait()
+    ) as listener:
+        try:
+            assert listener.stdout is not None
+            assert listener.stdout.readline() == "listening\n"
+            target = ip or server.ip
+            dial = f"import socket; socket.create_connection(('{target}', 7000), timeout=2)"
+            dialled = subprocess.run(client.command(sys.executable, "-c", dial), timeout=20)
+            return dialled.returncode == 0
+        finally:
+            listener.kill()
 
 
 def test_the_lab_cone_nat_lets_out_keeps_unsolicited_out_and_joins_its_own_lan() -> None:
@@ -154,15 +154,26 @@ def _received_from(net: LocalSwarm, i: int, sender: str) -> dict[str, torch.Tens
     return saved
 
 
-@pytest.mark.parametrize("nat_pair", ["cone"], indirect=True)
+@pytest.mark.parametrize(
+    ("nat_pair", "attempts", "required"),
+    [
+        pytest.param("cone", 5, 4, id="cone-5"),  # in `make test`: under a minute
+        pytest.param("cone", ATTEMPTS, REQUIRED, id="cone-25", marks=pytest.mark.slow),
+    ],
+    indirect=["nat_pair"],
+)
 def test_cone_nats_hole_punch_to_a_direct_connection(
-    nat_pair: LocalSwarm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    nat_pair: LocalSwarm,
+    attempts: int,
+    required: int,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     net = nat_pair
     relay_streams = _status(net, RELAY)["open_streams"]
     times: list[float] = []
     failures: list[str] = []
-    for attempt in range(ATTEMPTS):
+    for attempt in range(attempts):
         if attempt:  # a fresh pair: new identities, new ports, new NAT mappings
             assert net.stop_some([A, B]) == [0, 0], net.logs()
             for i in (A, B):
@@ -176,7 +187,7 @@ def test_cone_nats_hole_punch_to_a_direct_connection(
         try:
             wait_until(lambda a=a_id: _path(net, B, a) == "direct", PUNCH_DEADLINE, interval=0.2)
             times.append(time.monotonic() - started)
-        except pytest.fail.Exception:  # one slow attempt is allowed (>= 24 of 25)
+        except pytest.fail.Exception:  # a slow attempt is allowed (>= 24 of 25, 4 of 5)
             failures.append(f"attempt {attempt}: {_status(net, B).get('nat')}")
 
         if attempt == 0:  # a model update crosses both NATs bit-identical, directly
@@ -186,12 +197,12 @@ def test_cone_nats_hole_punch_to_a_direct_connection(
             assert all(torch.equal(saved[k], v) for k, v in state.items())
     with capsys.disabled():
         print(
-            f"\ncone NAT hole punching: {len(times)}/{ATTEMPTS} direct within "
+            f"\ncone NAT hole punching: {len(times)}/{attempts} direct within "
             f"{PUNCH_DEADLINE:.0f} s;"
             f" seconds to direct min {min(times):.2f} median {sorted(times)[len(times) // 2]:.2f}"
             f" max {max(times):.2f}"
         )
-    assert len(times) >= REQUIRED, failures
+    assert len(times) >= required, failures
     # every pair is gone: the relay holds no streams for them any more
     wait_until(lambda: _status(net, RELAY)["open_streams"] <= relay_streams + 2, 30)
 

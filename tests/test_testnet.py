@@ -112,13 +112,13 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 def _up(tmp_path: Path, nodes: int) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    supervisor = subprocess.Popen(
-
-        [sys.executable, "-m", "peerlearn", "testnet", "up", "--nodes", str(nodes),
-         "--dir", str(tmp_path), "--round-interval", "0.5"],
-        stdout=(tmp_path / "up.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with (tmp_path / "up.log").open("wb") as log:  # the child keeps its own copy
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "peerlearn", "testnet", "up", "--nodes", str(nodes),
+             "--dir", str(tmp_path), "--round-interval", "0.5"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
     def ready() -> dict[str, object] | None:
         assert supervisor.poll() is None, (tmp_path / "up.log").read_text()

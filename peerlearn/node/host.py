@@ -82,7 +82,7 @@ MAX_PUBLISH_SIZE = 256 * 1024  # bytes; gossip carries small messages only (pubs
 GOSSIP_DEGREE = (4, 6, 12)  # mesh degree low, target, high
 GOSSIP_HEARTBEAT = 1  # seconds (the library default is 120)
 GOSSIP_RATE_LIMIT = 200.0  # messages per topic per second per peer, raised on purpose
-SHUTDOWN_SERVICES_TIMEOUT = 5.0  # seconds for mDNS and UPnP to stop
+SHUTDOWN_SERVICES_TIMEOUT = 5.0  # seconds for connections, mDNS and UPnP to close
 MAX_INBOUND_STREAMS_PER_PEER = 64  # streams a peer may hold open to us at once (all protocols)
 
 logger = logging.getLogger(__name__)
@@ -836,8 +836,11 @@ async def _run_network(raw: Any, addrs: list[Any], host: P2PHost) -> AsyncIterat
         try:
             yield
         finally:
+            # Close connections (and mDNS, UPnP) before the network service is stopped: the
+            # service's own shutdown closes them in an already cancelled scope, so their
+            # sockets would leak.
             with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_SERVICES_TIMEOUT):
-                await raw._shutdown_background_services()
+                await raw.close()
 
 
 async def _reset_quietly(net_stream: Any) -> None:

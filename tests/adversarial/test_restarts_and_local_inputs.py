@@ -128,13 +128,13 @@ def test_the_control_socket_bounds_slow_and_large_requests(tmp_path: Path) -> No
                     path, {"status": status}, request_timeout=0.5, task_status=task_status
                 )
             )
-            silent = await trio.open_unix_socket(str(path))
-            with trio.fail_after(3):
-                assert await silent.receive_some(1) == b""  # closed after the timeout
-            huge = await trio.open_unix_socket(str(path))
-            await huge.send_all((MAX_REQUEST + 1).to_bytes(4, "big"))
-            with trio.fail_after(3):
-                assert await huge.receive_some(1) == b""  # refused before reading a body
+            async with await trio.open_unix_socket(str(path)) as silent:
+                with trio.fail_after(3):
+                    assert await silent.receive_some(1) == b""  # closed after the timeout
+            async with await trio.open_unix_socket(str(path)) as huge:
+                await huge.send_all((MAX_REQUEST + 1).to_bytes(4, "big"))
+                with trio.fail_after(3):
+                    assert await huge.receive_some(1) == b""  # refused before reading a body
             nursery.cancel_scope.cancel()
 
     run(main)
