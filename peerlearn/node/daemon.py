@@ -378,6 +378,7 @@ class Daemon:
                 "blobs_refused_busy": self.blob_budget.refused,
                 "received_bytes": self.received_bytes,
                 "library_faults": self.host.library_faults,
+                "dht_records_rejected": self.host.dht_records_rejected,
             },
             "swarm": self.config.swarm or None,
             "swarm_state": self.swarm.status() if self.swarm is not None else None,

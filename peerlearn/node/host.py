@@ -338,12 +338,17 @@ def _expand_listen_addrs(listen: Sequence[str]) -> list[Any]:
 
 
 class _RecordValidator(Validator):  # type: ignore[misc]
-    """libp2p's validator interface over ``peerlearn.gossip.records``."""
+    """libp2p's validator interface over ``peerlearn.gossip.records``. The library does not
+    say which peer sent a record, so refusals are counted, not scored."""
+
+    def __init__(self) -> None:
+        self.rejected = 0
 
     def validate(self, key: str, value: bytes) -> None:
         try:
             records.validate_record(key, value)
         except RemoteProtocolError as exc:
+            self.rejected += 1
             raise ValueError(str(exc)) from exc
 
     def select(self, key: str, values: list[bytes]) -> int:
@@ -374,6 +379,7 @@ class P2PHost:
         self._pubsub: Any = None
         self.publish_failures = 0
         self.library_faults = 0
+        self._records_validator: _RecordValidator | None = None
         self._mdns_found: list[tuple[str, list[str]]] = []
         self._relay: _Relay | None = None
         self._inbound_streams: Counter[str] = Counter()
@@ -494,6 +500,11 @@ class P2PHost:
         except Exception as exc:
             raise NetworkError(f"DHT get of {key} failed: {exc}") from exc
         return value
+
+    @property
+    def dht_records_rejected(self) -> int:
+        validator = self._records_validator
+        return validator.rejected if validator is not None else 0
 
     def dht_size(self) -> int:
         return int(self._dht.get_routing_table_size()) if self._dht is not None else 0
@@ -753,7 +764,8 @@ def all_loopback(addrs: Sequence[Any]) -> bool:
 @asynccontextmanager
 async def _swarm_services(host: P2PHost, loopback: bool) -> AsyncIterator[None]:
     """Kademlia (server mode, strict /peerlearn/ validation) and gossipsub on ``host``."""
-    validator = NamespacedValidator({records.NAMESPACE: _RecordValidator()}, strict_validation=True)
+    records_validator = _RecordValidator()
+    validator = NamespacedValidator({records.NAMESPACE: records_validator}, strict_validation=True)
     dht = KadDHT(
         host._host,
         DHTMode.SERVER,
@@ -783,6 +795,7 @@ async def _swarm_services(host: P2PHost, loopback: bool) -> AsyncIterator[None]:
     ):
         await pubsub.wait_until_ready()
         host._dht, host._pubsub = dht, pubsub
+        host._records_validator = records_validator
         try:
             yield
         finally:
