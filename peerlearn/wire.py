@@ -1,4 +1,4 @@
-"""The wire format: bounded msgpack, signed envelopes, replay protection, raw tensors.
+"""The wire format: bounded msgpack, signed envelopes, replay protection (tensors: ``tensors``).
 
 Envelope on the wire (a msgpack map with exactly these keys)::
 
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import msgpack
-import numpy as np
 
 from peerlearn.errors import LocalProtocolError, Offence, RemoteProtocolError
 from peerlearn.identity import (
@@ -44,7 +43,6 @@ class Limits:
     max_message_size: int = 1 * 2**20  # bytes; control and gossip messages
     max_array_len: int = 10_000  # elements per msgpack array
     max_map_len: int = 1_000  # entries per msgpack map
-    max_tensor_dims: int = 8
 
 
 DEFAULT_LIMITS = Limits()
@@ -309,56 +307,3 @@ class ReplayGuard:
             ):
                 break
             del self._seen[sender]
-
-
-# --- tensors --------------------------------------------------------------------------------
-
-_DTYPES = {
-    "float64": "<f8",
-    "float32": "<f4",
-    "float16": "<f2",
-    "int64": "<i8",
-    "int32": "<i4",
-    "int16": "<i2",
-    "int8": "i1",
-    "uint8": "u1",
-    "bool": "?",
-}
-_TENSOR_KEYS = {"dtype", "shape", "data"}
-MAX_TENSOR_DIM = 2**31 - 1  # numpy rejects larger dimensions even when another one is 0
-MAX_TENSOR_ELEMENTS = 2**40
-
-
-def encode_array(array: np.ndarray) -> dict[str, Any]:
-    """A numpy array as {dtype, shape, data} with raw little-endian bytes."""
-    name = array.dtype.name
-    if name not in _DTYPES:
-        raise LocalProtocolError(f"dtype {name} cannot be sent")
-    data = np.ascontiguousarray(array, dtype=np.dtype(_DTYPES[name])).tobytes()
-    return {"dtype": name, "shape": list(array.shape), "data": data}
-
-
-def decode_array(value: Any, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
-    """Inverse of ``encode_array``: a read-only, zero-copy view of the received bytes."""
-    raw = expect_map(value, _TENSOR_KEYS, "tensor")
-    dtype_name = expect(raw["dtype"], str, "tensor.dtype")
-    shape = expect(raw["shape"], list, "tensor.shape")
-    data = expect(raw["data"], bytes, "tensor.data")
-    if dtype_name not in _DTYPES:
-        raise RemoteProtocolError(f"tensor.dtype {dtype_name!r} is not supported")
-    if len(shape) > limits.max_tensor_dims:
-        raise RemoteProtocolError(f"tensor has {len(shape)} dims (limit {limits.max_tensor_dims})")
-    for dim in shape:
-        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= MAX_TENSOR_DIM:
-            raise RemoteProtocolError(f"tensor.shape must be integers in 0..{MAX_TENSOR_DIM}")
-    dtype = np.dtype(_DTYPES[dtype_name])
-    count = math.prod(shape)
-    # numpy also refuses shapes whose non-zero dimensions multiply past its address space
-    if math.prod(d for d in shape if d) > MAX_TENSOR_ELEMENTS:
-        raise RemoteProtocolError(f"tensor shape {shape[:8]} is too large")
-    if count * dtype.itemsize != len(data):
-        raise RemoteProtocolError(
-            f"tensor data is {len(data)} bytes, shape {shape} of {dtype_name} needs "
-            f"{count * dtype.itemsize}"
-        )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 
 from peerlearn.nat.lab import LabHost, NatLab, NatMode, lab_unavailable_reason, list_namespaces
@@ -150,7 +151,7 @@ def _received_from(net: LocalSwarm, i: int, sender: str) -> dict[str, torch.Tens
         recent = _status(net, i).get("recent_updates", [])
         return next((u for u in recent if u["from"] == sender), None)
 
-    saved: dict[str, torch.Tensor] = torch.load(wait_until(update, 30)["path"], weights_only=True)
+    saved: dict[str, torch.Tensor] = safetensors.torch.load_file(wait_until(update, 30)["path"])
     return saved
 
 

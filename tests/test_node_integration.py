@@ -10,6 +10,7 @@ from pathlib import Path
 
 import multiaddr
 import pytest
+import safetensors.torch
 import torch
 import trio
 from libp2p import new_host
@@ -189,7 +190,7 @@ def test_daemon_rejects_bad_blobs_and_survives_resets(tmp_path: Path) -> None:
             status = daemon.status()
             assert status["updates_received"] == 1
             assert status["updates_rejected"] == 5
-            saved = torch.load(status["recent_updates"][0]["path"], weights_only=True)
+            saved = safetensors.torch.load_file(status["recent_updates"][0]["path"])
             assert all(torch.equal(saved[k], v) for k, v in state.items())
             daemon.stop.set()
 
@@ -218,7 +219,7 @@ def test_two_daemons_share_a_model_file(tmp_path: Path) -> None:
             assert [r["ok"] for r in results] == [True]
             recent = first.status()["recent_updates"]
             assert recent[0]["from"] == second.identity.peer_id
-            saved = torch.load(recent[0]["path"], weights_only=True)
+            saved = safetensors.torch.load_file(recent[0]["path"])
             assert all(torch.equal(saved[k], v) for k, v in state.items())
             first.stop.set()
             second.stop.set()

@@ -1,16 +1,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peerlearn import wire
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.learning.hygiene import check_layout
-from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
+from peerlearn.tensors import load_state_dict_file, state_dict_from_bytes, state_dict_to_bytes
 
 
 def small_model() -> torch.nn.Module:
@@ -26,7 +28,7 @@ def small_model() -> torch.nn.Module:
 def test_state_dict_round_trip_is_bit_identical() -> None:
     state = small_model().state_dict()
     decoded = state_dict_from_bytes(state_dict_to_bytes(state), max_size=2**24)
-    assert list(decoded) == list(state)
+    assert set(decoded) == set(state)
     for name, tensor in state.items():
         assert decoded[name].dtype == tensor.dtype
         assert decoded[name].shape == tensor.shape
@@ -43,15 +45,50 @@ def test_incompatible_layout_is_a_remote_error() -> None:
         check_layout(other, state)
 
 
-def test_bfloat16_is_refused_locally() -> None:
-    with pytest.raises(LocalProtocolError, match="bfloat16"):
-        state_dict_to_bytes({"w": torch.zeros(2, dtype=torch.bfloat16)})
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_every_float_dtype_round_trips(dtype: torch.dtype) -> None:
+    state = {"w": torch.randn(3, 5, generator=torch.Generator().manual_seed(1)).to(dtype)}
+    decoded = state_dict_from_bytes(state_dict_to_bytes(state), max_size=2**20)
+    assert decoded["w"].dtype == dtype
+    assert torch.equal(decoded["w"], state["w"])
 
 
-def test_duplicate_names_and_size_limit() -> None:
-    entry = ["w", wire.encode_array(torch.zeros(2).numpy())]
-    with pytest.raises(RemoteProtocolError, match="duplicate"):
-        state_dict_from_bytes(wire.pack([entry, entry]), max_size=1000)
+def test_the_payload_is_a_plain_safetensors_file(tmp_path: Path) -> None:
+    state = small_model().state_dict()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(state_dict_to_bytes(state))
+    loaded = safetensors.torch.load_file(str(path))
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+
+
+def test_tied_weights_are_written_once_each() -> None:
+    shared = torch.ones(4)
+    decoded = state_dict_from_bytes(state_dict_to_bytes({"a": shared, "b": shared}), 2**20)
+    assert torch.equal(decoded["a"], decoded["b"])
+
+
+def _with_header(header: dict[str, object], body: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
+def test_header_checks_and_size_limit() -> None:
+    with pytest.raises(RemoteProtocolError, match="dtype"):
+        state_dict_from_bytes(
+            _with_header({"w": {"dtype": "F8_E5M2", "shape": [1], "data_offsets": [0, 1]}}, b"x"),
+            max_size=1000,
+        )
+    with pytest.raises(RemoteProtocolError, match="header"):
+        state_dict_from_bytes((10**9).to_bytes(8, "little") + b"{}", max_size=1000)
+    with pytest.raises(RemoteProtocolError, match="invalid tensor payload"):
+        state_dict_from_bytes(
+            _with_header(
+                {"w": {"dtype": "F32", "shape": [10**6], "data_offsets": [0, 4]}}, b"abcd"
+            ),
+            max_size=1000,
+        )
+    with pytest.raises(LocalProtocolError, match="name"):
+        state_dict_to_bytes({"": torch.zeros(1)})
     with pytest.raises(RemoteProtocolError, match="exceeds"):
         state_dict_from_bytes(state_dict_to_bytes(small_model().state_dict()), max_size=100)
 
@@ -60,3 +97,23 @@ def test_duplicate_names_and_size_limit() -> None:
 def test_any_bytes_decode_or_raise_remote_protocol_error(data: bytes) -> None:
     with contextlib.suppress(RemoteProtocolError):
         state_dict_from_bytes(data, max_size=10_000)
+
+
+def test_share_files_safetensors_and_state_dicts_load_modules_are_refused(tmp_path: Path) -> None:
+    state = small_model().state_dict()
+    (tmp_path / "m.safetensors").write_bytes(state_dict_to_bytes(state))
+    torch.save(state, tmp_path / "m.pt")
+    for name in ("m.safetensors", "m.pt"):
+        loaded = load_state_dict_file(tmp_path / name)
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    torch.save(small_model(), tmp_path / "module.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "bad.safetensors").write_text("hello")
+    for name, words in [
+        ("module.pt", "pickled objects"),
+        ("notes.txt", "not a torch state_dict"),
+        ("bad.safetensors", "not a valid .safetensors"),
+    ]:
+        with pytest.raises(LocalProtocolError, match=words) as info:
+            load_state_dict_file(tmp_path / name)
+        assert "\n" not in str(info.value)

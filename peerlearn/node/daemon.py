@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import io
 import logging
 import math
 import signal
@@ -13,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import trio
 
 from peerlearn import __version__, wire
@@ -41,7 +39,7 @@ from peerlearn.node.host import P2PHost, RelaySettings, Stream, all_loopback, op
 from peerlearn.node.learner import MODEL_KIND, MODEST_KIND, MSG_PROTOCOL, Learner
 from peerlearn.node.swarm import STATE_FILE, SwarmService
 from peerlearn.node.traversal import NatTraversal
-from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
+from peerlearn.tensors import load_state_dict_file, state_dict_from_bytes, state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -235,11 +233,11 @@ class Daemon:
         state = state_dict_from_bytes(received.data, self.config.max_blob_size)
         check_finite(state)
         digest = received.offer.sha256.hex()
-        path = self.data_dir.received_dir / f"{received.sender_id[-12:]}-{digest[:16]}.pt"
-        saved = await trio.to_thread.run_sync(_torch_bytes, state)
-        if self.received_bytes + len(saved) > self.config.received_quota:
+        name = f"{received.sender_id[-12:]}-{digest[:16]}.safetensors"
+        path = self.data_dir.received_dir / name
+        if self.received_bytes + len(received.data) > self.config.received_quota:
             raise blob.BlobBusy(self._quota_full())
-        await trio.to_thread.run_sync(atomic_write_bytes, path, saved)
+        await trio.to_thread.run_sync(atomic_write_bytes, path, received.data)
         self.received_bytes = _folder_bytes(self.data_dir.received_dir)
         self.counters.updates_received += 1
         self.counters.bytes_in += received.offer.size
@@ -262,7 +260,7 @@ class Daemon:
 
     async def share_model(self, path: Path) -> list[dict[str, Any]]:
         """Send the state_dict saved at ``path`` to every connected peer."""
-        state = await trio.to_thread.run_sync(_load_state_dict, path)
+        state = await trio.to_thread.run_sync(load_state_dict_file, path)
         return await self.push_to_peers(
             state_dict_to_bytes(state), MODEL_UPDATE_KIND, {"tensors": len(state)}
         )
@@ -434,16 +432,6 @@ class Daemon:
         }
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise LocalProtocolError(f"cannot load a state_dict from {path}: {exc}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LocalProtocolError(f"{path} does not hold a state_dict of tensors")
-    return state
-
-
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
@@ -459,12 +447,6 @@ def _own_invite(config: NodeConfig, admission: Admission, identity: Identity) ->
             f"node is {identity.peer_id}; ask for an invite for {identity.peer_id}"
         )
     return invite.to_wire()
-
-
-def _torch_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
 
 
 async def _watch_signals(stop: trio.Event, force: trio.CancelScope) -> None:

@@ -10,6 +10,7 @@ Two kinds of mutation, as fuzzers of binary protocols do:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgpack
@@ -119,6 +120,42 @@ def bytewise(draw: st.DrawFn, valid: bytes) -> bytes:
 
 def mutated(valid: bytes) -> st.SearchStrategy[bytes]:
     return st.one_of(bytewise(valid), restructured(valid), st.binary(max_size=200))
+
+
+@st.composite
+def restructured_safetensors(draw: st.DrawFn, valid: bytes) -> bytes:
+    """``valid`` (safetensors) with one node of its JSON header replaced, a key dropped or
+    one added; the header length is rewritten so the library parses the mutated header."""
+    length = int.from_bytes(valid[:8], "little")
+    header = json.loads(valid[8 : 8 + length])
+    path = draw(st.sampled_from(_paths(header)))
+    target = header
+    for step in path:
+        target = target[step]
+    action = draw(st.sampled_from(["replace", "drop-key", "add-key"]))
+    if action == "drop-key" and isinstance(target, dict) and target:
+        key = draw(st.sampled_from(sorted(target)))
+        new = {k: v for k, v in target.items() if k != key}
+    elif action == "add-key" and isinstance(target, dict):
+        new = {**target, draw(st.sampled_from(["extra", "dtype", "__metadata__"])): 0}
+    else:
+        new = draw(HOSTILE_JSON)
+    raw = json.dumps(_replace(header, path, new)).encode()
+    return len(raw).to_bytes(8, "little") + raw + valid[8 + length :]
+
+
+HOSTILE_JSON = st.recursive(
+    st.sampled_from([None, True, 0, -1, 2**64, 2**80, 1e308, "", "F32", "BF16", "x" * 300])
+    | st.integers(-(2**70), 2**70),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def mutated_safetensors(valid: bytes) -> st.SearchStrategy[bytes]:
+    return st.one_of(bytewise(valid), restructured_safetensors(valid), st.binary(max_size=200))
 
 
 def mutated_value(valid: Any) -> st.SearchStrategy[Any]:

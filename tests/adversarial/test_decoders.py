@@ -37,7 +37,7 @@ from peerlearn.node.checkpoints import CheckpointError, CheckpointStore
 from peerlearn.node.control import decode_request
 from peerlearn.node.learner import decode_checkpoint
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
-from tests.adversarial.mutations import mutated, mutated_value
+from tests.adversarial.mutations import mutated, mutated_safetensors, mutated_value
 
 ALICE = Identity.from_seed(b"a" * 32)
 SWARM = "fuzz"
@@ -108,7 +108,7 @@ def test_sync_frame(data: bytes) -> None:
 VALID_TENSORS = state_dict_to_bytes(MODEL)
 
 
-@given(mutated(VALID_TENSORS))
+@given(mutated_safetensors(VALID_TENSORS))
 def test_tensors(data: bytes) -> None:
     only((RemoteProtocolError,), lambda d: state_dict_from_bytes(d, 2**20), data)
 
