@@ -114,7 +114,7 @@ def bristle_claims(seeds: Sequence[int]) -> None:
         )
         plain = mean_over_seeds(
             lambda s, a=attack: SimConfig(
-                filter="none", model="transfer", attack=a, seed=s, **common
+                filter="none", task_options=("model=transfer",), attack=a, seed=s, **common
             ),
             seeds,
         )

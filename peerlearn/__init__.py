@@ -3,6 +3,10 @@
 Embedding API (imported on first use, so ``import peerlearn`` stays cheap)::
 
     from peerlearn import Node, NodeConfig, open_node
+
+Your own learning task (``node start --task mymodule:factory``)::
+
+    from peerlearn import Task, TaskContext, TaskOptions
 """
 
 from __future__ import annotations
@@ -12,8 +16,17 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EMBEDDED = ("AsyncNode", "AsyncioNode", "Delivery", "Node", "TrioNode", "Update", "open_node")
+_TASK = ("Task", "TaskContext", "TaskError", "TaskOptions", "Training", "create_task")
+_TASK_MODEL = ("TaskModel",)
 
 if TYPE_CHECKING:
+    from peerlearn.learning.task import Task as Task
+    from peerlearn.learning.task import TaskContext as TaskContext
+    from peerlearn.learning.task import TaskError as TaskError
+    from peerlearn.learning.task import TaskOptions as TaskOptions
+    from peerlearn.learning.task import Training as Training
+    from peerlearn.learning.task import create_task as create_task
+    from peerlearn.learning.task_model import TaskModel as TaskModel
     from peerlearn.node.config import NodeConfig as NodeConfig
     from peerlearn.node.embedded import AsyncioNode as AsyncioNode
     from peerlearn.node.embedded import AsyncNode as AsyncNode
@@ -29,6 +42,14 @@ def __getattr__(name: str) -> Any:
         from peerlearn.node import embedded
 
         return getattr(embedded, name)
+    if name in _TASK:
+        from peerlearn.learning import task
+
+        return getattr(task, name)
+    if name in _TASK_MODEL:
+        from peerlearn.learning import task_model
+
+        return getattr(task_model, name)
     if name == "NodeConfig":
         from peerlearn.node.config import NodeConfig
 
@@ -36,4 +57,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'peerlearn' has no attribute {name!r}")
 
 
-__all__ = [*_EMBEDDED, "NodeConfig", "__version__"]
+__all__ = [*_EMBEDDED, *_TASK, *_TASK_MODEL, "NodeConfig", "__version__"]

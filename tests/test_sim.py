@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from peerlearn.cli.main import cli
 from peerlearn.errors import LocalProtocolError
-from peerlearn.learning.sim import SimConfig, run_simulation
+from peerlearn.learning.sim import SimConfig, Simulation, run_simulation
 
 
 @pytest.mark.parametrize("algo", ["gossip-vca", "modest", "dpsgd", "fedavg"])
@@ -50,7 +50,7 @@ def test_invalid_configs_are_local_errors() -> None:
     with pytest.raises(LocalProtocolError, match="unknown algo"):
         SimConfig(algo="fedsgd").resolved()
     with pytest.raises(LocalProtocolError, match="transfer"):
-        SimConfig(filter="bristle", model="mlp").resolved()
+        Simulation(SimConfig(filter="bristle", task_options=("model=mlp",)))
 
 
 def test_vca_gossip_is_faster_than_plain_gossip_and_close_to_fedavg() -> None:
@@ -87,7 +87,7 @@ def test_bristle_resists_label_flipping_on_non_iid_data() -> None:
         "eval_every": 10,
     }
     defended = run_simulation(SimConfig(filter="bristle", **common))
-    plain = run_simulation(SimConfig(filter="none", model="transfer", **common))
+    plain = run_simulation(SimConfig(filter="none", task_options=("model=transfer",), **common))
     assert defended.final(2) >= 0.9
     assert plain.final(2) < 0.7
 

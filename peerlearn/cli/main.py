@@ -74,7 +74,19 @@ def node() -> None:
 @click.option("--shutdown-timeout", type=float, default=None, help="Seconds [default: 10].")
 @click.option("--bootstrap-timeout", type=float, default=None, help="Seconds [default: 30].")
 @click.option("--swarm", default=None, help="Join this swarm and learn in it.")
-@click.option("--task", default=None, help="Learning task [default: digits].")
+@click.option(
+    "--task",
+    default=None,
+    help="digits, textlm, an installed task, or package.module:factory [default: digits].",
+)
+@click.option(
+    "--task-opt",
+    "task_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Option for the task, repeatable (e.g. --task-opt size_mb=50).",
+)
+@click.option("--device", default=None, help="torch device to train on [default: cpu].")
 @click.option(
     "--algo",
     type=click.Choice(LEARNING_ALGORITHMS),
@@ -330,7 +342,14 @@ def sim() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--partition", type=click.Choice(PARTITIONS), default="iid", show_default=True)
 @click.option(
-    "--model", type=click.Choice(["auto", "mlp", "transfer"]), default="auto", show_default=True
+    "--task", default="digits", show_default=True, help="digits, textlm, or module:factory."
+)
+@click.option(
+    "--task-opt",
+    "task_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Option for the task, repeatable (digits: model=mlp|transfer, hidden=N).",
 )
 @click.option("--fanout", type=int, default=4, show_default=True, help="Gossip/D-PSGD degree.")
 @click.option("--sample-size", type=int, default=10, show_default=True, help="MoDeST/FedAvg.")
@@ -346,7 +365,7 @@ def sim() -> None:
 )
 @click.option("--quiet", is_flag=True, help="Only print the summary.")
 def sim_run(**options: Any) -> None:
-    """Simulate ROUNDS of ALGO on scikit-learn's digits; print accuracy and bytes per round."""
+    """Simulate ROUNDS of ALGO on a task; print its metric and the bytes sent per round."""
     from peerlearn.learning.report import write_report
     from peerlearn.learning.sim import SimConfig, run_simulation
 

@@ -16,6 +16,8 @@ from typing import Any
 import click
 
 from peerlearn.errors import ConfigError, PeerlearnError
+from peerlearn.learning.choices import FILTERS
+from peerlearn.node.config import LEARNING_ALGORITHMS
 
 DEFAULT_DIR = Path("~/.peerlearn/testnet").expanduser()
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "testnet"
@@ -75,10 +77,28 @@ def testnet() -> None:
     """Run many daemons on this machine: `up`, `status`, `logs`, `down`, `run SCENARIO`."""
 
 
+def _task_settings(task: str | None, task_options: tuple[str, ...]) -> dict[str, Any]:
+    """``--task``/``--task-opt`` as node settings (checked by the nodes' own validation)."""
+    settings: dict[str, Any] = {}
+    if task is not None:
+        settings["task"] = task
+    if task_options:
+        settings["task_options"] = list(task_options)
+    return settings
+
+
 @testnet.command("up")
 @click.option("--nodes", type=int, default=4, show_default=True)
-@click.option("--algo", default="modest", show_default=True)
-@click.option("--filter", "filter_", default="none", show_default=True)
+@click.option("--algo", type=click.Choice(LEARNING_ALGORITHMS), default="modest", show_default=True)
+@click.option("--filter", "filter_", type=click.Choice(FILTERS), default="none", show_default=True)
+@click.option("--task", default=None, help="Learning task [default: digits].")
+@click.option(
+    "--task-opt",
+    "task_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Option for the task, repeatable.",
+)
 @click.option("--rounds", type=int, default=0, help="Stop learning after N rounds [0: never].")
 @click.option("--round-interval", type=float, default=1.0, show_default=True)
 @click.option("--nat", is_flag=True, help="Nodes behind NAT routers in a namespace lab (root).")
@@ -93,6 +113,8 @@ def testnet_up(
     nat: bool,
     nat_mode: str,
     root: Path | None,
+    task: str | None,
+    task_options: tuple[str, ...],
 ) -> None:
     """Start NODES daemons and show live progress until Ctrl-C or `testnet down`."""
     from peerlearn.testnet.live import LiveView
@@ -111,6 +133,7 @@ def testnet_up(
                     "round_interval": round_interval,
                     "network": "nat" if nat else "loopback",
                     "nat": nat_mode,
+                    **_task_settings(task, task_options),
                 }
             },
             default_name="up",
@@ -243,15 +266,26 @@ def testnet_down(root: Path | None) -> None:
     default=None,
     help="Report folder [default: runs/<scenario>-<time>].",
 )
-def testnet_run(scenario: str, out: Path | None) -> None:
+@click.option("--task", default=None, help="Learning task [default: digits].")
+@click.option(
+    "--task-opt",
+    "task_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Option for the task, repeatable.",
+)
+def testnet_run(
+    scenario: str, out: Path | None, task: str | None, task_options: tuple[str, ...]
+) -> None:
     """Run SCENARIO (a name from testnet/ or a .toml file) and write its report."""
     from peerlearn.testnet.live import LiveView
     from peerlearn.testnet.report import write_report
     from peerlearn.testnet.runner import run_scenario
-    from peerlearn.testnet.scenario import find_scenario, load_scenario
+    from peerlearn.testnet.scenario import find_scenario, load_scenario, with_swarm_options
 
     try:
         loaded = load_scenario(find_scenario(scenario, SCENARIO_DIR))
+        loaded = with_swarm_options(loaded, _task_settings(task, task_options))
     except ConfigError as exc:
         _fail(str(exc))
         return

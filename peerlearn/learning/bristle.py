@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from peerlearn.errors import LocalProtocolError
+from peerlearn.learning.aggregate import StateDict
 from peerlearn.learning.data import Dataset
-from peerlearn.learning.model import ModelSpec, StateDict, predictions
 
 DEFAULT_ALPHA = 0.4
 DEFAULT_CANDIDATES = 10  # N: models kept by the prioritizer
 DEFAULT_PHI = 3  # classes compared per peer ("countPerPeer" in the simulator)
 TEST_PER_CLASS = 10  # kappa: local test samples per familiar class
-LAYER = "out.weight"  # the exchanged output layer of the transfer model
 SCORE_FLOOR = -100.0
 
 
@@ -155,34 +154,45 @@ def split_local_test(local: Dataset, rng: np.random.Generator) -> tuple[Dataset,
     return local.subset(np.array(test_idx, dtype=np.int64)), local.subset(np.flatnonzero(mask))
 
 
-def consolidate(before: StateDict, trained: StateDict, familiar: Sequence[int]) -> StateDict:
+@dataclass(frozen=True)
+class BristleView:
+    """What Bristle needs from a task: the exchanged output layer's name (one row per
+    class), predictions of a candidate layer on the node's small local test set, that set's
+    labels, and the classes the node holds."""
+
+    layer: str
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    labels: torch.Tensor
+    familiar: Sequence[int]
+
+
+def consolidate(view: BristleView, before: StateDict, trained: StateDict) -> StateDict:
     """Consolidated weights: local training only updates the rows of classes held locally."""
-    weight = before[LAYER].clone()
-    weight[list(familiar)] = trained[LAYER][list(familiar)]
-    return {LAYER: weight}
+    weight = before[view.layer].clone()
+    rows = list(view.familiar)
+    weight[rows] = trained[view.layer][rows]
+    return {**trained, view.layer: weight}
 
 
 class BristleMerger:
     """One node's Bristle: prioritize the received output layers, then integrate them."""
 
-    def __init__(
-        self, spec: ModelSpec, local_test: Dataset, familiar: Sequence[int], rng: random.Random
-    ) -> None:
-        if spec.kind != "transfer":
-            raise LocalProtocolError("Bristle needs the transfer model (frozen feature extractor)")
-        self.spec = spec
-        self.test = local_test
-        self.familiar = list(familiar)
+    def __init__(self, view: BristleView, rng: random.Random) -> None:
+        if not view.familiar:
+            raise LocalProtocolError("Bristle needs at least one familiar class")
+        self.view = view
+        self.familiar = list(view.familiar)
         self.rng = rng
 
-    def _f1(self, state: StateDict) -> dict[int, float]:
-        return per_class_f1(predictions(self.spec, state, self.test), self.test.y, self.familiar)
+    def _f1(self, layer: torch.Tensor) -> dict[int, float]:
+        return per_class_f1(self.view.predict(layer), self.view.labels, self.familiar)
 
     def __call__(self, own: StateDict, received: Sequence[StateDict]) -> StateDict:
         if not received:
             return own
-        layers = [r[LAYER] for r in received]
-        chosen = [layers[i] for i in prioritize(own[LAYER], layers, self.rng)]
-        f1_me = self._f1(own)
-        weights = [peer_weights(f1_me, self._f1({LAYER: layer}), self.familiar) for layer in chosen]
-        return {LAYER: integrate(own[LAYER], chosen, weights, self.familiar)}
+        name = self.view.layer
+        layers = [r[name] for r in received]
+        chosen = [layers[i] for i in prioritize(own[name], layers, self.rng)]
+        f1_me = self._f1(own[name])
+        weights = [peer_weights(f1_me, self._f1(layer), self.familiar) for layer in chosen]
+        return {**own, name: integrate(own[name], chosen, weights, self.familiar)}

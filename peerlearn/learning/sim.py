@@ -9,9 +9,11 @@ Algorithms:
 * ``modest``: the ``ModestNode`` protocol cores exchange messages through a discrete-event
   network with latency, bandwidth and ping timeouts; the same cores the daemon runs.
 
-Filters (``none``, ``median``, ``trimmed``, ``krum``, ``clip``, ``bristle``) replace the rule that
-combines received models. Byzantine nodes poison data (``label-flip``) or models
-(``sign-flip``, ``gaussian``, ``alie``, ``ipm``). Same config -> same trace hash.
+Every node trains the same ``Task`` the daemon would (``task``, ``task_options``), through a
+``TaskModel``; bytes are counted from the encoded messages (safetensors models, msgpack
+MoDeST messages). Filters (``none``, ``median``, ``trimmed``, ``krum``, ``clip``, ``bristle``)
+replace the rule that combines received models. Byzantine nodes poison data (``label-flip``)
+or models (``sign-flip``, ``gaussian``, ``alie``, ``ipm``). Same config -> same trace hash.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
+from peerlearn import wire
 from peerlearn.errors import LocalProtocolError
-from peerlearn.learning import attacks, bristle, data, modest, protocols, robust
+from peerlearn.learning import attacks, modest, protocols, robust
+from peerlearn.learning.aggregate import StateDict
 from peerlearn.learning.choices import ALGORITHMS, ATTACKS, FILTERS, PARTITIONS
-from peerlearn.learning.model import ModelSpec, StateDict, accuracy, featurize, sgd
-
-MESSAGE_OVERHEAD = 64  # bytes counted for each control message (ping, pong, ack)
+from peerlearn.learning.task import TaskContext, Training, create_task, parse_task_options
+from peerlearn.learning.task_model import TaskModel
+from peerlearn.tensors import state_dict_to_bytes
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,11 @@ class SimConfig:
     partition: str = "iid"
     classes_per_node: int = 4  # label-skew
     dirichlet_alpha: float = 0.5
-    model: str = "auto"  # mlp, transfer, or auto (transfer for bristle, else mlp)
-    hidden: int = 0  # 0: 32 for mlp, 256 for transfer
+    task: str = "digits"
+    task_options: tuple[str, ...] = ()  # key=value, as --task-opt
     local_steps: int = 10
     batch_size: int = 16
-    lr: float = 0.0  # 0: 0.1 for mlp, 0.5 for transfer
+    lr: float = 0.0  # 0: the task's default
     fanout: int = 4  # gossip peers per round; dpsgd graph degree
     beta: float = 0.5  # weight of a node's own model when merging
     sample_size: int = 10  # modest/fedavg participants per round (<= nodes)
@@ -84,20 +87,10 @@ class SimConfig:
             raise LocalProtocolError("byzantine and kill fractions must be in [0, 1)")
         if self.nodes < 2 or self.rounds < 1:
             raise LocalProtocolError("need at least 2 nodes and 1 round")
-        model = (
-            self.model
-            if self.model != "auto"
-            else ("transfer" if self.filter == "bristle" else "mlp")
-        )
-        if self.filter == "bristle" and model != "transfer":
-            raise LocalProtocolError("bristle needs the transfer model (frozen extractor)")
-        transfer = model == "transfer"
+        parse_task_options(self.task_options)
         return SimConfig(
             **{
                 **asdict(self),
-                "model": model,
-                "hidden": self.hidden or (256 if transfer else 32),
-                "lr": self.lr or (0.5 if transfer else 0.1),
                 "sample_size": min(self.sample_size, self.nodes),
                 "aggregators": min(self.aggregators, self.nodes),
                 "fanout": min(self.fanout, self.nodes - 1),
@@ -136,14 +129,11 @@ class SimResult:
 class _Node:
     index: int
     pk: bytes
-    train: data.Dataset
-    test: data.Dataset  # Bristle's small local test set
-    familiar: list[int]
     byzantine: bool
-    generator: torch.Generator
-    model: StateDict
+    learner: TaskModel
+    generator: torch.Generator  # the node's attacks
+    model: StateDict  # its exchanged state
     alive: bool = True
-    merger: bristle.BristleMerger | None = None
 
 
 class _Trace:
@@ -166,16 +156,12 @@ class Simulation:
         self.config = config = config.resolved()
         self.progress = progress
         self.rng = random.Random(config.seed)
-        torch.manual_seed(config.seed)
-        self.spec = ModelSpec(config.model, config.hidden)
-        train, test = data.digits()
-        self.test = featurize(self.spec, test)
         self.trace = _Trace()
         self.bytes_sent = 0
         self.result = SimResult(config)
-        self.nodes = self._make_nodes(featurize(self.spec, train))
+        self.nodes = self._make_nodes()
         self.honest = [n for n in self.nodes if not n.byzantine]
-        self.model_bytes = sum(t.numel() * t.element_size() for t in self.nodes[0].model.values())
+        self.model_bytes = len(state_dict_to_bytes(self.nodes[0].model))
         self.rule = robust.create_rule(
             config.filter if config.filter != "bristle" else "mean",
             f=max(1, round(config.byzantine * config.nodes)),
@@ -186,74 +172,69 @@ class Simulation:
 
     # -- setup ----------------------------------------------------------------------------
 
-    def _make_nodes(self, train: data.Dataset) -> list[_Node]:
+    def _contexts(self, byzantine: set[int]) -> list[TaskContext]:
+        """Each node's shard. With label-skew, honest nodes hold a few classes and
+        Byzantine nodes an IID share of everything (as in Bristle)."""
         c = self.config
-        rng = np.random.default_rng(c.seed)
-        labels = train.y.numpy()
-        n_byz = round(c.byzantine * c.nodes)
-        byzantine = set(self.rng.sample(range(c.nodes), n_byz))
-        honest_count = c.nodes - n_byz
-        if c.partition == "iid":
-            parts = data.partition_iid(labels, c.nodes, rng)
-        elif c.partition == "label-skew":
-            # Honest nodes hold a few classes; Byzantine nodes hold everything (as in Bristle).
-            skewed = data.partition_label_skew(labels, honest_count, c.classes_per_node, rng)
-            iid = data.partition_iid(labels, max(n_byz, 1), rng)
-            parts = [skewed.pop(0) if i not in byzantine else iid.pop(0) for i in range(c.nodes)]
+        honest = [i for i in range(c.nodes) if i not in byzantine]
+        shards: dict[int, tuple[int, int, str]] = {}
+        if c.partition == "label-skew":
+            for k, i in enumerate(honest):
+                shards[i] = (k, len(honest), "label-skew")
+            for k, i in enumerate(sorted(byzantine)):
+                shards[i] = (k, len(byzantine), "iid")
         else:
-            parts = data.partition_dirichlet(labels, c.nodes, c.dirichlet_alpha, rng)
-        shared_init = self.spec.init(torch.Generator().manual_seed(c.seed))
+            shards = {i: (i, c.nodes, c.partition) for i in range(c.nodes)}
+        options = parse_task_options(c.task_options)
+        training = Training(c.local_steps, c.batch_size, c.lr)
+        return [
+            TaskContext(
+                shard=shards[i][0],
+                shards=shards[i][1],
+                partition=shards[i][2],
+                classes_per_node=c.classes_per_node,
+                dirichlet_alpha=c.dirichlet_alpha,
+                data_seed=c.seed,
+                seed=c.seed * 100_003 + i,
+                training=training,
+                options=options,
+                poison_labels=i in byzantine and c.attack == "label-flip",
+                bristle=c.filter == "bristle",
+            )
+            for i in range(c.nodes)
+        ]
+
+    def _make_nodes(self) -> list[_Node]:
+        c = self.config
+        byzantine = set(self.rng.sample(range(c.nodes), round(c.byzantine * c.nodes)))
+        shared_start = c.algo in ("fedavg", "modest")
         nodes = []
-        for i, part in enumerate(parts):
-            local = train.subset(part)
-            if c.filter == "bristle":
-                local_test, local_train = bristle.split_local_test(local, rng)
-            else:
-                local_test, local_train = local, local
-            generator = torch.Generator().manual_seed(c.seed * 100_003 + i)
-            if c.algo in ("fedavg", "modest"):
-                model = {k: v.clone() for k, v in shared_init.items()}
-            else:  # decentralized learners initialise independently (the VCA setting)
-                model = self.spec.init(generator)
-            pk = hashlib.sha256(f"peer-{c.seed}-{i}".encode()).digest()
+        for i, context in enumerate(self._contexts(byzantine)):
+            # MoDeST and FedAvg start every node from one model; decentralized learners
+            # initialise independently (the VCA setting).
+            init_seed = c.seed if shared_start else c.seed * 100_003 + i + 7_777_777
+            learner = TaskModel(
+                create_task(c.task, context),
+                torch.Generator().manual_seed(init_seed),
+                lr=c.lr,
+                bristle_rng=random.Random(c.seed * 7919 + i) if c.filter == "bristle" else None,
+            )
             nodes.append(
                 _Node(
                     i,
-                    pk,
-                    local_train,
-                    local_test,
-                    data.classes_present(local.y),
+                    hashlib.sha256(f"peer-{c.seed}-{i}".encode()).digest(),
                     i in byzantine,
-                    generator,
-                    model,
+                    learner,
+                    torch.Generator().manual_seed(c.seed * 100_003 + i),
+                    learner.state(),
                 )
             )
-        if c.filter == "bristle":
-            for node in nodes:
-                node.merger = bristle.BristleMerger(
-                    self.spec, node.test, node.familiar, random.Random(c.seed * 7919 + node.index)
-                )
         return nodes
 
     # -- shared steps ---------------------------------------------------------------------
 
     def _local_train(self, node: _Node, model: StateDict) -> StateDict:
-        c = self.config
-        train = node.train
-        if node.byzantine and c.attack == "label-flip":
-            train = data.Dataset(train.x, attacks.flip_labels(train.y))
-        trained = sgd(
-            self.spec,
-            model,
-            train,
-            steps=c.local_steps,
-            batch_size=c.batch_size,
-            lr=c.lr,
-            generator=node.generator,
-        )
-        if c.filter == "bristle" and not node.byzantine:
-            trained = bristle.consolidate(model, trained, node.familiar)
-        return trained
+        return node.learner.train(model)[0]
 
     def _outgoing(
         self, node: _Node, model: StateDict, honest_models: Sequence[StateDict]
@@ -263,8 +244,8 @@ class Simulation:
         return model
 
     def _merge(self, node: _Node, received: list[StateDict]) -> StateDict:
-        if node.merger is not None:
-            return node.merger(node.model, received)
+        if node.learner.merger is not None:
+            return node.learner.merger(node.model, received)
         return protocols.merge_received(
             node.model,
             received,
@@ -282,8 +263,11 @@ class Simulation:
             node.alive = False
         self.trace.add("kill", round_, [n.index for n in self.nodes if not n.alive])
 
-    def _record(self, round_: int, now: float, models: Sequence[StateDict]) -> None:
-        accs = [accuracy(self.spec, m, self.test) for m in models] or [0.0]
+    def _score(self, node: _Node, model: StateDict) -> float:
+        return node.learner.score(node.learner.evaluate(model))
+
+    def _record(self, round_: int, now: float, scored: Sequence[tuple[_Node, StateDict]]) -> None:
+        accs = [self._score(node, model) for node, model in scored] or [0.0]
         record = RoundRecord(
             round_,
             now,
@@ -299,13 +283,12 @@ class Simulation:
 
     def _evaluate_nodes(self, round_: int, now: float) -> None:
         if round_ % self.config.eval_every == 0 or round_ == self.config.rounds:
-            self._record(round_, now, [n.model for n in self.honest if n.alive])
+            self._record(round_, now, [(n, n.model) for n in self.honest if n.alive])
 
     # -- algorithms ------------------------------------------------------------------------
 
     def run(self) -> SimResult:
         started = time.perf_counter()
-        torch.set_num_threads(1)  # tiny models: threads only add overhead and nondeterminism
         runner = {
             "fedavg": self._run_fedavg,
             "dpsgd": self._run_dpsgd,
@@ -332,7 +315,7 @@ class Simulation:
             global_model = self.rule(global_model, uploads)
             self.trace.add(r, sorted(n.index for n in clients))
             if r % c.eval_every == 0 or r == c.rounds:
-                self._record(r, r * c.train_time, [global_model])
+                self._record(r, r * c.train_time, [(self.nodes[0], global_model)])
 
     def _graph(self) -> list[list[int]]:
         """Union of fanout/2 random Hamiltonian cycles: a connected, ~fanout-regular graph."""
@@ -363,7 +346,7 @@ class Simulation:
                 self.bytes_sent += len(inbox) * self.model_bytes
                 n.model = (
                     self._merge(n, inbox)
-                    if n.merger
+                    if n.learner.merger
                     else protocols.neighbourhood_mean(n.model, inbox, rule=self.rule)
                 )
             self._evaluate_nodes(r, r * c.train_time)
@@ -432,9 +415,10 @@ class _ModestNetwork:
         heapq.heappush(self.queue, (at, next(self.counter), kind, payload))
 
     def _size(self, message: modest.Message) -> int:
+        """Bytes of the message as the daemon encodes it (envelopes and framing aside)."""
         if isinstance(message, modest.TrainedModel | modest.AggregatedModel):
-            return self.sim.model_bytes + 48 * len(message.view)
-        return MESSAGE_OVERHEAD
+            return self.sim.model_bytes + len(wire.pack(modest.encode_model_meta(message)))
+        return len(wire.pack(modest.encode_small(message)))
 
     def _flush(self, pk: bytes) -> None:
         core = self.cores[pk]
@@ -466,7 +450,7 @@ class _ModestNetwork:
                 event.round % self.sim.config.eval_every == 0
                 or event.round >= self.sim.config.rounds
             ):
-                self.sim._record(event.round, self.now, [event.model])
+                self.sim._record(event.round, self.now, [(node, event.model)])
             self.sim._kill(event.round)
             # Swarm-wide progress, as the daemon learns it from the CRDT round record.
             for other in self.sim.nodes:

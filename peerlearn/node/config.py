@@ -98,7 +98,14 @@ class NodeConfig:
     """Set unusable (or any) checkpoints aside and start learning from round 0."""
 
     task: str = "digits"
-    """Learning task (scikit-learn's bundled digits)."""
+    """Learning task: digits, textlm, an installed peerlearn.tasks entry point, or
+    package.module:factory (your own ``peerlearn.Task``)."""
+
+    task_options: tuple[str, ...] = ()
+    """key=value options passed to the task (e.g. size_mb=50 for textlm)."""
+
+    device: str = "cpu"
+    """torch device the task trains on (cpu, cuda, cuda:1)."""
 
     algo: str = "gossip-vca"
     """gossip-vca, gossip, dpsgd or modest."""
@@ -246,8 +253,12 @@ def _validate_learning(config: NodeConfig) -> None:
         raise ConfigError("bristle merges gossiped output layers: use gossip, gossip-vca or dpsgd")
     if config.partition not in ("iid", "label-skew"):
         raise ConfigError(f"partition must be iid or label-skew, not {config.partition!r}")
-    if config.task != "digits":
-        raise ConfigError(f"unknown task {config.task!r}; known: digits")
+    from peerlearn.learning.task import parse_task_options, resolve_task
+
+    resolve_task(config.task)  # the name only: the task is imported when the daemon starts
+    parse_task_options(config.task_options)
+    if not (config.device == "cpu" or config.device.split(":")[0] in ("cuda", "mps", "xpu")):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, not {config.device!r}")
     if not all(c.isalnum() or c in "-_." for c in config.swarm) or len(config.swarm) > 64:
         raise ConfigError("swarm names are 1-64 letters, digits, '-', '_' or '.'")
     parse_shard(config.data_shard)

@@ -7,22 +7,22 @@
 * ``modest``: a ``ModestNode`` core; its small messages travel as signed envelopes over
   ``/peerlearn/msg/1``, its models as blobs; swarm-wide round progress comes from the CRDT.
 
-Progress is announced in the CRDT (``round``, ``model``, ``metrics`` records) and a
-checkpoint (model + round + CRDT) is written atomically after every round.
+The model, its data and its training come from the node's ``Task`` (``--task``), held by a
+``TaskModel``. Progress is announced in the CRDT (``round``, ``model``, ``metrics`` records)
+and a checkpoint (model, optimizer, task state, round, metrics) is written atomically after
+every round.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import trio
 
@@ -30,11 +30,13 @@ from peerlearn import wire
 from peerlearn.errors import NetworkError, RemoteProtocolError
 from peerlearn.gossip.crdt import Entry
 from peerlearn.identity import peer_id_from_public_key, public_key_from_peer_id
-from peerlearn.learning import attacks, bristle, data, modest, protocols, robust
-from peerlearn.learning.hygiene import check_finite, check_layout, check_received
-from peerlearn.learning.model import ModelSpec, StateDict, accuracy, featurize, sgd
+from peerlearn.learning import attacks, modest, protocols, robust
+from peerlearn.learning.aggregate import StateDict
+from peerlearn.learning.hygiene import check_received
+from peerlearn.learning.task import TaskContext, Training, create_task, parse_task_options
+from peerlearn.learning.task_model import TaskModel
 from peerlearn.node import blob
-from peerlearn.node.checkpoints import CheckpointError, CheckpointStore
+from peerlearn.node.checkpoints import CheckpointStore
 from peerlearn.node.config import NodeConfig, parse_shard
 from peerlearn.node.framing import receive_frame, send_frame
 from peerlearn.node.host import P2PHost, Stream
@@ -52,31 +54,25 @@ SHARD_SEED = 1234  # every node must cut the training set into the same shards
 MODEL_SIZE_SLACK = 4096  # bytes a peer's encoding of our model's layout may differ by
 MESSAGE_TIMEOUT = 10.0  # seconds per small message
 PUSH_DRAIN = 10.0  # seconds the last round's pushes may still take after learning ends
-_CHECKPOINT_LIMITS = wire.Limits(max_message_size=64 * 2**20, max_array_len=100_000)
 _MSG_LIMITS = wire.Limits(max_message_size=4096)
 
 
-_Checkpoint = tuple[StateDict, int, float | None]  # model, round, accuracy
-
-
-def decode_checkpoint(payload: bytes, reference: StateDict) -> _Checkpoint:
-    """A checkpoint's content, every field checked (``reference``: our model's layout);
-    ``CheckpointError`` or ``RemoteProtocolError`` in one line for anything wrong."""
-    raw = wire.expect_map(
-        wire.unpack(payload, _CHECKPOINT_LIMITS),
-        {"round", "accuracy", "model"},
-        "checkpoint",
+def task_context(config: NodeConfig, seed: int) -> TaskContext:
+    """What the node's settings tell its task."""
+    index, count = parse_shard(config.data_shard)
+    return TaskContext(
+        shard=index,
+        shards=count,
+        partition=config.partition,
+        classes_per_node=config.classes_per_node,
+        data_seed=SHARD_SEED,
+        seed=seed,
+        training=Training(config.local_steps, config.batch_size, config.lr),
+        device=config.device,
+        options=parse_task_options(config.task_options),
+        poison_labels=config.attack == "label-flip",
+        bristle=config.filter == "bristle",
     )
-    round_, accuracy_ = raw["round"], raw["accuracy"]
-    if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
-        raise CheckpointError(f"round must be a non-negative integer, not {round_!r:.40}")
-    if accuracy_ is not None and not (isinstance(accuracy_, float) and math.isfinite(accuracy_)):
-        raise CheckpointError(f"accuracy must be a number, not {accuracy_!r:.40}")
-    model_bytes = wire.expect(raw["model"], bytes, "checkpoint.model")
-    model = state_dict_from_bytes(model_bytes, _CHECKPOINT_LIMITS.max_message_size)
-    check_layout(model, reference)
-    check_finite(model)
-    return model, round_, accuracy_
 
 
 class Learner:
@@ -97,40 +93,25 @@ class Learner:
         self.host = host
         self.swarm = swarm
         self.on_bytes = on_bytes
-        bristle_filter = config.filter == "bristle"
-        self.spec = ModelSpec("transfer", 256) if bristle_filter else ModelSpec("mlp", 32)
-        train, test = data.digits()
-        self.test = featurize(self.spec, test)
-        index, count = parse_shard(config.data_shard)
-        labels, shard_rng = train.y.numpy(), np.random.default_rng(SHARD_SEED)
-        if config.partition == "label-skew":
-            parts = data.partition_label_skew(labels, count, config.classes_per_node, shard_rng)
-        else:
-            parts = data.partition_iid(labels, count, shard_rng)
-        self.train = featurize(self.spec, train.subset(parts[index]))
-        if config.attack == "label-flip":  # experiments: a Byzantine node poisoning its data
-            self.train = data.Dataset(self.train.x, attacks.flip_labels(self.train.y))
         seed = int.from_bytes(hashlib.sha256(host.identity.public_key).digest()[:8], "big")
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # attacks
         self.rng = random.Random(seed)
-        self.lr = config.lr or (0.5 if bristle_filter else 0.1)
-        self.familiar = data.classes_present(self.train.y)
-        self.bristle: bristle.BristleMerger | None = None
-        if bristle_filter:
-            local_test, self.train = bristle.split_local_test(self.train, shard_rng)
-            self.bristle = bristle.BristleMerger(self.spec, local_test, self.familiar, self.rng)
         # MoDeST starts every node from the same model; gossip/D-PSGD from independent ones.
-        shared = torch.Generator().manual_seed(
-            int.from_bytes(hashlib.sha256(config.swarm.encode()).digest()[:8], "big")
+        swarm_seed = int.from_bytes(hashlib.sha256(config.swarm.encode()).digest()[:8], "big")
+        self.learning = TaskModel(
+            create_task(config.task, task_context(config, seed)),
+            torch.Generator().manual_seed(swarm_seed if config.algo == "modest" else seed),
+            lr=config.lr,
+            device=config.device,
+            bristle_rng=self.rng if config.filter == "bristle" else None,
         )
-        self.model: StateDict = self.spec.init(
-            shared if config.algo == "modest" else self.generator
-        )
+        self.model: StateDict = self.learning.state()
         self.rule = robust.create_rule(
-            "mean" if bristle_filter else config.filter, f=config.byzantine_bound
+            "mean" if config.filter == "bristle" else config.filter, f=config.byzantine_bound
         )
         self.round = 0  # the last round whose checkpoint is on disk
-        self.accuracy: float | None = None
+        self.accuracy: float | None = None  # the task's metric
+        self.metrics: dict[str, float] = {}
         self._finish_lock = trio.Lock()
         self.phase = "waiting for members"
         self.inbox: dict[bytes, StateDict] = {}
@@ -155,13 +136,16 @@ class Learner:
             "filter": self.config.filter,
             "phase": self.phase,
             "round": self.current_round(),
+            "task": self.config.task,
+            "metric": self.learning.task.metric,
             "accuracy": self.accuracy,
+            "metrics": self.metrics,
             "members": self.swarm.member_count(),
             "join_seconds": self.swarm.join_seconds,
             "models_sent": self.models_sent,
             "models_received": self.models_received,
             "pushes_skipped": self.pushes_skipped,
-            "train_samples": len(self.train),
+            "train_samples": getattr(self.learning.task, "train_samples", None),
             "resumed_from_round": self.resumed,
             "attack": self.config.attack,
             "gossip_undelivered": self.host.publish_failures,
@@ -175,39 +159,25 @@ class Learner:
         if self.config.fresh:
             for moved in self.checkpoints.discard():
                 logger.warning("starting fresh: set %s aside", moved)
-        loaded = self.checkpoints.load(lambda payload: decode_checkpoint(payload, self.model))
+        loaded = self.checkpoints.load(self.learning.restore)
         if loaded is None:
             return None
-        self.model, self.round, self.accuracy = loaded.value
+        restored = loaded.value
+        self.model, self.round, self.metrics = restored.state, restored.round, restored.metrics
+        self.accuracy = restored.metrics.get(self.learning.task.metric)
         logger.info("resumed from %s at round %d", loaded.path.name, self.round)
         return self.round
 
-    def _save_checkpoint(self, round_: int, accuracy_: float, model_bytes: bytes) -> None:
+    def _save_checkpoint(self, round_: int, model: StateDict, metrics: dict[str, float]) -> None:
         """Runs in a worker thread. The swarm state is saved by the swarm service, on its
         own schedule: writing 10,000 members' records every round held the event loop."""
-        payload = wire.pack({"round": round_, "accuracy": accuracy_, "model": model_bytes})
-        self.checkpoints.save(payload)
+        self.checkpoints.save(self.learning.checkpoint(round_, model, metrics))
 
     # -- shared steps -----------------------------------------------------------------------
 
     async def _train(self, model: StateDict) -> StateDict:
-        c = self.config
-
-        def train() -> StateDict:
-            trained = sgd(
-                self.spec,
-                model,
-                self.train,
-                steps=c.local_steps,
-                batch_size=c.batch_size,
-                lr=self.lr,
-                generator=self.generator,
-            )
-            if self.bristle is not None:
-                trained = bristle.consolidate(model, trained, self.familiar)
-            return trained
-
-        return await trio.to_thread.run_sync(train)
+        trained, _ = await trio.to_thread.run_sync(self.learning.train, model)
+        return trained
 
     async def _finish_round(self, round_: int, model: StateDict) -> None:
         """Adopt ``model`` as round ``round_``'s: evaluate, checkpoint, then announce.
@@ -218,15 +188,16 @@ class Learner:
         async with self._finish_lock:
             if round_ <= self.round and self.config.algo == "modest":
                 return  # MoDeST: an aggregate we already know (as trainer and aggregator)
-            acc = await trio.to_thread.run_sync(accuracy, self.spec, model, self.test)
-            model_bytes = state_dict_to_bytes(model)
-            await trio.to_thread.run_sync(self._save_checkpoint, round_, acc, model_bytes)
-            self.round, self.model, self.accuracy = round_, model, acc
+            metrics = await trio.to_thread.run_sync(self.learning.evaluate, model)
+            await trio.to_thread.run_sync(self._save_checkpoint, round_, model, metrics)
+            score = self.learning.score(metrics)
+            self.round, self.model, self.metrics, self.accuracy = round_, model, metrics, score
+            model_bytes = await trio.to_thread.run_sync(state_dict_to_bytes, model)
             digest = hashlib.sha256(model_bytes).hexdigest()
             self.swarm.write("round", {"round": round_})
             self.swarm.write("model", {"version": round_, "sha256": digest})
-            self.swarm.write("metrics", {"accuracy": round(acc, 4), "round": round_})
-        logger.info("round %d: accuracy %.3f", round_, acc)
+            self.swarm.write("metrics", {"accuracy": round(score, 4), "round": round_})
+        logger.info("round %d: %s %.3f", round_, self.learning.task.metric, score)
 
     def _members_pk(self) -> list[bytes]:
         return sorted(self.swarm.state.records("member"))
@@ -236,7 +207,7 @@ class Learner:
     ) -> bool:
         """Send a model to one peer over the blob protocol; False (logged) if not delivered."""
         peer_id = peer_id_from_public_key(peer_pk)
-        payload = state_dict_to_bytes(model)
+        payload = await trio.to_thread.run_sync(state_dict_to_bytes, model)
         error = await blob.deliver(
             self.host,
             self.sequence,
@@ -327,8 +298,8 @@ class Learner:
         while not self._done():
             started = trio.current_time()
             received, self.inbox = list(self.inbox.values()), {}
-            if self.bristle is not None:
-                merged = await trio.to_thread.run_sync(self.bristle, self.model, received)
+            if self.learning.merger is not None:
+                merged = await trio.to_thread.run_sync(self.learning.merger, self.model, received)
             elif c.algo == "dpsgd":
                 merged = protocols.neighbourhood_mean(self.model, received, rule=self.rule)
             else:

@@ -30,7 +30,7 @@ expect = { min_mean_accuracy = 0.8 }  # overrides [expect] for this variant
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +107,29 @@ class SwarmSpec:
 
     def node_env(self) -> dict[str, str]:
         """``options`` as ``PEERLEARN_*`` variables: any node setting, flag or not."""
-        return {f"PEERLEARN_{key.upper()}": str(value) for key, value in self.options.items()}
+        return {
+            f"PEERLEARN_{key.upper()}": (
+                " ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+            )
+            for key, value in self.options.items()
+        }
 
     def attacker_indices(self) -> list[int]:
         """The last ``attackers`` fraction of nodes (node 0, the bootstrap, stays honest)."""
         count = round(self.nodes * self.attackers) if self.attack != "none" else 0
         return list(range(self.nodes - count, self.nodes))
+
+
+def with_swarm_options(scenario: Scenario, settings: dict[str, Any]) -> Scenario:
+    """``scenario`` with more node settings for every node (e.g. ``--task`` of ``testnet run``)."""
+    if not settings:
+        return scenario
+
+    def more(spec: SwarmSpec) -> SwarmSpec:
+        return replace(spec, options={**spec.options, **settings})
+
+    variants = tuple(replace(run, swarm=more(run.swarm)) for run in scenario.variants)
+    return replace(scenario, swarm=more(scenario.swarm), variants=variants)
 
 
 @dataclass(frozen=True)

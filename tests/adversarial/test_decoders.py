@@ -32,10 +32,12 @@ from peerlearn.gossip.schemas import RECORD_NAMES, check_record
 from peerlearn.identity import Identity
 from peerlearn.learning import modest
 from peerlearn.learning.hygiene import check_received
+from peerlearn.learning.task import TaskContext
+from peerlearn.learning.task_model import TaskModel
+from peerlearn.learning.tasks.digits import DigitsTask
 from peerlearn.node import blob
 from peerlearn.node.checkpoints import CheckpointError, CheckpointStore
 from peerlearn.node.control import decode_request
-from peerlearn.node.learner import decode_checkpoint
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
 from tests.adversarial.mutations import mutated, mutated_safetensors, mutated_value
 
@@ -119,14 +121,13 @@ def test_received_models_are_finite_and_bounded(value: float) -> None:
     only((RemoteProtocolError,), lambda m: check_received(m, MODEL), hostile)
 
 
-VALID_CHECKPOINT = wire.pack(
-    {"round": 3, "accuracy": 0.5, "model": VALID_TENSORS, "crdt": VALID_BATCH}
-)
+DIGITS = TaskModel(DigitsTask(TaskContext()), torch.Generator().manual_seed(0))
+VALID_CHECKPOINT = DIGITS.checkpoint(3, DIGITS.state(), {"accuracy": 0.5})
 
 
 @given(mutated(VALID_CHECKPOINT))
 def test_checkpoint_content(data: bytes) -> None:
-    only((RemoteProtocolError, ConfigError), lambda d: decode_checkpoint(d, MODEL), data)
+    only((ConfigError,), DIGITS.restore, data)
 
 
 @given(mutated(VALID_CHECKPOINT), mutated(VALID_CHECKPOINT))
@@ -136,7 +137,7 @@ def test_checkpoint_files_fall_back_or_refuse_in_one_line(latest: bytes, previou
         store.save(previous)
         store.save(latest)
         with contextlib.suppress(CheckpointError):
-            loaded = store.load(lambda payload: decode_checkpoint(payload, MODEL))
+            loaded = store.load(DIGITS.restore)
             assert loaded is not None
 
 

@@ -18,7 +18,7 @@ from peerlearn.gossip import sync
 from peerlearn.gossip.admission import issue_invite
 from peerlearn.gossip.crdt import MAX_CLOCK, clock_at, sign_entry
 from peerlearn.identity import Identity
-from peerlearn.learning.model import ModelSpec
+from peerlearn.learning.tasks.digits import DigitsNet
 from peerlearn.node import blob
 from peerlearn.node.daemon import run_daemon
 from peerlearn.node.framing import send_frame
@@ -52,8 +52,7 @@ def model_offer(data: bytes, kind: str = "model", size: int | None = None) -> di
 
 
 def digits_model(value: float) -> bytes:
-    spec = ModelSpec("mlp", 32)
-    model = spec.init(torch.Generator().manual_seed(0))
+    model = DigitsNet("mlp", 32, torch.Generator().manual_seed(0)).state_dict()
     return state_dict_to_bytes({n: torch.full_like(t, value) for n, t in model.items()})
 
 
