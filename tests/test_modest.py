@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from peerlearn.learning import modest
-from peerlearn.learning.modest import (
+from peerlearn.gossip import modest
+from peerlearn.gossip.modest import (
     AggAck,
     AggregatedModel,
     CancelTraining,

@@ -12,7 +12,7 @@ import torch
 import trio
 
 from peerlearn.errors import ConfigError
-from peerlearn.learning import protocols, robust
+from peerlearn.learning import aggregate, robust
 from peerlearn.learning.hygiene import check_received
 from peerlearn.learning.task import (
     TaskContext,
@@ -122,7 +122,7 @@ def test_half_precision_models_travel_and_merge(user_task: str, dtype: str) -> N
     received = state_dict_from_bytes(state_dict_to_bytes(theirs), 2**20)
     assert received["weight"].dtype == getattr(torch, dtype)
     check_received(received, own)
-    merged = protocols.merge_received(
+    merged = aggregate.merge_received(
         own, [received], rule=robust.create_rule("mean"), beta=0.5, variance_correction=True
     )
     assert merged["weight"].dtype == getattr(torch, dtype)

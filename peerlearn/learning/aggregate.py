@@ -10,7 +10,7 @@ variance is used, with an epsilon far below any layer's variance.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -102,3 +102,29 @@ def vca_merge(
 ) -> StateDict:
     """Variance-corrected averaging of ``own`` with the ``received`` models."""
     return correct_variance(mix(own, weighted_mean(received), beta), received, epsilon=epsilon)
+
+
+Rule = Callable[[StateDict, Sequence[StateDict]], StateDict]  # see ``robust``
+
+
+def merge_received(
+    own: StateDict,
+    received: Sequence[StateDict],
+    *,
+    rule: Rule,
+    beta: float,
+    variance_correction: bool,
+) -> StateDict:
+    """Gossip learning's merge: ``beta*own + (1-beta)*rule(received)``, then VCA if asked;
+    ``own`` if nothing arrived."""
+    if not received:
+        return own
+    merged = mix(own, rule(own, list(received)), beta)
+    if variance_correction:
+        merged = correct_variance(merged, list(received))
+    return merged
+
+
+def neighbourhood_mean(own: StateDict, received: Sequence[StateDict], *, rule: Rule) -> StateDict:
+    """D-PSGD's merge: ``rule`` over the closed neighbourhood (own model included)."""
+    return rule(own, [own, *received]) if received else own

@@ -25,18 +25,22 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from peerlearn import wire
 from peerlearn.errors import LocalProtocolError
-from peerlearn.learning import attacks, modest, protocols, robust
+from peerlearn.gossip import modest, rounds
+from peerlearn.learning import attacks, robust
 from peerlearn.learning.aggregate import StateDict
 from peerlearn.learning.choices import ALGORITHMS, ATTACKS, FILTERS, PARTITIONS
 from peerlearn.learning.task import TaskContext, Training, create_task, parse_task_options
 from peerlearn.learning.task_model import TaskModel
 from peerlearn.tensors import state_dict_to_bytes
+
+E = TypeVar("E", rounds.TrainRound, rounds.MergeRound)
+ROUND_RECORD_HOPS = 2  # gossip hops a MoDeST round record takes to reach a node
 
 
 @dataclass(frozen=True)
@@ -243,17 +247,6 @@ class Simulation:
             return self.attack(model, honest_models, node.generator)
         return model
 
-    def _merge(self, node: _Node, received: list[StateDict]) -> StateDict:
-        if node.learner.merger is not None:
-            return node.learner.merger(node.model, received)
-        return protocols.merge_received(
-            node.model,
-            received,
-            rule=self.rule,
-            beta=self.config.beta,
-            variance_correction=self.config.algo == "gossip-vca",
-        )
-
     def _kill(self, round_: int) -> None:
         c = self.config
         if c.kill_round != round_ or c.kill_fraction <= 0:
@@ -291,9 +284,9 @@ class Simulation:
         started = time.perf_counter()
         runner = {
             "fedavg": self._run_fedavg,
-            "dpsgd": self._run_dpsgd,
-            "gossip": self._run_gossip,
-            "gossip-vca": self._run_gossip,
+            "dpsgd": self._run_rounds,
+            "gossip": self._run_rounds,
+            "gossip-vca": self._run_rounds,
             "modest": self._run_modest,
         }[self.config.algo]
         runner()
@@ -317,59 +310,58 @@ class Simulation:
             if r % c.eval_every == 0 or r == c.rounds:
                 self._record(r, r * c.train_time, [(self.nodes[0], global_model)])
 
-    def _graph(self) -> list[list[int]]:
-        """Union of fanout/2 random Hamiltonian cycles: a connected, ~fanout-regular graph."""
-        n = self.config.nodes
-        neighbours: list[set[int]] = [set() for _ in range(n)]
-        for _ in range(max(1, self.config.fanout // 2)):
-            cycle = list(range(n))
-            self.rng.shuffle(cycle)
-            for a, b in itertools.pairwise([*cycle, cycle[0]]):
-                if a != b:
-                    neighbours[a].add(b)
-                    neighbours[b].add(a)
-        return [sorted(s) for s in neighbours]
-
-    def _run_dpsgd(self) -> None:
+    def _run_rounds(self) -> None:
+        """Gossip / D-PSGD: every node's ``RoundsNode`` core, driven in lockstep: all nodes
+        train round r, send, then merge what they received in round r."""
         c = self.config
-        graph = self._graph()
+        settings = rounds.RoundSettings(c.algo, c.fanout, c.train_time, c.rounds)
+        members = [n.pk for n in self.nodes]
+        by_pk = {n.pk: n for n in self.nodes}
+        cores = {
+            n.pk: rounds.RoundsNode(n.pk, settings, random.Random(c.seed * 7_919 + n.index))
+            for n in self.nodes
+        }
+        for core in cores.values():
+            core.set_members(members)
+            core.start(0.0)
         for r in range(1, c.rounds + 1):
             self._kill(r)
             alive = [n for n in self.nodes if n.alive]
-            trained = {n.index: self._local_train(n, n.model) for n in alive}
+            started = (r - 1) * c.train_time
+            trained: dict[int, StateDict] = {}
+            for n in alive:
+                self._step(cores[n.pk], rounds.TrainRound, r)
+                trained[n.index] = self._local_train(n, n.model)
             honest = [trained[n.index] for n in alive if not n.byzantine]
-            sent = {n.index: self._outgoing(n, trained[n.index], honest) for n in alive}
             for n in alive:
-                n.model = trained[n.index]
+                core = cores[n.pk]
+                core.trained(r, self._outgoing(n, trained[n.index], honest), started)
+                now = started + c.latency
+                sends = core.messages_to_send()
+                for send in sends:
+                    meta = rounds.encode_meta(send)
+                    self.bytes_sent += self.model_bytes + len(wire.pack(meta))
+                    if by_pk[send.dst].alive:
+                        cores[send.dst].receive(n.pk, rounds.decode_meta(meta, send.model), now)
+                self.trace.add(r, n.index, sorted(by_pk[s.dst].index for s in sends))
             for n in alive:
-                inbox = [sent[j] for j in graph[n.index] if self.nodes[j].alive]
-                self.bytes_sent += len(inbox) * self.model_bytes
-                n.model = (
-                    self._merge(n, inbox)
-                    if n.learner.merger
-                    else protocols.neighbourhood_mean(n.model, inbox, rule=self.rule)
+                merge = self._step(cores[n.pk], rounds.MergeRound, r)
+                n.model = n.learner.merge(
+                    trained[n.index], merge.received, algo=c.algo, rule=self.rule, beta=c.beta
                 )
+                cores[n.pk].merged(r, r * c.train_time)
             self._evaluate_nodes(r, r * c.train_time)
 
-    def _run_gossip(self) -> None:
-        c = self.config
-        for r in range(1, c.rounds + 1):
-            self._kill(r)
-            alive = [n for n in self.nodes if n.alive]
-            for n in alive:
-                n.model = self._local_train(n, n.model)
-            honest = [n.model for n in alive if not n.byzantine]
-            inboxes: dict[int, list[StateDict]] = {n.index: [] for n in alive}
-            for n in alive:
-                outgoing = self._outgoing(n, n.model, honest)
-                targets = self.rng.sample([m for m in range(c.nodes) if m != n.index], c.fanout)
-                self.bytes_sent += len(targets) * self.model_bytes
-                for t in targets:
-                    if t in inboxes:
-                        inboxes[t].append(outgoing)
-            for n in alive:
-                n.model = self._merge(n, inboxes[n.index])
-            self._evaluate_nodes(r, r * c.train_time)
+    @staticmethod
+    def _step(core: rounds.RoundsNode, expected: type[E], round_: int) -> E:
+        """Fire the core's timer; the event it must then ask for."""
+        timer = core.get_timer()
+        if timer is not None:
+            core.handle_timer(timer)
+        event = core.next_event()
+        if not isinstance(event, expected) or event.round != round_:
+            raise LocalProtocolError(f"the rounds core skipped {expected.__name__} {round_}")
+        return event
 
     def _run_modest(self) -> None:
         _ModestNetwork(self).run()
@@ -381,16 +373,11 @@ class _ModestNetwork:
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
         c = sim.config
-        self.settings = modest.ModestSettings(
+        self.settings = modest.settings_for(
             sample_size=c.sample_size,
             aggregators=c.aggregators,
             success_fraction=c.success_fraction,
-            ping_interval=0.5,
-            ping_timeout=2.0,
-            aggregation_timeout=10 * c.train_time,
-            ack_timeout=30 * c.train_time,
-            round_timeout=40 * c.train_time,
-            stall_timeout=60 * c.train_time,
+            round_time=c.train_time,
         )
         self.by_pk = {n.pk: n for n in sim.nodes}
         peers = [n.pk for n in sim.nodes]
@@ -452,12 +439,12 @@ class _ModestNetwork:
             ):
                 self.sim._record(event.round, self.now, [(node, event.model)])
             self.sim._kill(event.round)
-            # Swarm-wide progress, as the daemon learns it from the CRDT round record.
+            # Swarm-wide progress: the aggregator's round record reaches the others by gossip,
+            # as in the daemon (where it is a CRDT record).
+            delay = ROUND_RECORD_HOPS * self.sim.config.latency
             for other in self.sim.nodes:
-                if other.alive and other.pk != pk:
-                    self.cores[other.pk].observe_round(event.round, self.now)
-                    self._flush(other.pk)
-            self.cores[pk].observe_round(event.round, self.now)
+                if other.pk != pk:
+                    self._push(self.now + delay, "round", (other.pk, event.round))
 
     def run(self) -> None:
         c = self.sim.config
@@ -483,6 +470,11 @@ class _ModestNetwork:
                 )
                 self.cores[dst].receive(src, message, self.now)
                 self._flush(dst)
+            elif kind == "round":
+                pk, round_ = payload
+                if self.by_pk[pk].alive:
+                    self.cores[pk].observe_round(round_, self.now)
+                    self._flush(pk)
             elif kind == "timer":
                 pk, at = payload
                 if self.timers.get(pk) != at or not self.by_pk[pk].alive:

@@ -13,7 +13,7 @@ import io
 import math
 import random
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from peerlearn import wire
 from peerlearn.errors import RemoteProtocolError
 from peerlearn.learning import bristle
-from peerlearn.learning.aggregate import StateDict
+from peerlearn.learning.aggregate import Rule, StateDict, merge_received, neighbourhood_mean
 from peerlearn.learning.hygiene import check_finite, check_layout
 from peerlearn.learning.task import Task, TaskError
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
@@ -100,6 +100,19 @@ class TaskModel:
         if self.bristle_view is not None:
             trained = bristle.consolidate(self.bristle_view, start, trained)
         return trained, metrics
+
+    def merge(
+        self, own: StateDict, received: Sequence[StateDict], *, algo: str, rule: Rule, beta: float
+    ) -> StateDict:
+        """A gossip/D-PSGD round's merge of ``received`` into ``own``: Bristle's when it
+        filters, D-PSGD's neighbourhood ``rule``, else gossip's mix (VCA for gossip-vca)."""
+        if self.merger is not None:
+            return self.merger(own, received)
+        if algo == "dpsgd":
+            return neighbourhood_mean(own, received, rule=rule)
+        return merge_received(
+            own, received, rule=rule, beta=beta, variance_correction=algo == "gossip-vca"
+        )
 
     def evaluate(self, state: StateDict) -> dict[str, float]:
         """The task's metrics of ``state`` (``metric`` among them, a finite number)."""

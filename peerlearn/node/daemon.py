@@ -36,7 +36,8 @@ from peerlearn.node.control import serve_control
 from peerlearn.node.datadir import DataDir, atomic_write_bytes, atomic_write_json
 from peerlearn.node.framing import Pace
 from peerlearn.node.host import P2PHost, RelaySettings, Stream, all_loopback, open_host
-from peerlearn.node.learner import MODEL_KIND, MODEST_KIND, MSG_PROTOCOL, Learner
+from peerlearn.node.learner import Learner
+from peerlearn.node.learning_transport import MODEL_KIND, MODEST_KIND, MSG_PROTOCOL
 from peerlearn.node.swarm import STATE_FILE, SwarmService
 from peerlearn.node.traversal import NatTraversal
 from peerlearn.tensors import load_state_dict_file, state_dict_from_bytes, state_dict_to_bytes

@@ -33,12 +33,12 @@ import trio
 
 from peerlearn import wire
 from peerlearn.errors import LocalProtocolError, PeerlearnError, RemoteProtocolError, unwrap_group
-from peerlearn.learning import protocols, robust
+from peerlearn.learning import aggregate, robust
 from peerlearn.learning.hygiene import check_finite, check_received
 from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import PAYLOAD_KIND, Daemon, run_daemon
-from peerlearn.node.learner import MODEL_KIND
+from peerlearn.node.learning_transport import MODEL_KIND
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class AsyncNode:
                 logger.warning("not merging the model from %s: %s", sender, exc)
                 continue
             received.append(model)
-        return protocols.merge_received(
+        return aggregate.merge_received(
             own,
             received,
             rule=self._rule,

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from peerlearn import wire
 from peerlearn.errors import ConfigError, RemoteProtocolError
-from peerlearn.gossip import records, sync
+from peerlearn.gossip import modest, records, sync
 from peerlearn.gossip.admission import invite_from_token, invite_from_wire, issue_invite
 from peerlearn.gossip.crdt import (
     DigestPage,
@@ -30,7 +30,6 @@ from peerlearn.gossip.crdt import (
 )
 from peerlearn.gossip.schemas import RECORD_NAMES, check_record
 from peerlearn.identity import Identity
-from peerlearn.learning import modest
 from peerlearn.learning.hygiene import check_received
 from peerlearn.learning.task import TaskContext
 from peerlearn.learning.task_model import TaskModel

@@ -159,7 +159,7 @@ def test_a_nan_model_is_refused_from_non_members_and_members(tmp_path: Path) -> 
             assert "NaN" in str(verdict["reason"])
             assert rejected(node)["bad model"] == 1
             assert node.learner is not None
-            assert node.learner.models_received == 0
+            assert node.learner.transport.models_received == 0
             accuracy = node.learner.accuracy
             assert accuracy is None or accuracy > 0.2
 

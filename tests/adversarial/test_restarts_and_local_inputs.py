@@ -18,6 +18,7 @@ from peerlearn.node.checkpoints import MAGIC, CheckpointStore
 from peerlearn.node.control import MAX_REQUEST, serve_control
 from peerlearn.node.daemon import Daemon
 from peerlearn.node.learner import CHECKPOINT_FILE
+from peerlearn.tensors import state_dict_to_bytes
 from tests.adversarial.hostile import daemon, eventually, node_config, run
 
 pytestmark = pytest.mark.integration
@@ -142,8 +143,7 @@ def test_the_control_socket_bounds_slow_and_large_requests(tmp_path: Path) -> No
 
 def test_the_received_folder_has_a_quota(tmp_path: Path) -> None:
     model = {"w": torch.arange(100, dtype=torch.float32)}
-    torch.save(model, tmp_path / "m.pt")
-    saved = (tmp_path / "m.pt").stat().st_size  # as the receiver keeps it
+    saved = len(state_dict_to_bytes(model))  # the receiver keeps the safetensors bytes
     config = node_config(tmp_path, "d", swarm="", received_quota=int(saved * 2.5))
 
     async def main() -> None:

@@ -200,6 +200,27 @@ class ModestSettings:
     max_unresponsive_for: float = 480.0  # the penalty doubles per consecutive miss, up to this
 
 
+def settings_for(
+    *, sample_size: int, aggregators: int, round_time: float, success_fraction: float = 1.0
+) -> ModestSettings:
+    """The one mapping from a swarm's round time (seconds per local training round) to
+    MoDeST's timeouts, for the simulator and the daemon alike. Pings keep the paper's
+    defaults: opening a libp2p stream costs the receiver real CPU time (with 10 trainers
+    pinging one aggregator at once an open took up to 1.4 s, and a 2 s timeout split rounds
+    between two aggregators)."""
+    return ModestSettings(
+        sample_size=sample_size,
+        aggregators=aggregators,
+        success_fraction=success_fraction,
+        ping_interval=1.0,
+        ping_timeout=5.0,
+        aggregation_timeout=10 * round_time,
+        ack_timeout=20 * round_time,
+        round_timeout=30 * round_time,
+        stall_timeout=40 * round_time,
+    )
+
+
 # --- availability checks ------------------------------------------------------------------
 
 
@@ -591,6 +612,7 @@ class ModestNode:
         contributors = tuple(sorted(session.models))
         model = self.aggregate([session.models[pk] for pk in contributors])
         self._events.append(RoundAggregated(session.round, model, contributors))
+        self.observe_round(session.round, now)  # our own progress counts as observed
         dist = _Distribution(
             session.round, model, set(), now + self.settings.round_timeout, contributors
         )
