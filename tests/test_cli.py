@@ -86,6 +86,35 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--log-level", "loud"], {}, "log_level must be"),
+        (["--swarm", "s", "--task", "digts"], {}, "did you mean digits"),
+        ([], {"PEERLEARN_ROUND_INTERVALL": "1"}, "did you mean PEERLEARN_ROUND_INTERVAL"),
+    ],
+)
+def test_start_mistakes_are_reported_before_torch_is_imported(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    probe = (
+        "import sys, runpy\n"
+        "sys.argv = ['peerlearn', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_module('peerlearn', run_name='__main__')\n"
+        "finally:\n    print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, "node", "start", "--data-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 2, result
+    assert message in result.stderr
+    assert "torch imported: False" in result.stdout
+
+
 @pytest.mark.integration
 def test_real_daemon_status_stop_and_lock(tmp_path: Path) -> None:
     data_dir = tmp_path / "node"

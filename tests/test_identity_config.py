@@ -93,3 +93,10 @@ def test_config_errors_are_specific(tmp_path: Path, toml: str, message: str) -> 
     config_file.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_config(config_file=config_file, env={})
+
+
+def test_a_typo_in_an_environment_variable_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="did you mean PEERLEARN_ROUND_INTERVAL"):
+        load_config(env={"PEERLEARN_ROUND_INTERVALL": "1"})
+    for other in ("PEERLEARN_TESTNET_DIR", "PEERLEARN_FUZZ"):  # not node settings, but ours
+        assert load_config(env={other: "1"}) == NodeConfig()

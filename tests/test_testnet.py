@@ -19,7 +19,7 @@ from peerlearn.testnet.scenario import load_scenario, parse_scenario
 from tests.conftest import wait_until
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "testnet"
-SHIPPED = ("baseline", "churn", "byzantine", "partition", "nat", "lossy", "packet-loss")
+SHIPPED = ("baseline", "churn", "byzantine", "partition", "nat", "lossy", "packet-loss", "textlm")
 
 
 # -- scenario files ---------------------------------------------------------------------------

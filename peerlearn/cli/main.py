@@ -160,12 +160,7 @@ def node_start(
     **learning: Any,
 ) -> None:
     """Run the node daemon in the foreground until SIGINT/SIGTERM or `node stop`."""
-    import trio
-
-    from peerlearn.node.daemon import Daemon, run_daemon
-    from peerlearn.node.logs import configure_logging
-
-    try:
+    try:  # settings are checked before torch and libp2p are imported: errors in < 1 s
         config = _config(
             config_file,
             listen=listen,
@@ -180,6 +175,11 @@ def node_start(
     except ConfigError as exc:
         _fail(exc)
         return
+    import trio
+
+    from peerlearn.node.daemon import Daemon, run_daemon
+    from peerlearn.node.logs import configure_logging
+
     configure_logging(config.log_level)
 
     async def main() -> None:

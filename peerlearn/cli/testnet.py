@@ -133,7 +133,7 @@ def testnet_up(
                     "round_interval": round_interval,
                     "network": "nat" if nat else "loopback",
                     "nat": nat_mode,
-                    **_task_settings(task, task_options),
+                    "options": _task_settings(task, task_options),
                 }
             },
             default_name="up",

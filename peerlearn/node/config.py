@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -352,6 +353,22 @@ def _layer(values: dict[str, Any], updates: Mapping[str, Any], source: str) -> N
         values[name] = _coerce(name, value, source)
 
 
+# Read by the testnet command and the test suite, not node settings.
+OTHER_VARIABLES = frozenset(
+    {"PEERLEARN_TESTNET_DIR", "PEERLEARN_FUZZ", "PEERLEARN_REQUIRE_ROOT_TESTS"}
+)
+
+
+def _refuse_unknown_variables(env: Mapping[str, str]) -> None:
+    """A typo'd ``PEERLEARN_*`` variable is an error, as a typo'd TOML key is."""
+    known = [ENV_PREFIX + name.upper() for name in _FIELDS]
+    for key in sorted(env):
+        if key.startswith(ENV_PREFIX) and key not in OTHER_VARIABLES and key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+            raise ConfigError(f"environment: unknown setting {key}{suggestion}")
+
+
 def load_config(
     *,
     config_file: Path | None = None,
@@ -367,6 +384,7 @@ def load_config(
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
         _layer(values, document.get("node", document), str(config_file))
     env = os.environ if env is None else env
+    _refuse_unknown_variables(env)
     from_env = {
         key[len(ENV_PREFIX) :].lower(): value
         for key, value in env.items()
