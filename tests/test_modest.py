@@ -11,6 +11,7 @@ from peerlearn.gossip import modest
 from peerlearn.gossip.modest import (
     AggAck,
     AggregatedModel,
+    AggregateRequest,
     CancelTraining,
     ModestNode,
     ModestSettings,
@@ -63,16 +64,22 @@ def test_view_merge_takes_latest_activity_and_highest_membership_index() -> None
     assert view.active(4, 50, b"me") == sorted([b"b", b"me"])
 
 
+def next_event(node: ModestNode, now: float) -> object:
+    """The core's next event, aggregating at once (a mean) when it asks to."""
+    event = node.next_event()
+    if isinstance(event, AggregateRequest):
+        node.aggregated(event, sum(event.models) / len(event.models), now)
+        return next_event(node, now)
+    return event
+
+
 class Harness:
     """Cores wired together by hand: deliver() moves messages, `dead` ones are dropped."""
 
     def __init__(self, n: int, **settings: object) -> None:
         self.settings = ModestSettings(**settings)  # type: ignore[arg-type]
         self.keys = [bytes([i + 1]) * 32 for i in range(n)]
-        self.nodes = {
-            k: ModestNode(k, self.keys, self.settings, lambda models: sum(models) / len(models))
-            for k in self.keys
-        }
+        self.nodes = {k: ModestNode(k, self.keys, self.settings) for k in self.keys}
         self.dead: set[bytes] = set()
         self.events: list[tuple[bytes, object]] = []
         self.sent: list[tuple[bytes, bytes, object]] = []
@@ -87,8 +94,9 @@ class Harness:
                     if send.dst not in self.dead:
                         self.nodes[send.dst].receive(key, send.message, now)
                         moved = True
-                while (event := node.next_event()) is not None:
+                while (event := next_event(node, now)) is not None:
                     self.events.append((key, event))
+                    moved = True  # an aggregation may have queued messages
 
     def tick(self, now: float) -> None:
         for key, node in self.nodes.items():
@@ -208,7 +216,7 @@ def test_aggregator_success_fraction_and_duplicates() -> None:
     agg.receive(h.keys[1], TrainedModel(5, 99.0, {}), now=0.0)  # duplicate sender
     assert agg.next_event() is None
     agg.receive(h.keys[2], TrainedModel(5, 3.0, {}), now=0.0)
-    event = agg.next_event()
+    event = next_event(agg, 0.0)
     assert isinstance(event, RoundAggregated)
     assert event.model == 2.0
     assert len(event.contributors) == 2
@@ -223,7 +231,7 @@ def test_aggregation_timeout_and_newer_round_cancels_older() -> None:
     agg.receive(h.keys[3], TrainedModel(3, 9.0, {}), now=1.0)  # older round: refused
     assert agg.get_timer() == 11.0
     agg.handle_timer(11.0)
-    event = agg.next_event()
+    event = next_event(agg, 11.0)
     assert isinstance(event, RoundAggregated)
     assert (event.round, event.model) == (4, 5.0)
 

@@ -258,7 +258,14 @@ def testnet_down(root: Path | None) -> None:
     click.echo(f"testnet in {directory} is down" + (f" (killed {leftovers})" if leftovers else ""))
 
 
-@testnet.command("run")
+def _scenario_names() -> str:
+    return ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))) or "none found"
+
+
+@testnet.command(
+    "run",
+    epilog=f"Shipped scenarios (testnet/): {_scenario_names()}.",
+)
 @click.argument("scenario")
 @click.option(
     "--out",

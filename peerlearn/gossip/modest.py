@@ -14,9 +14,10 @@ responsive peers aggregate. Every node runs the same ``ModestNode``:
   no sign of the following round appears (all chosen trainers died), so rounds continue after
   most of the swarm is gone.
 
-Inputs: ``start``, ``receive(src, msg, now)``, ``training_done``, ``handle_timer(now)``.
-Outputs: ``messages_to_send()`` -> ``[Send]`` and ``next_event()`` -> ``TrainRequest`` /
-``CancelTraining`` / ``RoundAggregated``. Models are opaque; aggregation is a callback.
+Inputs: ``start``, ``receive(src, msg, now)``, ``training_done``, ``aggregated``,
+``handle_timer(now)``. Outputs: ``messages_to_send()`` -> ``[Send]`` and ``next_event()`` ->
+``TrainRequest`` / ``CancelTraining`` / ``AggregateRequest`` / ``RoundAggregated``. Models
+are opaque; the driver aggregates (off its event loop: a 50 MB model takes a second).
 """
 
 from __future__ import annotations
@@ -179,7 +180,16 @@ class RoundAggregated:
     contributors: tuple[bytes, ...]
 
 
-Event = TrainRequest | CancelTraining | RoundAggregated
+@dataclass(frozen=True)
+class AggregateRequest:
+    """Aggregate ``models`` (the driver may take its time), then call ``aggregated``."""
+
+    round: int
+    models: list[Any]
+    contributors: tuple[bytes, ...]
+
+
+Event = TrainRequest | CancelTraining | RoundAggregated | AggregateRequest
 
 
 @dataclass(frozen=True)
@@ -362,11 +372,9 @@ class ModestNode:
         me: bytes,
         peers: Iterable[bytes],
         settings: ModestSettings,
-        aggregate: Callable[[list[Any]], Any],
     ) -> None:
         self.me = me
         self.settings = settings
-        self.aggregate = aggregate
         self.view = View([*peers, me])
         self.train_round = 0
         self.training = False
@@ -610,11 +618,15 @@ class ModestNode:
     def _finish_session(self, session: _Session, now: float) -> None:
         session.done = True
         contributors = tuple(sorted(session.models))
-        model = self.aggregate([session.models[pk] for pk in contributors])
-        self._events.append(RoundAggregated(session.round, model, contributors))
-        self.observe_round(session.round, now)  # our own progress counts as observed
+        models = [session.models[pk] for pk in contributors]
+        self._events.append(AggregateRequest(session.round, models, contributors))
+
+    def aggregated(self, request: AggregateRequest, model: Any, now: float) -> None:
+        """The driver aggregated ``request``'s models into ``model`` (at its own pace, e.g.
+        in a worker thread): announce the round and distribute it to the next trainers."""
+        self._events.append(RoundAggregated(request.round, model, request.contributors))
         dist = _Distribution(
-            session.round, model, set(), now + self.settings.round_timeout, contributors
+            request.round, model, set(), now + self.settings.round_timeout, request.contributors
         )
         self.distribution = dist
         self._distribute(dist, now)

@@ -381,22 +381,13 @@ class _ModestNetwork:
         )
         self.by_pk = {n.pk: n for n in sim.nodes}
         peers = [n.pk for n in sim.nodes]
-        self.cores = {
-            n.pk: modest.ModestNode(n.pk, peers, self.settings, self._aggregate_for(n))
-            for n in sim.nodes
-        }
+        self.cores = {n.pk: modest.ModestNode(n.pk, peers, self.settings) for n in sim.nodes}
         self.queue: list[tuple[float, int, str, Any]] = []
         self.counter = itertools.count()
         self.timers: dict[bytes, float] = {}
         self.now = 0.0
         self.recorded_round = 0
         self.latest_honest: dict[bytes, StateDict] = {}
-
-    def _aggregate_for(self, node: _Node) -> Callable[[list[Any]], Any]:
-        def aggregate_models(models: list[Any]) -> Any:
-            return self.sim.rule(node.model, models)
-
-        return aggregate_models
 
     def _push(self, at: float, kind: str, payload: Any) -> None:
         heapq.heappush(self.queue, (at, next(self.counter), kind, payload))
@@ -423,7 +414,9 @@ class _ModestNetwork:
 
     def _on_event(self, pk: bytes, event: modest.Event) -> None:
         node = self.by_pk[pk]
-        if isinstance(event, modest.TrainRequest):
+        if isinstance(event, modest.AggregateRequest):
+            self.cores[pk].aggregated(event, self.sim.rule(node.model, event.models), self.now)
+        elif isinstance(event, modest.TrainRequest):
             node.model = event.model
             self._push(
                 self.now + self.sim.config.train_time, "trained", (pk, event.round, event.model)
@@ -445,6 +438,7 @@ class _ModestNetwork:
             for other in self.sim.nodes:
                 if other.pk != pk:
                     self._push(self.now + delay, "round", (other.pk, event.round))
+            self.cores[pk].observe_round(event.round, self.now)  # its own, once finished
 
     def run(self) -> None:
         c = self.sim.config

@@ -35,12 +35,7 @@ class ModestDriver:
             aggregators=c.aggregators,
             round_time=c.round_interval,
         )
-        self.core = modest.ModestNode(
-            learner.me,
-            learner.members_pk(),
-            settings,
-            lambda models: learner.rule(learner.model, models),
-        )
+        self.core = modest.ModestNode(learner.me, learner.members_pk(), settings)
         self.wakeup = trio.Event()
         self.training: trio.CancelScope | None = None
         self.started = False
@@ -118,6 +113,8 @@ class ModestDriver:
                     self.training.cancel()
                 nursery.start_soon(learner.finish_round, event.round, event.model)
                 nursery.start_soon(self._train, event.round, event.model)
+            elif isinstance(event, modest.AggregateRequest):
+                nursery.start_soon(self._aggregate, event)
             elif isinstance(event, modest.CancelTraining) and self.training is not None:
                 self.training.cancel()
             elif isinstance(event, modest.RoundAggregated):
@@ -126,7 +123,20 @@ class ModestDriver:
                     event.round,
                     len(event.contributors),
                 )
-                nursery.start_soon(learner.finish_round, event.round, event.model)
+                nursery.start_soon(self._finish_aggregated, event)
+
+    async def _aggregate(self, request: modest.AggregateRequest) -> None:
+        learner = self.learner
+        model = await trio.to_thread.run_sync(learner.rule, learner.model, request.models)
+        self.core.aggregated(request, model, trio.current_time())
+        self.wakeup.set()
+
+    async def _finish_aggregated(self, event: modest.RoundAggregated) -> None:
+        """Our aggregate becomes the round's model; once that is on disk and announced, we
+        observe the round ourselves (the swarm state does not tell us our own records)."""
+        await self.learner.finish_round(event.round, event.model)
+        self.core.observe_round(event.round, trio.current_time())
+        self.wakeup.set()
 
     async def _train(self, round_: int, model: StateDict) -> None:
         with trio.CancelScope() as scope:
