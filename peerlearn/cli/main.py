@@ -385,7 +385,11 @@ def sim_run(**options: Any) -> None:
                 f"min {r.acc_min:.3f}  sent {r.bytes_sent / 1e6:9.2f} MB  alive {r.alive}"
             )
 
-    result = run_simulation(config, progress)
+    try:
+        result = run_simulation(config, progress)
+    except PeerlearnError as exc:  # the task's options or data, in one line
+        _fail(exc)
+        return
     paths = write_report(result, out)
     click.echo(
         f"final accuracy (mean of last 5 evaluations) {result.final():.3f}; "

@@ -231,8 +231,12 @@ class Daemon:
             self.counters.updates_received += 1
             self.counters.bytes_in += received.offer.size
             return
-        state = state_dict_from_bytes(received.data, self.config.max_blob_size)
-        check_finite(state)
+        def decode_and_check() -> dict[str, Any]:
+            state = state_dict_from_bytes(received.data, self.config.max_blob_size)
+            check_finite(state)
+            return state
+
+        state = await trio.to_thread.run_sync(decode_and_check)  # off the loop: any size
         digest = received.offer.sha256.hex()
         name = f"{received.sender_id[-12:]}-{digest[:16]}.safetensors"
         path = self.data_dir.received_dir / name
