@@ -94,7 +94,7 @@ def modest_claims(seeds: Sequence[int]) -> None:
         "MoDeST keeps completing rounds after 80% of nodes are killed (at round 20)",
         f"last round reached {completed} of {common['rounds']}; final acc "
         f"{avg([r.final(3) for r in killed]):.3f}; alive {killed[0].records[-1].alive}",
-        all(c == common["rounds"] for c in completed),
+        all(c >= common["rounds"] for c in completed),
     )
 
 

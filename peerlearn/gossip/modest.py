@@ -211,19 +211,23 @@ class ModestSettings:
 
 
 def settings_for(
-    *, sample_size: int, aggregators: int, round_time: float, success_fraction: float = 1.0
+    *,
+    sample_size: int,
+    aggregators: int,
+    round_time: float,
+    message_time: float,
+    success_fraction: float = 1.0,
 ) -> ModestSettings:
-    """The one mapping from a swarm's round time (seconds per local training round) to
-    MoDeST's timeouts, for the simulator and the daemon alike. Pings keep the paper's
-    defaults: opening a libp2p stream costs the receiver real CPU time (with 10 trainers
-    pinging one aggregator at once an open took up to 1.4 s, and a 2 s timeout split rounds
-    between two aggregators)."""
+    """The one mapping from a swarm's timing to MoDeST's timeouts, for the simulator and the
+    daemon alike. ``round_time``: seconds of local training per round; ``message_time``: how
+    long the transport may take to deliver a small message (pings are resent that often and
+    a peer is unresponsive after four of them)."""
     return ModestSettings(
         sample_size=sample_size,
         aggregators=aggregators,
         success_fraction=success_fraction,
-        ping_interval=1.0,
-        ping_timeout=5.0,
+        ping_interval=message_time,
+        ping_timeout=4 * message_time,
         aggregation_timeout=10 * round_time,
         ack_timeout=20 * round_time,
         round_timeout=30 * round_time,

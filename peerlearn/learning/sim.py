@@ -41,6 +41,7 @@ from peerlearn.tensors import state_dict_to_bytes
 
 E = TypeVar("E", rounds.TrainRound, rounds.MergeRound)
 ROUND_RECORD_HOPS = 2  # gossip hops a MoDeST round record takes to reach a node
+MESSAGE_LATENCIES = 10  # a small message's delivery time, in latencies, MoDeST's pings allow
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,7 @@ class _ModestNetwork:
             aggregators=c.aggregators,
             success_fraction=c.success_fraction,
             round_time=c.train_time,
+            message_time=MESSAGE_LATENCIES * c.latency,
         )
         self.by_pk = {n.pk: n for n in sim.nodes}
         peers = [n.pk for n in sim.nodes]

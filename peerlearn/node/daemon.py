@@ -231,6 +231,7 @@ class Daemon:
             self.counters.updates_received += 1
             self.counters.bytes_in += received.offer.size
             return
+
         def decode_and_check() -> dict[str, Any]:
             state = state_dict_from_bytes(received.data, self.config.max_blob_size)
             check_finite(state)
