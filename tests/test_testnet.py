@@ -110,6 +110,12 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _ctrl_c_reaches_it() -> None:
+    """A suite run in the background by a shell inherits SIGINT ignored; at a terminal, Ctrl-C
+    reaches `testnet up` with its default action, which is what the test means to send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _up(tmp_path: Path, nodes: int) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     with (tmp_path / "up.log").open("wb") as log:  # the child keeps its own copy
@@ -118,6 +124,7 @@ def _up(tmp_path: Path, nodes: int) -> tuple[subprocess.Popen[bytes], dict[str, 
              "--dir", str(tmp_path), "--round-interval", "0.5"],
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_ctrl_c_reaches_it,
         )  # fmt: skip
 
     def ready() -> dict[str, object] | None:

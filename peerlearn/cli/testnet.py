@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,18 @@ def testnet() -> None:
     """Run many daemons on this machine: `up`, `status`, `logs`, `down`, `run SCENARIO`."""
 
 
+def _task_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--task`` and ``--task-opt``, for every node of the testnet."""
+    command = click.option(
+        "--task-opt",
+        "task_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Option for the task, repeatable.",
+    )(command)
+    return click.option("--task", default=None, help="Learning task [default: digits].")(command)
+
+
 def _task_settings(task: str | None, task_options: tuple[str, ...]) -> dict[str, Any]:
     """``--task``/``--task-opt`` as node settings (checked by the nodes' own validation)."""
     settings: dict[str, Any] = {}
@@ -91,14 +103,7 @@ def _task_settings(task: str | None, task_options: tuple[str, ...]) -> dict[str,
 @click.option("--nodes", type=int, default=4, show_default=True)
 @click.option("--algo", type=click.Choice(LEARNING_ALGORITHMS), default="modest", show_default=True)
 @click.option("--filter", "filter_", type=click.Choice(FILTERS), default="none", show_default=True)
-@click.option("--task", default=None, help="Learning task [default: digits].")
-@click.option(
-    "--task-opt",
-    "task_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Option for the task, repeatable.",
-)
+@_task_flags
 @click.option("--rounds", type=int, default=0, help="Stop learning after N rounds [0: never].")
 @click.option("--round-interval", type=float, default=1.0, show_default=True)
 @click.option("--nat", is_flag=True, help="Nodes behind NAT routers in a namespace lab (root).")
@@ -273,14 +278,7 @@ def _scenario_names() -> str:
     default=None,
     help="Report folder [default: runs/<scenario>-<time>].",
 )
-@click.option("--task", default=None, help="Learning task [default: digits].")
-@click.option(
-    "--task-opt",
-    "task_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Option for the task, repeatable.",
-)
+@_task_flags
 def testnet_run(
     scenario: str, out: Path | None, task: str | None, task_options: tuple[str, ...]
 ) -> None:
