@@ -181,6 +181,10 @@ def node_start(
     from peerlearn.node.logs import configure_logging
 
     configure_logging(config.log_level)
+    # This process is the daemon: its event loop shares the GIL with training, merging and
+    # signature-checking threads; a shorter switch interval (5 ms by default) hands it back
+    # sooner. Set here, not in run_daemon: an embedding program keeps its own setting.
+    sys.setswitchinterval(0.001)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
