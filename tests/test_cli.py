@@ -165,3 +165,38 @@ def test_sigterm_shuts_down_gracefully(tmp_path: Path) -> None:
     assert daemon.returncode == 0, err
     assert "SIGTERM received" in err
     assert "Traceback" not in err
+
+
+def test_status_tells_shared_models_from_the_learners_models() -> None:
+    from peerlearn.cli.main import _render_status
+
+    status = {
+        "peer_id": "12D3KooW",
+        "phase": "running",
+        "uptime_s": 5.0,
+        "connected_peers": 3,
+        "updates_sent": 0,
+        "updates_received": 0,
+        "updates_rejected": 0,
+        "bytes_out": 10_000_000,
+        "bytes_in": 9_000_000,
+        "addrs": [],
+        "swarm": "lab",
+        "learning": {
+            "task": "textlm",
+            "metric": "accuracy",
+            "algo": "modest",
+            "filter": "none",
+            "phase": "learning",
+            "round": 7,
+            "accuracy": 0.41,
+            "members": 4,
+            "join_seconds": 0.2,
+            "models_sent": 12,
+            "models_received": 11,
+        },
+    }
+    text = _render_status(status)
+    assert "shared models    0 sent, 0 received, 0 rejected (`node share`" in text
+    assert "learner models   12 sent, 11 received" in text
+    assert "textlm with modest/none learning, round 7, accuracy 0.410" in text

@@ -217,8 +217,8 @@ def _render_status(s: dict[str, Any]) -> str:
         f"phase            {s['phase']}",
         f"uptime           {s['uptime_s']:.0f} s",
         f"connected peers  {s['connected_peers']}",
-        f"updates          {s['updates_sent']} sent, {s['updates_received']} received, "
-        f"{s['updates_rejected']} rejected",
+        f"shared models    {s['updates_sent']} sent, {s['updates_received']} received, "
+        f"{s['updates_rejected']} rejected (`node share` and the embedding API)",
         f"bytes            {s['bytes_out']} out, {s['bytes_in']} in",
     ]
     lines += [f"listening        {a}" for a in s["addrs"]]
@@ -243,12 +243,16 @@ def _render_status(s: dict[str, Any]) -> str:
         )
     learning = s.get("learning")
     if learning:
+        metric = learning.get("metric", "accuracy")
         acc = "-" if learning["accuracy"] is None else f"{learning['accuracy']:.3f}"
         join = "-" if learning["join_seconds"] is None else f"{learning['join_seconds']:.2f} s"
         lines += [
             f"swarm            {s['swarm']} ({learning['members']} members, joined in {join})",
-            f"learning         {learning['algo']}/{learning['filter']} {learning['phase']}, "
-            f"round {learning['round']}, accuracy {acc}",
+            f"learning         {learning.get('task', 'digits')} with "
+            f"{learning['algo']}/{learning['filter']} {learning['phase']}, "
+            f"round {learning['round']}, {metric} {acc}",
+            f"learner models   {learning['models_sent']} sent, "
+            f"{learning['models_received']} received",
         ]
     return "\n".join(lines)
 
