@@ -32,6 +32,7 @@ from peerlearn import wire
 from peerlearn.errors import NetworkError, Offence, RemoteProtocolError
 from peerlearn.identity import Identity
 from peerlearn.nat.policy import blob_path_allowed
+from peerlearn.node.config import NodeConfig
 from peerlearn.node.framing import (
     DEFAULT_PACE,
     ByteStream,
@@ -257,16 +258,16 @@ async def deliver(
     *,
     kind: str,
     meta: dict[str, Any],
-    timeout: float,  # noqa: ASYNC109 - the deadline is part of the outcome reported
-    chunk_size: int,
-    relay_blobs: bool,
+    config: NodeConfig,
 ) -> str | None:
-    """Push ``data`` to ``peer_id`` within ``timeout`` s; None once acknowledged, else why not.
+    """Push ``data`` to ``peer_id`` within ``config.blob_timeout`` s, in
+    ``config.blob_chunk_size`` writes; None once acknowledged, else why not.
 
-    Over a relayed-only connection the blob is not sent unless ``relay_blobs``: relays are
-    for small messages, models wait for the direct path hole punching is working on.
+    Over a relayed-only connection the blob is not sent unless ``config.relay_blobs``: relays
+    are for small messages, models wait for the direct path hole punching is working on.
     """
-    if not blob_path_allowed(host.paths().get(peer_id), relay_blobs):
+    timeout = config.blob_timeout
+    if not blob_path_allowed(host.paths().get(peer_id), config.relay_blobs):
         return "only a relayed connection (models need a direct one; relay_blobs allows it)"
 
     try:
@@ -278,7 +279,7 @@ async def deliver(
                 data,
                 kind=kind,
                 meta=meta,
-                chunk_size=chunk_size,
+                chunk_size=config.blob_chunk_size,
             )
     except NetworkError as exc:
         return str(exc)

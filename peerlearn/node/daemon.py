@@ -284,15 +284,7 @@ class Daemon:
         async def push(peer_id: str) -> None:
             started = time.monotonic()
             error = await blob.deliver(
-                self.host,
-                self.sequence,
-                peer_id,
-                data,
-                kind=kind,
-                meta=meta,
-                timeout=self.config.blob_timeout,
-                chunk_size=self.config.blob_chunk_size,
-                relay_blobs=self.config.relay_blobs,
+                self.host, self.sequence, peer_id, data, kind=kind, meta=meta, config=self.config
             )
             if error is not None:
                 logger.warning("%s to %s not delivered: %s", kind, peer_id, error)

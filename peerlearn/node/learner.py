@@ -207,8 +207,8 @@ class Learner:
             await trio.to_thread.run_sync(self._save_checkpoint, round_, model, metrics)
             score = self.learning.score(metrics)
             self.round, self.model, self.metrics, self.accuracy = round_, model, metrics, score
-            model_bytes = await trio.to_thread.run_sync(state_dict_to_bytes, model)
-            digest = hashlib.sha256(model_bytes).hexdigest()
+            encoded = await self.transport.encoded(model)
+            digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(encoded).hexdigest())
             self.swarm.write("round", {"round": round_})
             self.swarm.write("model", {"version": round_, "sha256": digest})
             self.swarm.write("metrics", {"accuracy": round(score, 4), "round": round_})

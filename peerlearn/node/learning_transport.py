@@ -64,6 +64,8 @@ class LearningTransport:
         self.models_sent = 0
         self.models_received = 0
         self.on_message: SmallMessageHandler | None = None
+        self._encoding = trio.Lock()
+        self._last_encoded: tuple[StateDict, bytes] | None = None
         host.set_handler(MSG_PROTOCOL, self._serve_message)
 
     async def push_model(
@@ -71,17 +73,9 @@ class LearningTransport:
     ) -> bool:
         """Send a model to one peer over the blob protocol; False (logged) if not delivered."""
         peer_id = peer_id_from_public_key(peer_pk)
-        payload = await trio.to_thread.run_sync(state_dict_to_bytes, model)
+        payload = await self.encoded(model)
         error = await blob.deliver(
-            self.host,
-            self.sequence,
-            peer_id,
-            payload,
-            kind=kind,
-            meta=meta,
-            timeout=self.config.blob_timeout,
-            chunk_size=self.config.blob_chunk_size,
-            relay_blobs=self.config.relay_blobs,
+            self.host, self.sequence, peer_id, payload, kind=kind, meta=meta, config=self.config
         )
         if error is not None:
             logger.info("model to %s not delivered: %s", peer_id, error)
@@ -89,6 +83,17 @@ class LearningTransport:
         self.models_sent += 1
         self.on_bytes(len(payload), 0)
         return True
+
+    async def encoded(self, model: StateDict) -> bytes:
+        """``model`` as safetensors bytes, encoded once (in a worker thread) however many
+        peers it goes to: a round's model is pushed to several peers and announced too."""
+        async with self._encoding:
+            last = self._last_encoded
+            if last is not None and last[0] is model:
+                return last[1]
+            payload = await trio.to_thread.run_sync(state_dict_to_bytes, model)
+            self._last_encoded = (model, payload)  # the model held: its identity stays valid
+            return payload
 
     def model_received(self, size: int) -> None:
         self.models_received += 1
