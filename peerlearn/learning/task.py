@@ -34,13 +34,14 @@ import importlib.metadata
 import importlib.util
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from peerlearn.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
+Number = TypeVar("Number", int, float)
 ENTRY_POINT_GROUP = "peerlearn.tasks"
 BUILTIN_TASKS = {
     "digits": "peerlearn.learning.tasks.digits:DigitsTask",
@@ -145,26 +146,22 @@ class TaskOptions:
         return default if value is None else value
 
     def int(self, name: str, default: int, *, minimum: int = 1) -> int:
-        text = self._get(name)
-        if text is None:
-            return default
-        try:
-            value = int(text)
-        except ValueError:
-            raise TaskError(f"task option {name} must be an integer, not {text!r}") from None
-        if value < minimum:
-            raise TaskError(f"task option {name} must be at least {minimum}, not {value}")
-        return value
+        return self._number(name, default, int, "an integer", minimum)
 
     def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        return self._number(name, default, float, "a number", minimum)
+
+    def _number(
+        self, name: str, default: Number, parse: Callable[[str], Number], what: str, minimum: Number
+    ) -> Number:
         text = self._get(name)
         if text is None:
             return default
         try:
-            value = float(text)
+            value = parse(text)
         except ValueError:
-            raise TaskError(f"task option {name} must be a number, not {text!r}") from None
-        if not value >= minimum:
+            raise TaskError(f"task option {name} must be {what}, not {text!r}") from None
+        if not value >= minimum:  # NaN too
             raise TaskError(f"task option {name} must be at least {minimum}, not {value}")
         return value
 
@@ -208,15 +205,18 @@ def _installed_tasks() -> dict[str, str]:
 def resolve_task(name: str) -> str:
     """The ``module:attribute`` a task name stands for, checked without importing the task
     (``TaskError`` with the known names otherwise)."""
-    target = BUILTIN_TASKS.get(name) or _installed_tasks().get(name)
+    target = BUILTIN_TASKS.get(name)
     if target is None and ":" not in name:
-        known = sorted({*BUILTIN_TASKS, *_installed_tasks()})
-        hint = difflib.get_close_matches(name, known, n=1)
-        suggestion = f" (did you mean {hint[0]}?)" if hint else ""
-        raise TaskError(
-            f"unknown task {name!r}{suggestion}; known: {', '.join(known)}, "
-            "or module:factory for your own"
-        )
+        installed = _installed_tasks()  # scanning installed packages: only when needed
+        target = installed.get(name)
+        if target is None:
+            known = sorted({*BUILTIN_TASKS, *installed})
+            hint = difflib.get_close_matches(name, known, n=1)
+            suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+            raise TaskError(
+                f"unknown task {name!r}{suggestion}; known: {', '.join(known)}, "
+                "or module:factory for your own"
+            )
     target = target or name
     module, _, attribute = target.partition(":")
     if not module or not attribute.isidentifier():

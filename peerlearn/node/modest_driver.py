@@ -16,6 +16,7 @@ from peerlearn.errors import RemoteProtocolError
 from peerlearn.gossip import modest
 from peerlearn.gossip.crdt import Entry
 from peerlearn.learning.aggregate import StateDict
+from peerlearn.node.blob import BlobBusy
 from peerlearn.node.learning_transport import MODEST_KIND
 
 if TYPE_CHECKING:
@@ -74,8 +75,6 @@ class ModestDriver:
         if kind != MODEST_KIND:
             raise RemoteProtocolError("this node runs MoDeST")
         if not self.started:
-            from peerlearn.node.blob import BlobBusy
-
             raise BlobBusy("not learning yet")
         self.core.receive(src, modest.decode_model_meta(meta, model), trio.current_time())
         self.wakeup.set()
