@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from peerlearn.learning.sim import SimConfig, SimResult, run_simulation
+from peerlearn.sim.simulator import SimConfig, SimResult, run_simulation
 
 VCA_TARGET = 0.90  # accuracy for "rounds to target"
 

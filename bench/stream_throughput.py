@@ -30,7 +30,8 @@ def blob_receiver() -> None:
     from peerlearn import wire
     from peerlearn.identity import Identity
     from peerlearn.node import blob
-    from peerlearn.node.host import Stream, open_host
+    from peerlearn.node.host import open_host
+    from peerlearn.node.host_api import Stream
 
     async def main() -> None:
         async with open_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as host:

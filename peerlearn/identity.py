@@ -126,9 +126,10 @@ def load_identity(path: Path) -> Identity:
     return Identity(key)
 
 
-def create_identity(path: Path) -> Identity:
-    """A new Ed25519 key, written to ``path`` (mode 0600; never overwrites a file)."""
-    identity = Identity.generate()
+def create_identity(path: Path, identity: Identity | None = None) -> Identity:
+    """A new Ed25519 key (or ``identity``), written to ``path`` (mode 0600; never
+    overwrites a file)."""
+    identity = identity or Identity.generate()
     pem = identity.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

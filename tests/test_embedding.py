@@ -67,7 +67,7 @@ def test_asyncio_node_talks_to_a_sync_node(tmp_path: Path) -> None:
 
         async def main() -> None:
             async with open_node(config(tmp_path, "aio", (sync_node.addrs[0],))) as node:
-                assert sync_node.peer_id in node.peers()
+                assert sync_node.peer_id in await node.peers()
                 assert (await node.share_model(model(3)))[0].ok
                 update = await asyncio.to_thread(sync_node.receive, 10.0)
                 assert update is not None

@@ -15,6 +15,7 @@ import trio.testing
 from peerlearn.gossip.crdt import Entry
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.modest_driver import ModestDriver
+from peerlearn.node.offload import inline
 
 NODES = 10
 ROUND_TIME = 1.0  # virtual seconds of training per round
@@ -79,6 +80,7 @@ class _Learner:
         self.round = 0
         self.resumed = None
         self.rounds: list[int] = []
+        self.offload = inline
 
     def members_pk(self) -> list[bytes]:
         return self.members

@@ -24,7 +24,8 @@ from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import Daemon, run_daemon
 from peerlearn.node.framing import receive_frame, send_frame
-from peerlearn.node.host import P2PHost, Stream, open_host
+from peerlearn.node.host import P2PHost, open_host
+from peerlearn.node.host_api import Stream
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
 
 pytestmark = pytest.mark.integration

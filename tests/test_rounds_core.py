@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.gossip import rounds
 from peerlearn.gossip.rounds import MergeRound, Phase, Received, RoundSettings, RoundsNode
-from peerlearn.learning.sim import SimConfig, Simulation
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.rounds_driver import RoundsDriver
+from peerlearn.sim.simulator import SimConfig, Simulation
 
 ME, A, B, C = (bytes([i]) * 32 for i in range(4))
 

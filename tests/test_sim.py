@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from peerlearn.cli.main import cli
 from peerlearn.errors import LocalProtocolError
-from peerlearn.learning.sim import SimConfig, Simulation, run_simulation
+from peerlearn.sim.simulator import SimConfig, Simulation, run_simulation
 
 
 @pytest.mark.parametrize("algo", ["gossip-vca", "modest", "dpsgd", "fedavg"])

@@ -1,4 +1,8 @@
-"""Five real daemon processes on 127.0.0.1 learning digits together."""
+"""Five real daemon processes on 127.0.0.1 learning digits together, in wall-clock time.
+
+The same behaviours (MoDeST, gossip-vca with a restart from a checkpoint, Bristle) run
+in-process in virtual time in ``test_virtual_swarm.py``; these are the slow, real-socket
+confirmation (``pytest -m slow tests/test_swarm_integration.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pytest
 from peerlearn.testnet.local import LocalSwarm
 from tests.conftest import wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NODES = 5
 TARGET = 0.85
 LEARN_TIMEOUT = 180  # seconds

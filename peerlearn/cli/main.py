@@ -375,8 +375,8 @@ def sim() -> None:
 @click.option("--quiet", is_flag=True, help="Only print the summary.")
 def sim_run(**options: Any) -> None:
     """Simulate ROUNDS of ALGO on a task; print its metric and the bytes sent per round."""
-    from peerlearn.learning.report import write_report
-    from peerlearn.learning.sim import SimConfig, run_simulation
+    from peerlearn.sim.report import write_report
+    from peerlearn.sim.simulator import SimConfig, run_simulation
 
     out = options.pop("out")
     quiet = options.pop("quiet")

@@ -1,5 +1,5 @@
 """Torch maths and the Task API: merges (mean, VCA), robust rules, Bristle, attacks, data,
-built-in tasks, and the simulator that drives ``peerlearn.gossip``'s protocol cores.
+built-in tasks, a task's model as drivers use it.
 
 Nothing in this package imports trio or libp2p.
 """

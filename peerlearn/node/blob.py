@@ -42,7 +42,7 @@ from peerlearn.node.framing import (
     send_frame,
     send_paced,
 )
-from peerlearn.node.host import P2PHost, Stream
+from peerlearn.node.host_api import Host, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +159,12 @@ async def send_blob(
     meta: dict[str, Any],
     chunk_size: int = 1 << 20,
     pace: Pace = DEFAULT_PACE,
+    wall_clock: Callable[[], float] = time.time,
 ) -> None:
-    """Offer, send and get ``data`` confirmed; raises ``NetworkError`` if not delivered."""
+    """Offer, send and get ``data`` confirmed; raises ``NetworkError`` if not delivered.
+    ``wall_clock`` dates the signed offer."""
     body = {"sha256": hashlib.sha256(data).digest(), "size": len(data), "kind": kind, "meta": meta}
-    offer = wire.seal(identity, OFFER_TYPE, body, seq=seq, timestamp=time.time())
+    offer = wire.seal(identity, OFFER_TYPE, body, seq=seq, timestamp=wall_clock())
     await send_frame(stream, offer)
     await _expect_ok(stream, "refused the offer", pace)
     await send_paced(stream, data, chunk_size, pace)
@@ -241,17 +243,27 @@ async def push_blob(
     kind: str,
     meta: dict[str, Any],
     chunk_size: int = 1 << 20,
+    wall_clock: Callable[[], float] = time.time,
 ) -> None:
     """Open a stream, send the blob and close the stream (wrap in ``trio.fail_after``)."""
     stream = await open_stream()
     try:
-        await send_blob(stream, identity, seq, data, kind=kind, meta=meta, chunk_size=chunk_size)
+        await send_blob(
+            stream,
+            identity,
+            seq,
+            data,
+            kind=kind,
+            meta=meta,
+            chunk_size=chunk_size,
+            wall_clock=wall_clock,
+        )
     finally:
         await stream.close()
 
 
 async def deliver(
-    host: P2PHost,
+    host: Host,
     sequence: wire.SequenceCounter,
     peer_id: str,
     data: bytes,
@@ -259,6 +271,7 @@ async def deliver(
     kind: str,
     meta: dict[str, Any],
     config: NodeConfig,
+    wall_clock: Callable[[], float] = time.time,
 ) -> str | None:
     """Push ``data`` to ``peer_id`` within ``config.blob_timeout`` s, in
     ``config.blob_chunk_size`` writes; None once acknowledged, else why not.
@@ -275,11 +288,12 @@ async def deliver(
             await push_blob(
                 lambda: host.open_stream(peer_id, PROTOCOL),
                 host.identity,
-                sequence.next(time.time()),
+                sequence.next(wall_clock()),
                 data,
                 kind=kind,
                 meta=meta,
                 chunk_size=config.blob_chunk_size,
+                wall_clock=wall_clock,
             )
     except NetworkError as exc:
         return str(exc)

@@ -6,7 +6,6 @@ import collections
 import logging
 import math
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +34,10 @@ from peerlearn.node.config import NodeConfig, admission_rule
 from peerlearn.node.control import serve_control
 from peerlearn.node.datadir import DataDir, atomic_write_bytes, atomic_write_json
 from peerlearn.node.framing import Pace
-from peerlearn.node.host import P2PHost, RelaySettings, Stream, all_loopback, open_host
+from peerlearn.node.host_api import Host, Stream
 from peerlearn.node.learner import Learner
 from peerlearn.node.learning_transport import MODEL_KIND, MODEST_KIND, MSG_PROTOCOL
+from peerlearn.node.runtime import Runtime
 from peerlearn.node.swarm import STATE_FILE, SwarmService
 from peerlearn.node.traversal import NatTraversal
 from peerlearn.tensors import load_state_dict_file, state_dict_from_bytes, state_dict_to_bytes
@@ -48,6 +48,8 @@ MODEL_UPDATE_KIND = "model_update"
 LEARNER_KINDS = (MODEL_KIND, MODEST_KIND)
 PAYLOAD_KIND = "payload"
 EMBEDDED_KINDS = (MODEL_KIND, PAYLOAD_KIND)  # what an embedded node hands to its application
+UpdateSink = Callable[[blob.ReceivedBlob], None]
+DEFAULT_RUNTIME = Runtime()
 RECENT_EVENTS = 100  # received updates remembered for `status`
 PING_TIMEOUT = 2.0  # seconds, for `peers`
 LAG_PROBE_INTERVAL = 0.1  # seconds
@@ -82,22 +84,28 @@ class Daemon:
         self,
         config: NodeConfig,
         data_dir: DataDir,
-        host: P2PHost,
+        host: Host,
         stop: trio.Event,
         boundary: Boundary,
         *,
         learn: bool = True,
+        on_update: UpdateSink | None = None,
+        runtime: Runtime = DEFAULT_RUNTIME,
     ) -> None:
+        """``learn``: run the built-in learner (needs a swarm). ``on_update``: an embedding
+        application's sink for the models and payloads peers push to us (instead of the
+        learner)."""
         self.config = config
         self.data_dir = data_dir
         self.host = host
         self.identity: Identity = host.identity
         self.stop = stop
         self.boundary = boundary
+        self.runtime = runtime
         self.phase = "starting"
-        self.started = time.monotonic()
+        self.started = trio.current_time()
         self.counters = Counters()
-        self.sequence = wire.SequenceCounter(time.time())
+        self.sequence = wire.SequenceCounter(runtime.wall_clock())
         self.replay_guard = wire.ReplayGuard()
         self.pace = Pace(
             idle_timeout=config.stream_idle_timeout,
@@ -108,7 +116,7 @@ class Daemon:
         self.received_bytes = _folder_bytes(data_dir.received_dir)
         self.swarm: SwarmService | None = None
         self.learner: Learner | None = None
-        self.update_sink: Callable[[blob.ReceivedBlob], None] | None = None
+        self._on_update = on_update
         admission = admission_rule(config)
         if config.swarm:
             state = SwarmState(
@@ -125,11 +133,13 @@ class Daemon:
                 invite=_own_invite(config, admission, self.identity),
                 pace=self.pace,
                 store=CheckpointStore(data_dir.root / STATE_FILE),
+                wall_clock=runtime.wall_clock,
+                offload=runtime.offload,
             )
             boundary.is_member = self.swarm.is_member
             boundary.introduce = self.swarm.sync_with
             boundary.members_only = frozenset({blob.PROTOCOL, MSG_PROTOCOL})
-            if learn:
+            if learn and on_update is None:
                 self.learner = Learner(
                     config,
                     host,
@@ -138,6 +148,8 @@ class Daemon:
                     self._count_bytes,
                     self.sequence,
                     self.replay_guard,
+                    runtime.wall_clock,
+                    runtime.offload,
                 )
 
         elif admission.mode is AdmissionMode.ALLOWLIST:
@@ -182,6 +194,7 @@ class Daemon:
                     admit=self._admit_blob,
                     accept=self._accept_blob,
                     pace=self.pace,
+                    wall_clock=self.runtime.wall_clock,
                 )
         except trio.TooSlowError:
             self.counters.updates_rejected += 1
@@ -207,7 +220,7 @@ class Daemon:
                 raise RemoteProtocolError(
                     f"a {kind} blob of {size} bytes; our model takes {limit}", Offence.OVERSIZED
                 )
-        elif kind in EMBEDDED_KINDS and self.update_sink is not None:
+        elif kind in EMBEDDED_KINDS and self._on_update is not None:
             pass  # bounded by max_blob_size
         elif kind == MODEL_UPDATE_KIND:
             if self.received_bytes + size > self.config.received_quota:
@@ -226,8 +239,8 @@ class Daemon:
         if received.offer.kind in LEARNER_KINDS and self.learner is not None:
             await self.learner.accept_blob(received)
             return
-        if received.offer.kind in EMBEDDED_KINDS and self.update_sink is not None:
-            self.update_sink(received)
+        if received.offer.kind in EMBEDDED_KINDS and self._on_update is not None:
+            self._on_update(received)
             self.counters.updates_received += 1
             self.counters.bytes_in += received.offer.size
             return
@@ -237,13 +250,13 @@ class Daemon:
             check_finite(state)
             return state
 
-        state = await trio.to_thread.run_sync(decode_and_check)  # off the loop: any size
+        state = await self.runtime.offload(decode_and_check)  # off the loop: any size
         digest = received.offer.sha256.hex()
         name = f"{received.sender_id[-12:]}-{digest[:16]}.safetensors"
         path = self.data_dir.received_dir / name
         if self.received_bytes + len(received.data) > self.config.received_quota:
             raise blob.BlobBusy(self._quota_full())
-        await trio.to_thread.run_sync(atomic_write_bytes, path, received.data)
+        await self.runtime.offload(atomic_write_bytes, path, received.data)
         self.received_bytes = _folder_bytes(self.data_dir.received_dir)
         self.counters.updates_received += 1
         self.counters.bytes_in += received.offer.size
@@ -253,7 +266,7 @@ class Daemon:
             "bytes": received.offer.size,
             "tensors": len(state),
             "path": str(path),
-            "at": time.time(),
+            "at": self.runtime.wall_clock(),
         }
         self.counters.recent.append(event)
         logger.info(
@@ -266,10 +279,9 @@ class Daemon:
 
     async def share_model(self, path: Path) -> list[dict[str, Any]]:
         """Send the state_dict saved at ``path`` to every connected peer."""
-        state = await trio.to_thread.run_sync(load_state_dict_file, path)
-        return await self.push_to_peers(
-            state_dict_to_bytes(state), MODEL_UPDATE_KIND, {"tensors": len(state)}
-        )
+        state = await self.runtime.offload(load_state_dict_file, path)
+        data = await self.runtime.offload(state_dict_to_bytes, state)
+        return await self.push_to_peers(data, MODEL_UPDATE_KIND, {"tensors": len(state)})
 
     async def push_to_peers(
         self, data: bytes, kind: str, meta: dict[str, Any], peers: list[str] | None = None
@@ -282,9 +294,16 @@ class Daemon:
         results: list[dict[str, Any]] = []
 
         async def push(peer_id: str) -> None:
-            started = time.monotonic()
+            started = trio.current_time()
             error = await blob.deliver(
-                self.host, self.sequence, peer_id, data, kind=kind, meta=meta, config=self.config
+                self.host,
+                self.sequence,
+                peer_id,
+                data,
+                kind=kind,
+                meta=meta,
+                config=self.config,
+                wall_clock=self.runtime.wall_clock,
             )
             if error is not None:
                 logger.warning("%s to %s not delivered: %s", kind, peer_id, error)
@@ -292,13 +311,45 @@ class Daemon:
                 return
             self.counters.updates_sent += 1
             self.counters.bytes_out += len(data)
-            seconds = time.monotonic() - started
+            seconds = trio.current_time() - started
             results.append({"peer_id": peer_id, "ok": True, "bytes": len(data), "seconds": seconds})
 
         async with trio.open_nursery() as nursery:
             for peer_id in peers:
                 nursery.start_soon(push, peer_id)
         return sorted(results, key=lambda r: str(r["peer_id"]))
+
+    # --- what an embedding application asks ---------------------------------------------
+
+    def addrs(self) -> list[str]:
+        return self.host.addrs()
+
+    def connected_peer_ids(self) -> list[str]:
+        return sorted(p.peer_id for p in self.host.connected_peers())
+
+    async def connect(self, address: str) -> str:
+        """Dial ``address``; returns the peer ID (``NetworkError`` or ``ConfigError``)."""
+        return await self.host.connect(address)
+
+    def members(self) -> list[str]:
+        """Peer IDs of every swarm member known through the shared state."""
+        return self.swarm.members() if self.swarm is not None else []
+
+    def announce_round(self, round_: int) -> None:
+        """Write our current round into the swarm state."""
+        if self.swarm is None:
+            raise LocalProtocolError("announcing a round needs a swarm (NodeConfig.swarm)")
+        self.swarm.write("round", {"round": round_})
+
+    def swarm_rounds(self) -> dict[str, int]:
+        """Every member's announced round, by peer ID."""
+        if self.swarm is None:
+            return {}
+        return {
+            peer_id_from_public_key(owner): value["round"]
+            for owner, value in self.swarm.state.records("round").items()
+            if isinstance(value, dict) and isinstance(value.get("round"), int)
+        }
 
     # --- bootstrap ------------------------------------------------------------------------
 
@@ -349,14 +400,14 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         c = self.counters
-        connected = sorted(p.peer_id for p in self.host.connected_peers())
+        connected = self.connected_peer_ids()
         return {
             "version": __version__,
             "peer_id": self.identity.peer_id,
             "phase": self.phase,
             "addrs": self.host.addrs(),
             "data_dir": str(self.data_dir.root),
-            "uptime_s": round(time.monotonic() - self.started, 3),
+            "uptime_s": round(trio.current_time() - self.started, 3),
             "connected_peers": len(connected),
             "connected_peer_ids": connected,
             "open_streams": self.host.open_streams(),
@@ -412,7 +463,7 @@ class Daemon:
             return {"stopping": True}
 
         async def connect(args: dict[str, Any]) -> dict[str, Any]:
-            return {"peer_id": await self.host.connect(str(args.get("address", "")))}
+            return {"peer_id": await self.connect(str(args.get("address", "")))}
 
         async def share(args: dict[str, Any]) -> list[dict[str, Any]]:
             return await self.share_model(Path(str(args.get("path", ""))))
@@ -458,18 +509,6 @@ async def _watch_signals(stop: trio.Event, force: trio.CancelScope) -> None:
             stop.set()
 
 
-def relay_settings(config: NodeConfig) -> RelaySettings | None:
-    """Relay v2 + DCUtR unless the node only listens on loopback (nothing to traverse)."""
-    if not config.relay_service and (all_loopback(config.listen) or not config.nat_traversal):
-        return None
-    return RelaySettings(
-        service=config.relay_service,
-        hole_punch=config.nat_traversal,
-        circuit_seconds=config.relay_circuit_seconds,
-        circuit_bytes=config.relay_circuit_bytes,
-    )
-
-
 async def _watch_loop_lag(counters: Counters) -> None:
     """Measures how late the event loop wakes up; a stalled loop means missed deadlines."""
     while True:
@@ -487,12 +526,16 @@ async def run_daemon(
     *,
     handle_signals: bool = True,
     learn: bool = True,
+    on_update: UpdateSink | None = None,
+    runtime: Runtime = DEFAULT_RUNTIME,
     task_status: Any = trio.TASK_STATUS_IGNORED,  # trio.TaskStatus; trio-stubs hide it
 ) -> None:
     """Run a node until SIGINT/SIGTERM or a `stop` request, then shut down within the deadline.
 
-    With ``learn=False`` (embedded use) the swarm services run but the built-in learner does
-    not: the application trains and exchanges models and payloads itself.
+    With ``learn=False`` the swarm services run but the built-in learner does not; with
+    ``on_update`` (embedded use) neither does it: the application trains, and receives the
+    models and payloads peers push. ``runtime`` supplies the host, the wall clock and where
+    blocking work runs (tests run whole swarms in virtual time with it).
 
     ``task_status.started`` receives the ``Daemon`` once it is listening and bootstrapped.
     Raises ``ShutdownTimeoutError`` if the graceful shutdown overran ``shutdown_timeout``.
@@ -507,19 +550,19 @@ async def run_daemon(
         try:
             with shutdown:
                 async with (
-                    open_host(
-                        identity,
-                        config.listen,
-                        max_connections=config.max_connections,
-                        swarm_services=bool(config.swarm),
-                        mdns=config.mdns and bool(config.swarm),
-                        relay=relay_settings(config),
-                        upnp=config.upnp,
-                        gate=boundary,
-                    ) as host,
+                    runtime.open_host(identity, config, boundary) as host,
                     trio.open_nursery() as nursery,
                 ):
-                    daemon = Daemon(config, data_dir, host, stop, boundary, learn=learn)
+                    daemon = Daemon(
+                        config,
+                        data_dir,
+                        host,
+                        stop,
+                        boundary,
+                        learn=learn,
+                        on_update=on_update,
+                        runtime=runtime,
+                    )
 
                     if handle_signals:
                         nursery.start_soon(_watch_signals, stop, shutdown)

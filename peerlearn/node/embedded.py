@@ -96,20 +96,13 @@ def _deliveries(results: list[dict[str, Any]]) -> list[Delivery]:
 class AsyncNode:
     """A running embedded node, used from the trio loop it runs in."""
 
-    def __init__(self, daemon: Daemon, sink: Callable[[Update], None]) -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
-        self._sink = sink
-        self.dropped_updates = 0
         self.rejected_updates = 0
         config = daemon.config
         self._rule = robust.create_rule(
             config.filter if config.filter != "bristle" else "mean", f=config.byzantine_bound
         )
-        daemon.update_sink = self._on_blob
-
-    def _on_blob(self, received: blob.ReceivedBlob) -> None:
-        # Decoding errors become RemoteProtocolError, which rejects the blob to its sender.
-        self._sink(_to_update(received, self._daemon.config.max_blob_size))
 
     @property
     def peer_id(self) -> str:
@@ -117,45 +110,35 @@ class AsyncNode:
 
     @property
     def addrs(self) -> list[str]:
-        return self._daemon.host.addrs()
+        return self._daemon.addrs()
 
     def peers(self) -> list[str]:
         """Peer IDs of the peers we are connected to."""
-        return [p.peer_id for p in self._daemon.host.connected_peers()]
+        return self._daemon.connected_peer_ids()
 
     def members(self) -> list[str]:
         """Peer IDs of every swarm member known through the shared state (needs a swarm)."""
-        return self._daemon.swarm.members() if self._daemon.swarm is not None else []
+        return self._daemon.members()
 
     def status(self) -> dict[str, Any]:
         return self._daemon.status()
 
     def set_round(self, round_: int) -> None:
-        """Announce our current round in the swarm state."""
-        if self._daemon.swarm is None:
-            raise LocalProtocolError("set_round needs a swarm (NodeConfig.swarm)")
-        self._daemon.swarm.write("round", {"round": round_})
+        """Announce our current round in the swarm state (needs a swarm)."""
+        self._daemon.announce_round(round_)
 
     def swarm_rounds(self) -> dict[str, int]:
         """Every member's announced round."""
-        if self._daemon.swarm is None:
-            return {}
-        from peerlearn.identity import peer_id_from_public_key
-
-        return {
-            peer_id_from_public_key(owner): value["round"]
-            for owner, value in self._daemon.swarm.state.records("round").items()
-            if isinstance(value, dict) and isinstance(value.get("round"), int)
-        }
+        return self._daemon.swarm_rounds()
 
     async def connect(self, address: str) -> str:
-        return await self._daemon.host.connect(address)
+        return await self._daemon.connect(address)
 
     async def share_model(
         self, model: StateDict, *, round: int | None = None, peers: Sequence[str] | None = None
     ) -> list[Delivery]:
         """Send a state_dict (or any dict of tensors) to ``peers`` (default: all connected)."""
-        data = await trio.to_thread.run_sync(state_dict_to_bytes, model)
+        data = await self._daemon.runtime.offload(state_dict_to_bytes, model)
         meta = {} if round is None else {"round": round}
         return _deliveries(
             await self._daemon.push_to_peers(
@@ -206,42 +189,62 @@ class AsyncNode:
         )
 
 
-class TrioNode(AsyncNode):
-    """The trio flavour: ``async for update in node.updates()``."""
+class _Inbox:
+    """Updates waiting for a trio application; those it has no room for are dropped and
+    counted (the application is not reading)."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self._send, self._receive = trio.open_memory_channel[Update](UPDATE_BUFFER)
-        super().__init__(daemon, self._deliver)
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[Update](UPDATE_BUFFER)
+        self.dropped = 0
 
-    def _deliver(self, update: Update) -> None:
+    def deliver(self, update: Update) -> None:
         try:
-            self._send.send_nowait(update)
+            self.send.send_nowait(update)
         except trio.WouldBlock:
-            self.dropped_updates += 1
+            self.dropped += 1
             logger.warning(
                 "update from %s dropped: the application is not reading updates", update.sender
             )
 
+
+class TrioNode(AsyncNode):
+    """The trio flavour: ``async for update in node.updates()``."""
+
+    def __init__(self, daemon: Daemon, inbox: _Inbox) -> None:
+        super().__init__(daemon)
+        self._inbox = inbox
+
+    @property
+    def dropped_updates(self) -> int:
+        return self._inbox.dropped
+
     async def updates(self) -> AsyncIterator[Update]:
-        async for update in self._receive:
+        async for update in self._inbox.receive:
             yield update
 
     async def receive(self) -> Update:
-        return await self._receive.receive()
+        return await self._inbox.receive.receive()
 
 
 @asynccontextmanager
-async def _open_trio_node(config: NodeConfig) -> AsyncIterator[TrioNode]:
+async def _running_daemon(
+    config: NodeConfig, deliver: Callable[[Update], None]
+) -> AsyncIterator[Daemon]:
+    """A daemon without the built-in learner that hands what peers push to ``deliver``
+    (decoding errors become ``RemoteProtocolError``: the blob is rejected to its sender)."""
+
+    def on_update(received: blob.ReceivedBlob) -> None:
+        deliver(_to_update(received, config.max_blob_size))
+
     try:
         async with trio.open_nursery() as nursery:
             daemon: Daemon = await nursery.start(
                 lambda task_status: run_daemon(
-                    config, handle_signals=False, learn=False, task_status=task_status
+                    config, handle_signals=False, on_update=on_update, task_status=task_status
                 )
             )
-            node = TrioNode(daemon)
             try:
-                yield node
+                yield daemon
             finally:
                 daemon.stop.set()
     except BaseExceptionGroup as group:
@@ -249,6 +252,13 @@ async def _open_trio_node(config: NodeConfig) -> AsyncIterator[TrioNode]:
         if error is group:
             raise
         raise error from None
+
+
+@asynccontextmanager
+async def _open_trio_node(config: NodeConfig) -> AsyncIterator[TrioNode]:
+    inbox = _Inbox()
+    async with _running_daemon(config, inbox.deliver) as daemon:
+        yield TrioNode(daemon, inbox)
 
 
 class _TrioThread:
@@ -274,9 +284,8 @@ class _TrioThread:
         async def main() -> None:
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()
-            async with _open_trio_node(config) as node:
-                node._sink = self._deliver  # threaded flavours deliver through their own sink
-                self.node = node
+            async with _running_daemon(config, self._deliver) as daemon:
+                self.node = AsyncNode(daemon)
                 self._ready.set()
                 await self._stop.wait()
 
@@ -453,24 +462,25 @@ class AsyncioNode:
     def peer_id(self) -> str:
         return self._sync.peer_id
 
-    def peers(self) -> list[str]:
-        return self._sync.peers()
+    # Each call crosses into the node's trio thread, which may be busy: awaited in a worker
+    # thread so that the caller's event loop never waits for it.
+    async def peers(self) -> list[str]:
+        return await asyncio.to_thread(self._sync.peers)
 
-    def members(self) -> list[str]:
-        return self._sync.members()
+    async def members(self) -> list[str]:
+        return await asyncio.to_thread(self._sync.members)
 
-    def status(self) -> dict[str, Any]:
-        return self._sync.status()
+    async def status(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self._sync.status)
 
-    def set_round(self, round_: int) -> None:
-        self._sync.set_round(round_)
+    async def set_round(self, round_: int) -> None:
+        await asyncio.to_thread(self._sync.set_round, round_)
 
-    def swarm_rounds(self) -> dict[str, int]:
-        return self._sync.swarm_rounds()
+    async def swarm_rounds(self) -> dict[str, int]:
+        return await asyncio.to_thread(self._sync.swarm_rounds)
 
-    @property
-    def addrs(self) -> list[str]:
-        return self._sync.addrs
+    async def addrs(self) -> list[str]:
+        return await asyncio.to_thread(lambda: self._sync.addrs)
 
     async def connect(self, address: str) -> str:
         return await asyncio.to_thread(self._sync.connect, address)

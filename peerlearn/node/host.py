@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import multiaddr
 import trio
@@ -72,13 +72,21 @@ from peerlearn.errors import (
     Offence,
     ProtocolUnsupportedError,
     RemoteProtocolError,
-    TransferTooSlowError,
 )
 from peerlearn.gossip import records
 from peerlearn.identity import Identity, public_key_from_peer_id
+from peerlearn.node.host_api import (
+    MAX_PUBLISH_SIZE,
+    GossipMessage,
+    NextMessage,
+    OpenGate,
+    PeerGate,
+    PeerInfo,
+    StreamHandler,
+    serve_stream,
+)
 from peerlearn.node.logs import reattach_library_logging
 
-MAX_PUBLISH_SIZE = 256 * 1024  # bytes; gossip carries small messages only (pubsub drops > 1 MiB)
 GOSSIP_DEGREE = (4, 6, 12)  # mesh degree low, target, high
 GOSSIP_HEARTBEAT = 1  # seconds (the library default is 120)
 GOSSIP_RATE_LIMIT = 200.0  # messages per topic per second per peer, raised on purpose
@@ -100,38 +108,6 @@ def parse_peer_multiaddr(address: str) -> tuple[str, Any]:
             "(expected e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...)"
         ) from exc
     return info.peer_id.to_base58(), info
-
-
-class PeerGate(Protocol):
-    """The daemon's rules at the trust boundary, as the host applies them to every stream."""
-
-    def banned(self, peer_id: str) -> bool:
-        """Whether ``peer_id`` is banned: its streams of any protocol are reset unread."""
-        ...
-
-    async def admits(self, peer_id: str, protocol: str) -> bool:
-        """Whether ``peer_id`` may use our ``protocol`` (members-only protocols need a
-        member); asked before a byte of the stream is read. The gate counts refusals."""
-        ...
-
-    def rejected(self, peer_id: str, offence: Offence, detail: str) -> bool:
-        """Count an input of ``peer_id``'s that we rejected; True if the peer is now banned
-        (the host then disconnects it)."""
-        ...
-
-
-class OpenGate:
-    """Admits everyone and only logs rejections (tests and tools without a daemon)."""
-
-    def banned(self, peer_id: str) -> bool:
-        return False
-
-    async def admits(self, peer_id: str, protocol: str) -> bool:
-        return True
-
-    def rejected(self, peer_id: str, offence: Offence, detail: str) -> bool:
-        logger.info("rejected input from %s (%s): %s", peer_id, offence, detail)
-        return False
 
 
 def _peer_of(fn: Any, args: Sequence[Any]) -> str | None:
@@ -196,8 +172,8 @@ async def _contained_service(
             await manager.stop()
 
 
-class Stream:
-    """A byte stream to one peer, with trio-like method names."""
+class Libp2pStream:
+    """A libp2p stream as a ``host_api.Stream``."""
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
@@ -248,9 +224,6 @@ class Stream:
             await self._raw.reset()
         except (*_STREAM_ERRORS, OSError) as exc:
             logger.debug("resetting stream to %s: %s", self.remote_peer_id, exc)
-
-
-StreamHandler = Callable[[Stream], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -311,14 +284,6 @@ class _Relay:
         self.circuit_addrs: list[str] = []
 
 
-@dataclass(frozen=True)
-class PeerInfo:
-    """A connected peer as the control API reports it."""
-
-    peer_id: str
-    addrs: list[str]
-
-
 def _expand_listen_addrs(listen: Sequence[str]) -> list[Any]:
     out: list[Any] = []
     for text in listen:
@@ -353,14 +318,6 @@ class _RecordValidator(Validator):  # type: ignore[misc]
 
     def select(self, key: str, values: list[bytes]) -> int:
         return records.select_record(key, values)
-
-
-@dataclass(frozen=True)
-class GossipMessage:
-    """A pubsub message: the libp2p-level sender (already signature-checked) and its data."""
-
-    sender_id: str
-    data: bytes
 
 
 class P2PHost:
@@ -533,7 +490,7 @@ class P2PHost:
         return True
 
     @asynccontextmanager
-    async def subscribe(self, topic: str) -> AsyncIterator[Callable[[], Awaitable[GossipMessage]]]:
+    async def subscribe(self, topic: str) -> AsyncIterator[NextMessage]:
         """Yields ``next_message()``; messages from ourselves are skipped."""
         pubsub = self._pubsub
         if pubsub is None:
@@ -676,7 +633,7 @@ class P2PHost:
             logger.debug("hole punch to %s: %s", peer_id, exc)
         return self.paths().get(peer_id) == "direct"
 
-    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+    async def open_stream(self, peer_id: str, protocol: str) -> Libp2pStream:
         """A new stream of ``protocol``; ``ProtocolUnsupportedError`` if the peer does not
         serve it, ``NetworkError`` for anything else that goes wrong."""
         try:
@@ -685,34 +642,13 @@ class P2PHost:
             if "not supported" in str(exc.__cause__ or ""):
                 raise ProtocolUnsupportedError(f"{peer_id} does not serve {protocol}") from exc
             raise NetworkError(f"cannot open {protocol} stream to {peer_id}: {exc}") from exc
-        return Stream(raw)
+        return Libp2pStream(raw)
 
     def set_handler(self, protocol: str, handler: StreamHandler) -> None:
-        """Serve ``protocol``. The gate may refuse the peer before a byte is read. A handler
-        raises ``RemoteProtocolError`` for input it rejects and ``TransferTooSlowError`` for
-        a peer that does not keep pace: the peer is scored for it and the stream is reset.
-        Other errors are logged; none reaches the host."""
+        """Serve ``protocol``; inbound streams go through ``host_api.serve_stream``."""
 
         async def run(raw: Any) -> None:
-            stream = Stream(raw)
-            peer = stream.remote_peer_id
-            if not await self.gate.admits(peer, protocol):
-                await stream.reset()
-                return
-            try:
-                await handler(stream)
-            except RemoteProtocolError as exc:
-                self.reject(peer, exc.offence, f"{protocol}: {exc}")
-                await stream.reset()
-            except TransferTooSlowError as exc:
-                self.reject(peer, Offence.TOO_SLOW, f"{protocol}: {exc}")
-                await stream.reset()
-            except NetworkError as exc:
-                logger.debug("%s stream from %s broke: %s", protocol, peer, exc)
-                await stream.reset()
-            except Exception:
-                logger.exception("%s handler failed for %s", protocol, peer)
-                await stream.reset()
+            await serve_stream(self, self.gate, protocol, handler, Libp2pStream(raw))
 
         self._host.set_stream_handler(TProtocol(protocol), run)
 

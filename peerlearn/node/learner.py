@@ -35,9 +35,10 @@ from peerlearn.learning.task_model import TaskModel
 from peerlearn.node import blob
 from peerlearn.node.checkpoints import CheckpointStore
 from peerlearn.node.config import NodeConfig, parse_shard
-from peerlearn.node.host import P2PHost
+from peerlearn.node.host_api import Host
 from peerlearn.node.learning_transport import LearningTransport
 from peerlearn.node.modest_driver import ModestDriver
+from peerlearn.node.offload import Offload, in_thread
 from peerlearn.node.rounds_driver import RoundsDriver
 from peerlearn.node.swarm import SwarmService
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
@@ -83,19 +84,22 @@ class Learner:
     def __init__(
         self,
         config: NodeConfig,
-        host: P2PHost,
+        host: Host,
         swarm: SwarmService,
         data_dir: Path,
         on_bytes: Callable[[int, int], None],
         sequence: wire.SequenceCounter,
         replay_guard: wire.ReplayGuard,
         wall_clock: Callable[[], float] = time.time,
+        offload: Offload = in_thread,
     ) -> None:
-        """``sequence`` and ``replay_guard`` are the node's own: one per identity."""
+        """``sequence`` and ``replay_guard`` are the node's own: one per identity;
+        ``offload`` runs training, merges, evaluation, checkpoints and decoding."""
         self.config = config
         self.swarm = swarm
         self.me = host.identity.public_key
         self.host = host
+        self.offload = offload
         seed = int.from_bytes(hashlib.sha256(self.me).digest()[:8], "big")
         self.generator = torch.Generator().manual_seed(seed)  # attacks
         rng = random.Random(seed)
@@ -118,7 +122,7 @@ class Learner:
         self._finish_lock = trio.Lock()
         self.phase = "waiting for members"
         self.transport = LearningTransport(
-            config, host, swarm.pace, sequence, replay_guard, on_bytes, wall_clock
+            config, host, swarm.pace, sequence, replay_guard, on_bytes, wall_clock, offload
         )
         self._model_bytes = len(state_dict_to_bytes(self.model))
         self.checkpoints = CheckpointStore(data_dir / CHECKPOINT_FILE)
@@ -175,7 +179,7 @@ class Learner:
         return self.round
 
     def _save_checkpoint(self, round_: int, model: StateDict, metrics: dict[str, float]) -> None:
-        """Runs in a worker thread. The swarm state is saved by the swarm service, on its
+        """Runs off the event loop. The swarm state is saved by the swarm service, on its
         own schedule: writing 10,000 members' records every round held the event loop."""
         self.checkpoints.save(self.learning.checkpoint(round_, model, metrics))
 
@@ -185,17 +189,17 @@ class Learner:
         return sorted(self.swarm.state.records("member"))
 
     async def merge(self, own: StateDict, received: list[StateDict]) -> StateDict:
-        """A gossip / D-PSGD round's merge of ``received`` into ``own`` (worker thread)."""
+        """A gossip / D-PSGD round's merge of ``received`` into ``own`` (off the event loop)."""
         c = self.config
 
         def merge() -> StateDict:
             return self.learning.merge(own, received, algo=c.algo, rule=self.rule, beta=c.beta)
 
-        return await trio.to_thread.run_sync(merge)
+        return await self.offload(merge)
 
     async def train(self, model: StateDict) -> StateDict:
-        """One round of the task's training from ``model`` (worker thread)."""
-        trained, _ = await trio.to_thread.run_sync(self.learning.train, model)
+        """One round of the task's training from ``model`` (off the event loop)."""
+        trained, _ = await self.offload(self.learning.train, model)
         return trained
 
     async def finish_round(self, round_: int, model: StateDict) -> None:
@@ -203,12 +207,12 @@ class Learner:
         async with self._finish_lock:
             if round_ <= self.round and self.config.algo == "modest":
                 return  # MoDeST: an aggregate we already know (as trainer and aggregator)
-            metrics = await trio.to_thread.run_sync(self.learning.evaluate, model)
-            await trio.to_thread.run_sync(self._save_checkpoint, round_, model, metrics)
+            metrics = await self.offload(self.learning.evaluate, model)
+            await self.offload(self._save_checkpoint, round_, model, metrics)
             score = self.learning.score(metrics)
             self.round, self.model, self.metrics, self.accuracy = round_, model, metrics, score
             encoded = await self.transport.encoded(model)
-            digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(encoded).hexdigest())
+            digest = await self.offload(lambda: hashlib.sha256(encoded).hexdigest())
             self.swarm.write("round", {"round": round_})
             self.swarm.write("model", {"version": round_, "sha256": digest})
             self.swarm.write("metrics", {"accuracy": round(score, 4), "round": round_})
@@ -241,7 +245,7 @@ class Learner:
             check_received(model, own, max_update_ratio=ratio)
             return model
 
-        model = await trio.to_thread.run_sync(decode_and_check)
+        model = await self.offload(decode_and_check)
         pk = public_key_from_peer_id(received.sender_id)  # checked against the signed offer
         self.driver.receive_model(pk, received.offer.kind, received.offer.meta, model)
         self.transport.model_received(received.offer.size)

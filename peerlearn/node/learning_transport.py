@@ -24,7 +24,8 @@ from peerlearn.learning.aggregate import StateDict
 from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.framing import Pace, receive_frame, send_frame
-from peerlearn.node.host import P2PHost, Stream
+from peerlearn.node.host_api import Host, Stream
+from peerlearn.node.offload import Offload
 from peerlearn.tensors import state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
@@ -45,14 +46,16 @@ class LearningTransport:
     def __init__(
         self,
         config: NodeConfig,
-        host: P2PHost,
+        host: Host,
         pace: Pace,
         sequence: wire.SequenceCounter,
         replay_guard: wire.ReplayGuard,
         on_bytes: Callable[[int, int], None],
         wall_clock: Callable[[], float],
+        offload: Offload,
     ) -> None:
-        """``wall_clock``: the time signed into envelopes and checked against replays."""
+        """``wall_clock``: the time signed into envelopes and checked against replays;
+        ``offload`` runs the encoding of models."""
         self.config = config
         self.host = host
         self.identity: Identity = host.identity
@@ -61,6 +64,7 @@ class LearningTransport:
         self.replay_guard = replay_guard
         self.on_bytes = on_bytes
         self.wall_clock = wall_clock
+        self.offload = offload
         self.models_sent = 0
         self.models_received = 0
         self.on_message: SmallMessageHandler | None = None
@@ -75,7 +79,14 @@ class LearningTransport:
         peer_id = peer_id_from_public_key(peer_pk)
         payload = await self.encoded(model)
         error = await blob.deliver(
-            self.host, self.sequence, peer_id, payload, kind=kind, meta=meta, config=self.config
+            self.host,
+            self.sequence,
+            peer_id,
+            payload,
+            kind=kind,
+            meta=meta,
+            config=self.config,
+            wall_clock=self.wall_clock,
         )
         if error is not None:
             logger.info("model to %s not delivered: %s", peer_id, error)
@@ -85,13 +96,13 @@ class LearningTransport:
         return True
 
     async def encoded(self, model: StateDict) -> bytes:
-        """``model`` as safetensors bytes, encoded once (in a worker thread) however many
+        """``model`` as safetensors bytes, encoded once (off the event loop) however many
         peers it goes to: a round's model is pushed to several peers and announced too."""
         async with self._encoding:
             last = self._last_encoded
             if last is not None and last[0] is model:
                 return last[1]
-            payload = await trio.to_thread.run_sync(state_dict_to_bytes, model)
+            payload = await self.offload(state_dict_to_bytes, model)
             self._last_encoded = (model, payload)  # the model held: its identity stays valid
             return payload
 

@@ -132,7 +132,7 @@ class ModestDriver:
 
     async def _aggregate(self, request: modest.AggregateRequest) -> None:
         learner = self.learner
-        model = await trio.to_thread.run_sync(learner.rule, learner.model, request.models)
+        model = await learner.offload(learner.rule, learner.model, request.models)
         self.core.aggregated(request, model, trio.current_time())
         self.wakeup.set()
 

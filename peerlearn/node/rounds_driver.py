@@ -1,8 +1,8 @@
 """Drives a gossip / D-PSGD core (``gossip.rounds.RoundsNode``) with trio's clock and peers.
 
 The core decides when a round's phases begin and end, which received models a merge takes
-and whom the trained model goes to; this driver runs the training and the merge in worker
-threads and pushes the models. Pushes run beside the rounds, at most one per peer at a
+and whom the trained model goes to; this driver has the learner train and merge (off the
+event loop) and pushes the models. Pushes run beside the rounds, at most one per peer at a
 time: a peer that stopped answering (crashed, partitioned) is skipped while its push is
 stuck, instead of holding every round up until ``blob_timeout``.
 """

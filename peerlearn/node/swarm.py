@@ -51,7 +51,8 @@ from peerlearn.gossip.schemas import RECORD_NAMES
 from peerlearn.identity import peer_id_from_public_key, public_key_from_peer_id
 from peerlearn.node.checkpoints import CheckpointError, CheckpointStore
 from peerlearn.node.framing import DEFAULT_PACE, Pace, receive_frame, send_frame
-from peerlearn.node.host import MAX_PUBLISH_SIZE, P2PHost, Stream
+from peerlearn.node.host_api import MAX_PUBLISH_SIZE, Host, Stream
+from peerlearn.node.offload import Offload, in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class SwarmService:
 
     def __init__(
         self,
-        host: P2PHost,
+        host: Host,
         state: SwarmState,
         sequence: wire.SequenceCounter,
         *,
@@ -118,12 +119,14 @@ class SwarmService:
         pace: Pace = DEFAULT_PACE,
         store: CheckpointStore | None = None,
         wall_clock: Callable[[], float] = time.time,
+        offload: Offload = in_thread,
     ) -> None:
         """``sequence`` is the node's single counter for everything its identity signs;
         ``invite`` (token admission) goes into our member record; ``pace`` is what peers
         must keep on our streams; ``store`` keeps the state across restarts (restored here,
         saved every ``SAVE_INTERVAL`` while it changes and at shutdown); ``wall_clock`` dates
-        what we sign and judges what others dated."""
+        what we sign and judges what others dated; ``offload`` runs big signature checks and
+        the saving of the state. Timers read trio's clock."""
 
         self.host = host
         self.state = state
@@ -131,6 +134,7 @@ class SwarmService:
         self.invite = invite
         self.pace = pace
         self.wall_clock = wall_clock
+        self.offload = offload
         self.join_started: float | None = None  # first moment we had a peer
         self.join_seconds: float | None = None  # from then until all members were connected
         self.synced_with: set[str] = set()
@@ -223,9 +227,7 @@ class SwarmService:
         if len(triage.candidates) <= INLINE_VERIFY:
             verified, forged = verify_entries(self.swarm, triage.candidates)
         else:
-            verified, forged = await trio.to_thread.run_sync(
-                verify_entries, self.swarm, triage.candidates
-            )
+            verified, forged = await self.offload(verify_entries, self.swarm, triage.candidates)
         if forged:
             offences[Offence.FORGED].append(f"{forged[0].name} record with a bad signature")
         for offence, reasons in offences.items():
@@ -272,13 +274,13 @@ class SwarmService:
 
     async def _save(self, store: CheckpointStore) -> None:
         snapshot = list(self.state.entries.values())
-        await trio.to_thread.run_sync(lambda: store.save(encode_snapshot(snapshot)))
+        await self.offload(lambda: store.save(encode_snapshot(snapshot)))
 
     # -- tasks ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if self.host.connected_peers():
-            self.join_started = time.monotonic()
+            self.join_started = trio.current_time()
         self.write("member", self._member_value())
         self.write("heartbeat", {"t": self.wall_clock()})
         async with self.host.subscribe(topic(self.swarm)) as next_message, trio.open_nursery() as n:
@@ -367,18 +369,18 @@ class SwarmService:
     def _start_dials(self, nursery: trio.Nursery) -> None:
         connected = {p.peer_id for p in self.host.connected_peers()}
         if connected and self.join_started is None:
-            self.join_started = time.monotonic()
+            self.join_started = trio.current_time()
         for peer_id in connected:
             self._backoff.reset(peer_id)  # they reached us
         # Sync with the peers we have first (a restarted node's 15 dials would slow its first
         # sync to seconds), unless that takes too long.
         started = self.join_started
-        if not self.synced_with and started and time.monotonic() - started < FIRST_SYNC_GRACE:
+        if not self.synced_with and started and trio.current_time() - started < FIRST_SYNC_GRACE:
             candidates: dict[str, list[str]] = {}
         else:
             candidates = self._dial_candidates()
         room = min(MAX_DIALS_IN_FLIGHT - len(self._busy), self.max_peers - len(connected))
-        now = time.monotonic()
+        now = trio.current_time()
         skip = connected | self._busy | {self.host.peer_id}
         due = [
             (peer_id, addrs)
@@ -423,7 +425,7 @@ class SwarmService:
         members -= {self.host.peer_id} | self._backoff.unreachable
         now_connected = {p.peer_id for p in self.host.connected_peers()}
         if members <= now_connected:
-            self.join_seconds = time.monotonic() - self.join_started
+            self.join_seconds = trio.current_time() - self.join_started
             logger.info(
                 "joined swarm %s in %.2f s: %d members connected, %d unreachable",
                 self.swarm,
@@ -453,14 +455,14 @@ class SwarmService:
 
         async def attempt(delay: float, full: str, cancel: trio.CancelScope) -> None:
             await trio.sleep(delay)
-            started = time.monotonic()
+            started = trio.current_time()
             try:
                 with trio.fail_after(DIAL_TIMEOUT):
                     await self.host.connect(full)
             except (PeerlearnError, trio.TooSlowError) as exc:
                 logger.debug("dial %s: %s", full[:200], exc)
                 return
-            logger.debug("connected to %s in %.2f s", full, time.monotonic() - started)
+            logger.debug("connected to %s in %.2f s", full, trio.current_time() - started)
             won.append(full)
             cancel.cancel()
             self._check_joined()
@@ -473,7 +475,7 @@ class SwarmService:
             self._backoff.reset(peer_id)
             await self.sync_with(peer_id)
         else:
-            self._backoff.failed(peer_id, time.monotonic())
+            self._backoff.failed(peer_id, trio.current_time())
             self._check_joined()
 
     async def _anti_entropy(self) -> None:
@@ -499,7 +501,7 @@ class SwarmService:
         if peer_id in self.foreign_peers or (protocols and SYNC_PROTOCOL not in protocols):
             self._foreign(peer_id)
             return
-        started = time.monotonic()
+        started = trio.current_time()
         try:
             with trio.fail_after(SYNC_TIMEOUT):
                 stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
@@ -517,7 +519,7 @@ class SwarmService:
             logger.debug("anti-entropy with %s failed: %s", peer_id, exc)
             return
         if pulled:
-            logger.debug("synced with %s in %.2f s", peer_id, time.monotonic() - started)
+            logger.debug("synced with %s in %.2f s", peer_id, trio.current_time() - started)
             self._synced(peer_id)
 
     async def _pull(self, stream: Stream) -> bool:

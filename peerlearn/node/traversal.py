@@ -25,7 +25,7 @@ from peerlearn import wire
 from peerlearn.errors import NetworkError, RemoteProtocolError
 from peerlearn.nat.policy import PUBLIC, UNKNOWN, PathTracker, Reachability
 from peerlearn.node.framing import Pace, receive_frame, send_frame
-from peerlearn.node.host import P2PHost, Stream
+from peerlearn.node.host_api import Host, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class NatTraversal:
 
     def __init__(
         self,
-        host: P2PHost,
+        host: Host,
         *,
         reserve: bool,
         hole_punch: bool,

@@ -19,7 +19,8 @@ from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import Daemon, run_daemon
 from peerlearn.node.framing import receive_frame, send_frame
-from peerlearn.node.host import P2PHost, Stream, open_host
+from peerlearn.node.host import P2PHost, open_host
+from peerlearn.node.host_api import Stream
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 SWARM = "adversarial"

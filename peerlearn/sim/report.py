@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from peerlearn.learning.sim import SimResult
+from peerlearn.sim.simulator import SimResult
 
 CSV_FIELDS = ("round", "time", "acc_mean", "acc_min", "bytes_sent", "alive")
 
