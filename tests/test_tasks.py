@@ -267,3 +267,50 @@ def test_the_cifar_example_task_loads_its_data_format(tmp_path: Path) -> None:
     finally:
         sys.path.pop(0)
         sys.modules.pop("cifar10_task", None)
+
+
+def test_embedded_nodes_train_a_task_object_the_caller_holds(
+    user_task: str, tmp_path: Path
+) -> None:
+    """``open_node(config, task=factory)``: the built-in learner trains the caller's task in
+    the swarm; payloads still reach the application."""
+    from peerlearn.learning.task import load_task_factory
+    from peerlearn.node.embedded import open_node
+
+    factory = load_task_factory(user_task)  # any callable TaskContext -> Task
+    rounds = 4
+
+    def config(name: str, bootstrap: tuple[str, ...] = ()) -> NodeConfig:
+        return NodeConfig(
+            data_dir=tmp_path / name,
+            listen=("/ip4/127.0.0.1/tcp/0",),
+            swarm="embedded-task",
+            bootstrap=bootstrap,
+            algo="gossip",
+            min_members=2,
+            round_interval=0.2,
+            max_rounds=rounds,
+            mdns=False,
+        )
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with (
+                open_node(config("a"), task=factory) as a,
+                open_node(config("b", (a.addrs[0],)), task=factory) as b,
+            ):
+                while not all(
+                    (n.status()["learning"] or {}).get("phase") == "finished" for n in (a, b)
+                ):
+                    await trio.sleep(0.05)
+                assert (await b.share({"note": 1}, peers=[a.peer_id]))[0].ok
+                update = await a.receive()
+                states = [n.status()["learning"] for n in (a, b)]
+        assert update.payload == {"note": 1}
+        for state in states:
+            assert state["round"] == rounds
+            assert state["task"] == "make"
+            assert state["models_received"] > 0
+            assert state["metrics"]["r2"] > 0.9
+
+    trio.run(main)

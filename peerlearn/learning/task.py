@@ -245,9 +245,14 @@ def load_task_factory(name: str) -> TaskFactory:
     return factory  # type: ignore[no-any-return]
 
 
-def create_task(name: str, context: TaskContext) -> Task:
-    """Load and build the task for one node; ``TaskError`` in one line if it cannot be."""
-    task = load_task_factory(name)(context)
-    if not isinstance(task, Task):
-        raise TaskError(f"task {name!r}: the factory returned {type(task).__name__}, not a Task")
-    return task
+def create_task(task: str | TaskFactory, context: TaskContext) -> Task:
+    """Build the task for one node from its name (see ``resolve_task``) or from a factory
+    the caller holds (the embedding API); ``TaskError`` in one line if it cannot be."""
+    if isinstance(task, str):
+        name, factory = task, load_task_factory(task)
+    else:
+        name, factory = getattr(task, "__qualname__", repr(task)), task
+    built = factory(context)
+    if not isinstance(built, Task):
+        raise TaskError(f"task {name!r}: the factory returned {type(built).__name__}, not a Task")
+    return built

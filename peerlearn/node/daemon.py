@@ -27,6 +27,7 @@ from peerlearn.gossip.admission import Admission, AdmissionMode, invite_from_tok
 from peerlearn.gossip.crdt import SwarmState
 from peerlearn.identity import Identity, load_or_create_identity, peer_id_from_public_key
 from peerlearn.learning.hygiene import check_finite
+from peerlearn.learning.task import TaskFactory
 from peerlearn.node import blob
 from peerlearn.node.boundary import Boundary
 from peerlearn.node.checkpoints import CheckpointStore
@@ -90,11 +91,12 @@ class Daemon:
         *,
         learn: bool = True,
         on_update: UpdateSink | None = None,
+        task: TaskFactory | None = None,
         runtime: Runtime = DEFAULT_RUNTIME,
     ) -> None:
-        """``learn``: run the built-in learner (needs a swarm). ``on_update``: an embedding
-        application's sink for the models and payloads peers push to us (instead of the
-        learner)."""
+        """``learn``: run the built-in learner (needs a swarm), with ``task`` if given, else
+        ``config.task``. ``on_update``: an embedding application's sink for the payloads
+        peers push to us, and the models too when the learner does not run."""
         self.config = config
         self.data_dir = data_dir
         self.host = host
@@ -139,7 +141,7 @@ class Daemon:
             boundary.is_member = self.swarm.is_member
             boundary.introduce = self.swarm.sync_with
             boundary.members_only = frozenset({blob.PROTOCOL, MSG_PROTOCOL})
-            if learn and on_update is None:
+            if learn:
                 self.learner = Learner(
                     config,
                     host,
@@ -150,6 +152,7 @@ class Daemon:
                     self.replay_guard,
                     runtime.wall_clock,
                     runtime.offload,
+                    task,
                 )
 
         elif admission.mode is AdmissionMode.ALLOWLIST:
@@ -527,15 +530,16 @@ async def run_daemon(
     handle_signals: bool = True,
     learn: bool = True,
     on_update: UpdateSink | None = None,
+    task: TaskFactory | None = None,
     runtime: Runtime = DEFAULT_RUNTIME,
     task_status: Any = trio.TASK_STATUS_IGNORED,  # trio.TaskStatus; trio-stubs hide it
 ) -> None:
     """Run a node until SIGINT/SIGTERM or a `stop` request, then shut down within the deadline.
 
-    With ``learn=False`` the swarm services run but the built-in learner does not; with
-    ``on_update`` (embedded use) neither does it: the application trains, and receives the
-    models and payloads peers push. ``runtime`` supplies the host, the wall clock and where
-    blocking work runs (tests run whole swarms in virtual time with it).
+    With ``learn=False`` the swarm services run but the built-in learner does not; embedded
+    use passes ``on_update`` to receive what peers push, and ``task`` (a factory it holds)
+    when the built-in learner should train it. ``runtime`` supplies the host, the wall
+    clock and where blocking work runs (tests run whole swarms in virtual time with it).
 
     ``task_status.started`` receives the ``Daemon`` once it is listening and bootstrapped.
     Raises ``ShutdownTimeoutError`` if the graceful shutdown overran ``shutdown_timeout``.
@@ -561,6 +565,7 @@ async def run_daemon(
                         boundary,
                         learn=learn,
                         on_update=on_update,
+                        task=task,
                         runtime=runtime,
                     )
 

@@ -35,6 +35,7 @@ from peerlearn import wire
 from peerlearn.errors import LocalProtocolError, PeerlearnError, RemoteProtocolError, unwrap_group
 from peerlearn.learning import aggregate, robust
 from peerlearn.learning.hygiene import check_finite, check_received
+from peerlearn.learning.task import TaskFactory
 from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import PAYLOAD_KIND, Daemon, run_daemon
@@ -228,10 +229,11 @@ class TrioNode(AsyncNode):
 
 @asynccontextmanager
 async def _running_daemon(
-    config: NodeConfig, deliver: Callable[[Update], None]
+    config: NodeConfig, deliver: Callable[[Update], None], task: TaskFactory | None
 ) -> AsyncIterator[Daemon]:
-    """A daemon without the built-in learner that hands what peers push to ``deliver``
-    (decoding errors become ``RemoteProtocolError``: the blob is rejected to its sender)."""
+    """A daemon that hands what peers push to ``deliver`` (decoding errors become
+    ``RemoteProtocolError``: the blob is rejected to its sender). With ``task``, the built-in
+    learner trains it in the swarm (``status()["learning"]``) and takes the models."""
 
     def on_update(received: blob.ReceivedBlob) -> None:
         deliver(_to_update(received, config.max_blob_size))
@@ -240,7 +242,12 @@ async def _running_daemon(
         async with trio.open_nursery() as nursery:
             daemon: Daemon = await nursery.start(
                 lambda task_status: run_daemon(
-                    config, handle_signals=False, on_update=on_update, task_status=task_status
+                    config,
+                    handle_signals=False,
+                    learn=task is not None,
+                    on_update=on_update,
+                    task=task,
+                    task_status=task_status,
                 )
             )
             try:
@@ -255,17 +262,20 @@ async def _running_daemon(
 
 
 @asynccontextmanager
-async def _open_trio_node(config: NodeConfig) -> AsyncIterator[TrioNode]:
+async def _open_trio_node(config: NodeConfig, task: TaskFactory | None) -> AsyncIterator[TrioNode]:
     inbox = _Inbox()
-    async with _running_daemon(config, inbox.deliver) as daemon:
+    async with _running_daemon(config, inbox.deliver, task) as daemon:
         yield TrioNode(daemon, inbox)
 
 
 class _TrioThread:
     """Runs a node's trio loop in a helper thread; calls cross over with trio.from_thread."""
 
-    def __init__(self, config: NodeConfig, deliver: Callable[[Update], None]) -> None:
+    def __init__(
+        self, config: NodeConfig, deliver: Callable[[Update], None], task: TaskFactory | None
+    ) -> None:
         self._deliver = deliver
+        self._task = task
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stop: trio.Event | None = None
@@ -284,7 +294,7 @@ class _TrioThread:
         async def main() -> None:
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()
-            async with _running_daemon(config, self._deliver) as daemon:
+            async with _running_daemon(config, self._deliver, self._task) as daemon:
                 self.node = AsyncNode(daemon)
                 self._ready.set()
                 await self._stop.wait()
@@ -317,10 +327,14 @@ class _TrioThread:
 
 
 class Node:
-    """A node for synchronous code: ``with Node(config) as node: ...``."""
+    """A node for synchronous code: ``with Node(config) as node: ...``.
 
-    def __init__(self, config: NodeConfig) -> None:
+    With ``task`` (a ``peerlearn.Task`` factory), the node also trains that task in the swarm
+    with the configured algorithm, as ``node start --task`` does."""
+
+    def __init__(self, config: NodeConfig, *, task: TaskFactory | None = None) -> None:
         self.config = config
+        self._task = task
         self._updates: queue.Queue[Update] = queue.Queue(UPDATE_BUFFER)
         self.dropped_updates = 0
         self._bridge: _TrioThread | None = None
@@ -339,7 +353,7 @@ class Node:
             )
 
     def __enter__(self) -> Node:
-        self._bridge = _TrioThread(self.config, self._deliver)
+        self._bridge = _TrioThread(self.config, self._deliver, self._task)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -433,11 +447,11 @@ class Node:
 class AsyncioNode:
     """A node for asyncio code; the same operations as ``AsyncNode``, all awaitable."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, task: TaskFactory | None = None) -> None:
         self.config = config
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Update] = asyncio.Queue(UPDATE_BUFFER)
-        self._sync = Node(config)
+        self._sync = Node(config, task=task)
         self._sync.on_update(self._deliver)
 
     def _deliver(self, update: Update) -> None:
@@ -503,14 +517,17 @@ class AsyncioNode:
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig) -> AsyncIterator[Any]:
-    """``async with open_node(config) as node``: native under trio, a trio thread under asyncio."""
+async def open_node(config: NodeConfig, *, task: TaskFactory | None = None) -> AsyncIterator[Any]:
+    """``async with open_node(config) as node``: native under trio, a trio thread under asyncio.
+
+    With ``task`` (a ``peerlearn.Task`` factory), the node also trains that task in the swarm
+    with the configured algorithm; ``status()["learning"]`` shows its rounds and metrics."""
     library = sniffio.current_async_library()
     if library == "trio":
-        async with _open_trio_node(config) as node:
+        async with _open_trio_node(config, task) as node:
             yield node
     elif library == "asyncio":
-        node_ = AsyncioNode(config)
+        node_ = AsyncioNode(config, task)
         await node_._start()
         try:
             yield node_

@@ -30,7 +30,13 @@ from peerlearn.identity import public_key_from_peer_id
 from peerlearn.learning import attacks, robust
 from peerlearn.learning.aggregate import StateDict
 from peerlearn.learning.hygiene import check_received
-from peerlearn.learning.task import TaskContext, Training, create_task, parse_task_options
+from peerlearn.learning.task import (
+    TaskContext,
+    TaskFactory,
+    Training,
+    create_task,
+    parse_task_options,
+)
 from peerlearn.learning.task_model import TaskModel
 from peerlearn.node import blob
 from peerlearn.node.checkpoints import CheckpointStore
@@ -92,9 +98,11 @@ class Learner:
         replay_guard: wire.ReplayGuard,
         wall_clock: Callable[[], float] = time.time,
         offload: Offload = in_thread,
+        task: TaskFactory | None = None,
     ) -> None:
         """``sequence`` and ``replay_guard`` are the node's own: one per identity;
-        ``offload`` runs training, merges, evaluation, checkpoints and decoding."""
+        ``offload`` runs training, merges, evaluation, checkpoints and decoding; ``task``
+        builds the task instead of ``config.task`` (the embedding API)."""
         self.config = config
         self.swarm = swarm
         self.me = host.identity.public_key
@@ -106,12 +114,13 @@ class Learner:
         # MoDeST starts every node from the same model; gossip/D-PSGD from independent ones.
         swarm_seed = int.from_bytes(hashlib.sha256(config.swarm.encode()).digest()[:8], "big")
         self.learning = TaskModel(
-            create_task(config.task, task_context(config, seed)),
+            create_task(task or config.task, task_context(config, seed)),
             torch.Generator().manual_seed(swarm_seed if config.algo == "modest" else seed),
             lr=config.lr,
             device=config.device,
             bristle_rng=rng if config.filter == "bristle" else None,
         )
+        self.task_name = config.task if task is None else getattr(task, "__qualname__", "custom")
         self.model: StateDict = self.learning.state()
         self.rule = robust.create_rule(
             "mean" if config.filter == "bristle" else config.filter, f=config.byzantine_bound
@@ -139,7 +148,7 @@ class Learner:
             "filter": self.config.filter,
             "phase": self.phase,
             "round": self.current_round(),
-            "task": self.config.task,
+            "task": self.task_name,
             "metric": self.learning.task.metric,
             "accuracy": self.accuracy,
             "metrics": self.metrics,
