@@ -299,9 +299,12 @@ def test_embedded_nodes_train_a_task_object_the_caller_holds(
                 open_node(config("a"), task=factory) as a,
                 open_node(config("b", (a.addrs[0],)), task=factory) as b,
             ):
-                while not all(
-                    (n.status()["learning"] or {}).get("phase") == "finished" for n in (a, b)
-                ):
+                def finished() -> bool:
+                    return all(
+                        (n.status()["learning"] or {}).get("phase") == "finished" for n in (a, b)
+                    )
+
+                while not finished():  # noqa: ASYNC110 (polling the node's status from outside)
                     await trio.sleep(0.05)
                 assert (await b.share({"note": 1}, peers=[a.peer_id]))[0].ok
                 update = await a.receive()
