@@ -299,6 +299,7 @@ def test_embedded_nodes_train_a_task_object_the_caller_holds(
                 open_node(config("a"), task=factory) as a,
                 open_node(config("b", (a.addrs[0],)), task=factory) as b,
             ):
+
                 def finished() -> bool:
                     return all(
                         (n.status()["learning"] or {}).get("phase") == "finished" for n in (a, b)
