@@ -200,3 +200,22 @@ def test_status_tells_shared_models_from_the_learners_models() -> None:
     assert "shared models    0 sent, 0 received, 0 rejected (`node share`" in text
     assert "learner models   12 sent, 11 received" in text
     assert "textlm with modest/none learning, round 7, accuracy 0.410" in text
+
+
+def test_node_config_prints_the_settings_in_effect(tmp_path: Path) -> None:
+    import tomllib
+
+    toml = tmp_path / "node.toml"
+    toml.write_text("round_interval = 4.0\n")
+    result = CliRunner().invoke(
+        cli,
+        ["node", "config", "--config", str(toml), "--data-dir", str(tmp_path)],
+        env={"PEERLEARN_FANOUT": "7"},
+    )
+    assert result.exit_code == 0, result.output
+    settings = tomllib.loads(result.output)["node"]
+    assert (settings["round_interval"], settings["fanout"]) == (4.0, 7)
+    assert settings["data_dir"] == str(tmp_path)
+    typo = CliRunner().invoke(cli, ["node", "config"], env={"PEERLEARN_FANOUTT": "7"})
+    assert typo.exit_code == 2
+    assert "did you mean PEERLEARN_FANOUT" in typo.output

@@ -100,3 +100,26 @@ def test_a_typo_in_an_environment_variable_is_an_error() -> None:
         load_config(env={"PEERLEARN_ROUND_INTERVALL": "1"})
     for other in ("PEERLEARN_TESTNET_DIR", "PEERLEARN_FUZZ"):  # not node settings, but ours
         assert load_config(env={other: "1"}) == NodeConfig()
+
+
+def test_docs_configuration_md_is_generated_from_the_settings_and_current() -> None:
+    """`peerlearn node config --reference > docs/configuration.md` after changing a setting."""
+    from peerlearn.node.config import configuration_reference, setting_docs
+
+    docs = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert docs.read_text() == configuration_reference(), "regenerate docs/configuration.md"
+    described = setting_docs()
+    assert [d.name for d in described] == list(NodeConfig.__dataclass_fields__)
+    assert all(d.doc for d in described), [d.name for d in described if not d.doc]
+
+
+def test_node_config_prints_toml_that_reads_back_to_the_same_settings(tmp_path: Path) -> None:
+    from peerlearn.node.config import config_as_toml
+
+    config = load_config(
+        env={"PEERLEARN_ROUND_INTERVAL": "3.5", "PEERLEARN_BOOTSTRAP": "/ip4/1.2.3.4/tcp/1/p2p/x"},
+        flags={"data_dir": tmp_path / 'odd "dir"', "mdns": False},
+    )
+    path = tmp_path / "node.toml"
+    path.write_text(config_as_toml(config))
+    assert load_config(config_file=path, env={}) == config

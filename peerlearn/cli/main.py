@@ -267,6 +267,25 @@ def _render_peers(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+@node.command("config")
+@config_option
+@data_dir_option
+@click.option(
+    "--reference", is_flag=True, help="Print every setting's reference (docs/configuration.md)."
+)
+def node_config(config_file: Path | None, data_dir: Path | None, reference: bool) -> None:
+    """Print the settings in effect (defaults < TOML < environment) as TOML."""
+    from peerlearn.node.config import config_as_toml, configuration_reference
+
+    if reference:
+        click.echo(configuration_reference(), nl=False)
+        return
+    try:
+        click.echo(config_as_toml(_config(config_file, data_dir=data_dir)), nl=False)
+    except ConfigError as exc:
+        _fail(exc)
+
+
 @node.command("status")
 @data_dir_option
 @json_option

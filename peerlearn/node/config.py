@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import itertools
+import json
 import os
+import textwrap
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -406,3 +411,92 @@ def config_as_dict(config: NodeConfig) -> dict[str, Any]:
             else (list(value) if isinstance(value, tuple) else value)
         )
     return out
+
+
+# -- the settings described: `node config`, docs/configuration.md ------------------------------
+
+_TYPE_NAMES = {
+    Path: "path",
+    tuple[str, ...]: "list of strings",
+    float: "number",
+    int: "integer",
+    str: "string",
+    bool: "true/false",
+}
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One setting as the reference shows it."""
+
+    name: str
+    type: str
+    default: str  # as TOML
+    variable: str
+    doc: str
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Path):
+        return json.dumps(str(value))
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's escapes are TOML basic-string escapes
+    return repr(value)
+
+
+def setting_docs() -> list[SettingDoc]:
+    """Every setting, in ``NodeConfig``'s order, with the docstring written under it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(NodeConfig)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for statement, following in itertools.pairwise(body):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[statement.target.id] = " ".join(following.value.value.split())
+    out = []
+    for name, field in _FIELDS.items():
+        default = field.default
+        shown = '"~/.peerlearn/node"' if default == DEFAULT_DATA_DIR else _toml_value(default)
+        out.append(
+            SettingDoc(
+                name, _TYPE_NAMES[_TYPES[name]], shown, ENV_PREFIX + name.upper(), docs[name]
+            )
+        )
+    return out
+
+
+def config_as_toml(config: NodeConfig) -> str:
+    """``config`` as a TOML file that ``--config`` reads back to the same settings."""
+    lines = ["# peerlearn node settings: defaults < TOML file < environment < flags", "[node]"]
+    for doc in setting_docs():
+        lines.append(f"{doc.name} = {_toml_value(getattr(config, doc.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def configuration_reference() -> str:
+    """docs/configuration.md: every setting, generated from ``NodeConfig`` itself."""
+    rows = [
+        "# Node configuration",
+        "",
+        "Generated from `peerlearn/node/config.py` by `peerlearn node config --reference`; a test",
+        "checks that this file is current. Each setting comes from, in rising priority: its",
+        "default, a TOML file (`--config`, settings at top level or under `[node]`), its",
+        "environment variable, a command-line flag. Unknown keys and unknown `PEERLEARN_*`",
+        "variables are errors. `peerlearn node config` prints the settings in effect as TOML.",
+        "",
+        "| setting | type | default | environment variable | what |",
+        "|---|---|---|---|---|",
+    ]
+    for doc in setting_docs():
+        cell = doc.doc.replace("|", "\\|")
+        rows.append(f"| `{doc.name}` | {doc.type} | `{doc.default}` | `{doc.variable}` | {cell} |")
+    return "\n".join(rows) + "\n"
