@@ -39,7 +39,7 @@ def test_trio_nodes_share_models_and_payloads(tmp_path: Path) -> None:
         with trio.fail_after(TIMEOUT):
             async with (
                 open_node(config(tmp_path, "a")) as a,
-                open_node(config(tmp_path, "b", (a.addrs[0],))) as b,
+                open_node(config(tmp_path, "b", ((await a.addrs())[0],))) as b,
             ):
                 deliveries = await a.share_model(model(1), round=3)
                 assert [(d.peer_id, d.ok) for d in deliveries] == [(b.peer_id, True)]
@@ -53,11 +53,16 @@ def test_trio_nodes_share_models_and_payloads(tmp_path: Path) -> None:
                 merged = b.merge(model(2), [update])  # the configured gossip-vca merge
                 expected = vca_merge(model(2), [model(1)], beta=0.5)
                 assert all(torch.allclose(merged[k], expected[k]) for k in merged)
-                a.set_round(7)
+                await a.set_round(7)
                 with trio.fail_after(20):  # gossip, or anti-entropy within a discovery period
-                    while b.swarm_rounds().get(a.peer_id) != 7 or len(b.members()) < 2:  # noqa: ASYNC110
+
+                    async def seen() -> bool:
+                        rounds, members = await b.swarm_rounds(), await b.members()
+                        return rounds.get(a.peer_id) == 7 and len(members) == 2
+
+                    while not await seen():  # noqa: ASYNC110 (the swarm state, from outside)
                         await trio.sleep(0.05)
-                assert set(b.members()) == {a.peer_id, b.peer_id}
+                assert set(await b.members()) == {a.peer_id, b.peer_id}
 
     trio.run(main)
 

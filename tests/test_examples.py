@@ -1,4 +1,4 @@
-"""The swarm-RL example runs end to end in its short smoke mode."""
+"""The examples run end to end: swarm RL in its smoke mode, the embedding examples."""
 
 from __future__ import annotations
 
@@ -19,3 +19,15 @@ def test_swarm_rl_smoke() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for arm in ("alone", "vca", "sapo"):
         assert f"{arm:6s} last-20% mean" in result.stdout
+
+
+@pytest.mark.parametrize("flavour", ["trio", "asyncio", "sync"])
+def test_embedding_examples_learn_and_exchange(flavour: str) -> None:
+    """examples/embed_{trio,asyncio,sync}.py, run as a user runs them."""
+    script = EXAMPLE.parent / f"embed_{flavour}.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--rounds", "3"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "payload received: {'note': 'done', 'rounds': 3}" in result.stdout
+    assert f"{flavour} example: learned y = 2.00x + 1.00" in result.stdout

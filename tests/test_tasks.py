@@ -297,19 +297,18 @@ def test_embedded_nodes_train_a_task_object_the_caller_holds(
         with trio.fail_after(60):
             async with (
                 open_node(config("a"), task=factory) as a,
-                open_node(config("b", (a.addrs[0],)), task=factory) as b,
+                open_node(config("b", ((await a.addrs())[0],)), task=factory) as b,
             ):
 
-                def finished() -> bool:
-                    return all(
-                        (n.status()["learning"] or {}).get("phase") == "finished" for n in (a, b)
-                    )
+                async def finished() -> bool:
+                    states = [(await n.status())["learning"] or {} for n in (a, b)]
+                    return all(s.get("phase") == "finished" for s in states)
 
-                while not finished():  # noqa: ASYNC110 (polling the node's status from outside)
+                while not await finished():  # noqa: ASYNC110 (the node's status, from outside)
                     await trio.sleep(0.05)
                 assert (await b.share({"note": 1}, peers=[a.peer_id]))[0].ok
                 update = await a.receive()
-                states = [n.status()["learning"] for n in (a, b)]
+                states = [(await n.status())["learning"] for n in (a, b)]
         assert update.payload == {"note": 1}
         for state in states:
             assert state["round"] == rounds

@@ -10,7 +10,9 @@
         node.share_model(model.state_dict())
         update = node.receive(timeout=5.0)
 
-All three expose the same operations. Models and payloads travel over direct, acknowledged
+All three expose the same operations; under trio and asyncio every call that talks to the
+node is awaited (``await node.peers()``), and ``open_node`` yields an ``EmbeddedNode``
+either way. Models and payloads travel over direct, acknowledged
 streams (never gossip); ``share_*`` returns one ``Delivery`` per peer, so nothing is lost
 silently. Closing the node shuts it down gracefully.
 """
@@ -25,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import sniffio
 import torch
@@ -94,6 +96,42 @@ def _deliveries(results: list[dict[str, Any]]) -> list[Delivery]:
     return [Delivery(r["peer_id"], r["ok"], r.get("error"), r.get("seconds")) for r in results]
 
 
+class EmbeddedNode(Protocol):
+    """What ``open_node`` yields, under trio (``TrioNode``) and asyncio (``AsyncioNode``)
+    alike: every operation that talks to the node is awaited."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    async def addrs(self) -> list[str]: ...
+
+    async def peers(self) -> list[str]: ...
+
+    async def members(self) -> list[str]: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+    async def set_round(self, round_: int) -> None: ...
+
+    async def swarm_rounds(self) -> dict[str, int]: ...
+
+    async def connect(self, address: str) -> str: ...
+
+    async def share_model(
+        self, model: StateDict, *, round: int | None = None, peers: Sequence[str] | None = None
+    ) -> list[Delivery]: ...
+
+    async def share(
+        self, payload: Any, *, round: int | None = None, peers: Sequence[str] | None = None
+    ) -> list[Delivery]: ...
+
+    def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict: ...
+
+    async def receive(self) -> Update: ...
+
+    def updates(self) -> AsyncIterator[Update]: ...
+
+
 class AsyncNode:
     """A running embedded node, used from the trio loop it runs in."""
 
@@ -109,26 +147,27 @@ class AsyncNode:
     def peer_id(self) -> str:
         return self._daemon.identity.peer_id
 
-    @property
-    def addrs(self) -> list[str]:
+    async def addrs(self) -> list[str]:
+        """Our dialable addresses."""
         return self._daemon.addrs()
 
-    def peers(self) -> list[str]:
+    async def peers(self) -> list[str]:
         """Peer IDs of the peers we are connected to."""
         return self._daemon.connected_peer_ids()
 
-    def members(self) -> list[str]:
+    async def members(self) -> list[str]:
         """Peer IDs of every swarm member known through the shared state (needs a swarm)."""
         return self._daemon.members()
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
+        """What ``peerlearn node status --json`` shows."""
         return self._daemon.status()
 
-    def set_round(self, round_: int) -> None:
+    async def set_round(self, round_: int) -> None:
         """Announce our current round in the swarm state (needs a swarm)."""
         self._daemon.announce_round(round_)
 
-    def swarm_rounds(self) -> dict[str, int]:
+    async def swarm_rounds(self) -> dict[str, int]:
         """Every member's announced round."""
         return self._daemon.swarm_rounds()
 
@@ -311,11 +350,6 @@ class _TrioThread:
             raise PeerlearnError("the node is not running")
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
-    def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._token is None or not self._thread.is_alive():
-            raise PeerlearnError("the node is not running")
-        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
-
     def close(self, timeout: float) -> None:
         if self._thread.is_alive() and self._stop is not None and self._token is not None:
             trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
@@ -376,26 +410,26 @@ class Node:
 
     @property
     def addrs(self) -> list[str]:
-        return self._call_sync(lambda: self._node.addrs)
+        return self._call(self._node.addrs)
 
-    def _call_sync(self, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         assert self._bridge is not None
-        return self._bridge.call_sync(fn)
+        return self._bridge.call(fn, *args)
 
     def peers(self) -> list[str]:
-        return self._call_sync(self._node.peers)
+        return self._call(self._node.peers)
 
     def members(self) -> list[str]:
-        return self._call_sync(self._node.members)
+        return self._call(self._node.members)
 
     def status(self) -> dict[str, Any]:
-        return self._call_sync(self._node.status)
+        return self._call(self._node.status)
 
     def set_round(self, round_: int) -> None:
-        self._call_sync(lambda: self._node.set_round(round_))
+        self._call(self._node.set_round, round_)
 
     def swarm_rounds(self) -> dict[str, int]:
-        return self._call_sync(self._node.swarm_rounds)
+        return self._call(self._node.swarm_rounds)
 
     def connect(self, address: str) -> str:
         assert self._bridge is not None
@@ -499,11 +533,17 @@ class AsyncioNode:
     async def connect(self, address: str) -> str:
         return await asyncio.to_thread(self._sync.connect, address)
 
-    async def share_model(self, model: StateDict, **kwargs: Any) -> list[Delivery]:
-        return await asyncio.to_thread(lambda: self._sync.share_model(model, **kwargs))
+    async def share_model(
+        self, model: StateDict, *, round: int | None = None, peers: Sequence[str] | None = None
+    ) -> list[Delivery]:
+        return await asyncio.to_thread(
+            lambda: self._sync.share_model(model, round=round, peers=peers)
+        )
 
-    async def share(self, payload: Any, **kwargs: Any) -> list[Delivery]:
-        return await asyncio.to_thread(lambda: self._sync.share(payload, **kwargs))
+    async def share(
+        self, payload: Any, *, round: int | None = None, peers: Sequence[str] | None = None
+    ) -> list[Delivery]:
+        return await asyncio.to_thread(lambda: self._sync.share(payload, round=round, peers=peers))
 
     def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict:
         return self._sync.merge(own, updates)
@@ -517,7 +557,9 @@ class AsyncioNode:
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig, *, task: TaskFactory | None = None) -> AsyncIterator[Any]:
+async def open_node(
+    config: NodeConfig, *, task: TaskFactory | None = None
+) -> AsyncIterator[EmbeddedNode]:
     """``async with open_node(config) as node``: native under trio, a trio thread under asyncio.
 
     With ``task`` (a ``peerlearn.Task`` factory), the node also trains that task in the swarm
@@ -537,4 +579,13 @@ async def open_node(config: NodeConfig, *, task: TaskFactory | None = None) -> A
         raise LocalProtocolError(f"open_node supports trio and asyncio, not {library}")
 
 
-__all__ = ["AsyncNode", "AsyncioNode", "Delivery", "Node", "TrioNode", "Update", "open_node"]
+__all__ = [
+    "AsyncNode",
+    "AsyncioNode",
+    "Delivery",
+    "EmbeddedNode",
+    "Node",
+    "TrioNode",
+    "Update",
+    "open_node",
+]

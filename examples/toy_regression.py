@@ -1,0 +1,39 @@
+"""What the three embedding examples share: a node's settings and a toy task (y = 2x + 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from peerlearn import NodeConfig
+
+
+def node_config(root: Path, name: str, bootstrap: tuple[str, ...] = ()) -> NodeConfig:
+    """A node on loopback in its own data dir, in the examples' swarm."""
+    return NodeConfig(
+        data_dir=root / name,
+        listen=("/ip4/127.0.0.1/tcp/0",),
+        bootstrap=bootstrap,
+        swarm="embed-example",
+        mdns=False,
+        log_level="warning",
+    )
+
+
+def train(model: torch.nn.Linear, seed: int) -> float:
+    """Ten SGD steps on y = 2x + 1 with data that differs per node and round; the loss."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 1, generator=g)
+    y = 2 * x + 1
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(10):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(loss)
+
+
+def describe(model: torch.nn.Linear) -> str:
+    return f"y = {float(model.weight):.2f}x + {float(model.bias):.2f}"
