@@ -89,7 +89,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (["--log-level", "loud"], {}, "log_level must be"),
+        (["--log-level", "loud"], {}, "'loud' is not one of 'debug', 'info'"),
+        ([], {"PEERLEARN_LOG_LEVEL": "loud"}, "log_level must be"),
+        (["--metrics-listen", "9464"], {}, "metrics_listen must look like 127.0.0.1:9464"),
         (["--swarm", "s", "--task", "digts"], {}, "did you mean digits"),
         ([], {"PEERLEARN_ROUND_INTERVALL": "1"}, "did you mean PEERLEARN_ROUND_INTERVAL"),
     ],

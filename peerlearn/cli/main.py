@@ -71,7 +71,24 @@ def node() -> None:
 @click.option("--bootstrap", multiple=True, help="Peer multiaddr with /p2p/<id>, repeatable.")
 @data_dir_option
 @config_option
-@click.option("--log-level", default=None, help="debug, info, warning or error.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default=None,
+    help="[default: info; libp2p's own messages show from warning, all of them at debug].",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="text: date, time, level, message; json: one object per line [default: text].",
+)
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464).",
+)
 @click.option("--shutdown-timeout", type=float, default=None, help="Seconds [default: 10].")
 @click.option("--bootstrap-timeout", type=float, default=None, help="Seconds [default: 30].")
 @click.option("--swarm", default=None, help="Join this swarm and learn in it.")
@@ -155,6 +172,8 @@ def node_start(
     data_dir: Path | None,
     config_file: Path | None,
     log_level: str | None,
+    log_format: str | None,
+    metrics_listen: str | None,
     shutdown_timeout: float | None,
     bootstrap_timeout: float | None,
     filter_: str | None,
@@ -168,6 +187,8 @@ def node_start(
             bootstrap=bootstrap,
             data_dir=data_dir,
             log_level=log_level,
+            log_format=log_format,
+            metrics_listen=metrics_listen,
             shutdown_timeout=shutdown_timeout,
             bootstrap_timeout=bootstrap_timeout,
             filter=filter_,
@@ -181,7 +202,7 @@ def node_start(
     from peerlearn.node.daemon import Daemon, run_daemon
     from peerlearn.node.logs import configure_logging
 
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -194,6 +215,8 @@ def node_start(
             for addr in daemon.host.addrs():
                 click.echo(f"  listening on {addr}")
             click.echo(f"  data dir {daemon.data_dir.root}")
+            if daemon.metrics_url:
+                click.echo(f"  metrics at {daemon.metrics_url}")
             sys.stdout.flush()
 
     try:

@@ -75,6 +75,12 @@ class NodeConfig:
     log_level: str = "info"
     """debug, info, warning or error."""
 
+    log_format: str = "text"
+    """text (date, time, level, logger, message) or json (one object per line)."""
+
+    metrics_listen: str = ""
+    """host:port to serve Prometheus metrics on at /metrics, e.g. 127.0.0.1:9464 (empty: off)."""
+
     swarm: str = ""
     """Swarm to join and learn in (empty: no swarm, the node only serves `share`)."""
 
@@ -239,6 +245,12 @@ def _validate(config: NodeConfig) -> NodeConfig:
     admission_rule(config)
     if config.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"log_level must be debug/info/warning/error, not {config.log_level!r}")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format must be text or json, not {config.log_format!r}")
+    if config.metrics_listen:
+        from peerlearn.node.metrics import parse_listen
+
+        parse_listen(config.metrics_listen)
     if not config.listen:
         raise ConfigError("at least one listen address is required")
     if config.swarm:

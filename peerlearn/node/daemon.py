@@ -38,6 +38,7 @@ from peerlearn.node.framing import Pace
 from peerlearn.node.host_api import Host, Stream
 from peerlearn.node.learner import Learner
 from peerlearn.node.learning_transport import MODEL_KIND, MODEST_KIND, MSG_PROTOCOL
+from peerlearn.node.metrics import serve_metrics
 from peerlearn.node.runtime import Runtime
 from peerlearn.node.swarm import STATE_FILE, SwarmService
 from peerlearn.node.traversal import NatTraversal
@@ -105,6 +106,7 @@ class Daemon:
         self.boundary = boundary
         self.runtime = runtime
         self.phase = "starting"
+        self.metrics_url: str | None = None
         self.started = trio.current_time()
         self.counters = Counters()
         self.sequence = wire.SequenceCounter(runtime.wall_clock())
@@ -411,6 +413,7 @@ class Daemon:
             "addrs": self.host.addrs(),
             "data_dir": str(self.data_dir.root),
             "uptime_s": round(trio.current_time() - self.started, 3),
+            "metrics_url": self.metrics_url,
             "connected_peers": len(connected),
             "connected_peer_ids": connected,
             "open_streams": self.host.open_streams(),
@@ -575,6 +578,10 @@ async def run_daemon(
                     await nursery.start(
                         serve_control, data_dir.control_socket, daemon.control_handlers()
                     )
+                    if config.metrics_listen:
+                        daemon.metrics_url = await nursery.start(
+                            serve_metrics, config.metrics_listen, daemon.status
+                        )
                     await daemon.bootstrap()
                     if daemon.nat is not None:
                         await nursery.start(daemon.nat.run)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
+import time
 
 MAX_LOG_MESSAGE = 500  # characters; longer messages are cut
 _HEX_RUN = re.compile(r"(?:0x)?[0-9a-fA-F]{64,}")
@@ -34,29 +36,57 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def reattach_library_logging(level: int = logging.WARNING) -> None:
+# What the CLI's --log-level chose for libp2p's own loggers: all of it at debug, else only
+# critical messages (its ERROR lines and tracebacks are the library's; what they mean for the
+# node is counted and reported by our code in plain words). Embedded use leaves WARNING.
+_library_level = logging.WARNING
+
+
+def reattach_library_logging() -> None:
     """Make libp2p log through our handlers (it sets ``propagate=False`` at import)."""
     library = logging.getLogger("libp2p")
     library.propagate = True
+    level = _library_level
     library.setLevel(level)
     library.handlers.clear()
     for name, quiet in _QUIET_LIBRARY_LOGGERS.items():
         logging.getLogger(name).setLevel(max(quiet, level))
 
 
-def configure_logging(level: str = "info") -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message[, error]."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        entry = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+TEXT_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s"
+
+
+def configure_logging(level: str = "info", log_format: str = "text") -> None:
     """Install our stderr handler on the root logger (CLI entry points only)."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(
-            "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"
-        )
+        JsonFormatter()
+        if log_format == "json"
+        else logging.Formatter(TEXT_FORMAT, "%Y-%m-%d %H:%M:%S")
     )
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    reattach_library_logging(max(numeric, logging.WARNING))
+    global _library_level
+    _library_level = logging.DEBUG if numeric <= logging.DEBUG else logging.CRITICAL
+    reattach_library_logging()
