@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
 from peerlearn import wire
+from peerlearn.errors import NetworkError
 from peerlearn.identity import Identity
 from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
@@ -240,5 +242,40 @@ def test_unreachable_bootstrap_fails_with_a_specific_error(tmp_path: Path) -> No
             await run_daemon(config, handle_signals=False)
         assert dead in str(info.value)
         assert trio.current_time() - started < 10
+
+    run(main)
+
+
+def test_dial_failures_say_what_went_wrong_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused, a different peer at the address, and a listener that never answers (which
+    used to hang the dial forever) each get their own plain reason."""
+    from peerlearn.node import host as host_module
+
+    monkeypatch.setattr(host_module, "DIAL_TIMEOUT", 1.0)
+
+    async def main() -> None:
+        with socket.socket() as closed, socket.socket() as mute:
+            closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+            mute.bind(("127.0.0.1", 0))
+            mute.listen(4)  # accepts TCP, never speaks
+            async with (
+                open_host(Identity.generate(), LOOPBACK) as a,
+                open_host(Identity.generate(), LOOPBACK) as b,
+            ):
+                port = b.listen_ports()[0]
+                cases = {
+                    f"/ip4/127.0.0.1/tcp/{closed.getsockname()[1]}": "connection refused",
+                    f"/ip4/127.0.0.1/tcp/{port}": f"peer ID mismatch: the node at that address "
+                    f"is {b.peer_id}",
+                    f"/ip4/127.0.0.1/tcp/{mute.getsockname()[1]}": "timed out after 1 s",
+                }
+                for base, reason in cases.items():
+                    address = f"{base}/p2p/{Identity.generate().peer_id}"
+                    with pytest.raises(NetworkError) as info:
+                        await a.connect(address)
+                    message = str(info.value)
+                    assert reason in message, message
+                    assert message.count(address) == 1, message
+                    assert "\n" not in message
 
     run(main)

@@ -91,6 +91,7 @@ GOSSIP_DEGREE = (4, 6, 12)  # mesh degree low, target, high
 GOSSIP_HEARTBEAT = 1  # seconds (the library default is 120)
 GOSSIP_RATE_LIMIT = 200.0  # messages per topic per second per peer, raised on purpose
 SHUTDOWN_SERVICES_TIMEOUT = 5.0  # seconds for connections, mDNS and UPnP to close
+DIAL_TIMEOUT = 15.0  # seconds for TCP, Noise and yamux (the library has no handshake timeout)
 MAX_INBOUND_STREAMS_PER_PEER = 64  # streams a peer may hold open to us at once (all protocols)
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,48 @@ def parse_peer_multiaddr(address: str) -> tuple[str, Any]:
             "(expected e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...)"
         ) from exc
     return info.peer_id.to_base58(), info
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error``, what caused it, and the members of exception groups and libp2p's
+    ``MultiError`` along the way."""
+    seen: list[BaseException] = []
+    pending = [error]
+    while pending and len(seen) < 64:
+        current = pending.pop()
+        if any(current is s for s in seen):
+            continue
+        seen.append(current)
+        pending.extend(getattr(current, "exceptions", None) or [])
+        pending.extend(getattr(current, "errors", None) or [])
+        for nested in (current.__cause__, current.__context__):
+            if nested is not None:
+                pending.append(nested)
+    return seen
+
+
+def dial_failure(error: BaseException) -> str:
+    """Why a dial failed, in plain words: refused, unreachable, timed out, or the peer at
+    that address is another peer than the address says."""
+    causes = _causes(error)
+    for cause in causes:
+        if type(cause).__name__ == "PeerIDMismatchesPubkey":
+            actual = str(cause).rpartition("remote_peer_id_from_pubkey=")[2].strip()
+            return f"peer ID mismatch: the node at that address is {actual or 'another peer'}"
+    for cause in causes:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused (nothing listens on that port)"
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return "network unreachable from here"
+    for cause in causes:
+        if isinstance(cause, TimeoutError | trio.TooSlowError):
+            return "timed out"
+    for cause in causes:
+        if type(cause).__name__ in ("SecurityUpgradeFailure", "HandshakeFailure"):
+            return "the encrypted handshake failed (not a peerlearn/libp2p node, or it hung up)"
+    deepest = causes[-1]
+    return str(deepest) or type(deepest).__name__
 
 
 def _peer_of(fn: Any, args: Sequence[Any]) -> str | None:
@@ -538,9 +581,15 @@ class P2PHost:
             raise ConfigError(f"{address} is this node itself")
         self._host.get_network().unblock_peer(info.peer_id)
         try:
-            await self._host.connect(info)
+            with trio.fail_after(DIAL_TIMEOUT):
+                await self._host.connect(info)
+        except trio.TooSlowError:
+            raise NetworkError(
+                f"cannot connect to {address}: timed out after {DIAL_TIMEOUT:.0f} s "
+                "(something accepted the connection but never completed the handshake)"
+            ) from None
         except Exception as exc:
-            raise NetworkError(f"cannot connect to {address}: {exc}") from exc
+            raise NetworkError(f"cannot connect to {address}: {dial_failure(exc)}") from exc
         return peer_id
 
     # -- NAT traversal ----------------------------------------------------------------------
@@ -568,7 +617,9 @@ class P2PHost:
         try:
             await relay.transport.dial(maddr)
         except Exception as exc:
-            raise NetworkError(f"cannot connect through the relay to {address}: {exc}") from exc
+            raise NetworkError(
+                f"cannot connect through the relay to {address}: {dial_failure(exc)}"
+            ) from exc
         return peer_id
 
     async def reserve_relays(self) -> list[str]:
