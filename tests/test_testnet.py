@@ -7,15 +7,23 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from peerlearn.errors import ConfigError
 from peerlearn.nat.lab import lab_unavailable_reason, netem_unavailable_reason
 from peerlearn.testnet.local import process_alive
+from peerlearn.testnet.network import Sample
 from peerlearn.testnet.report import write_report
-from peerlearn.testnet.runner import run_scenario
-from peerlearn.testnet.scenario import load_scenario, parse_scenario
+from peerlearn.testnet.runner import RunResult, run_scenario
+from peerlearn.testnet.scenario import (
+    Expectations,
+    Scenario,
+    SwarmSpec,
+    load_scenario,
+    parse_scenario,
+)
 from tests.conftest import wait_until
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "testnet"
@@ -205,3 +213,38 @@ def test_shipped_scenario(name: str, tmp_path: Path) -> None:
     results = run_scenario(scenario, tmp_path)
     summary = write_report(scenario, results, tmp_path)
     assert all(r.passed for r in results), summary.read_text()
+
+
+# -- honest reports ------------------------------------------------------------------------------
+
+
+def _sample(t: float, node: int, alive: bool, acc: float | None, mb: float, **kw: Any) -> Sample:
+    return Sample(
+        t=t, node=node, alive=alive, attacker=kw.get("attacker", False), round=int(t),
+        accuracy=acc, members=3, peers=2, bytes_out=int(mb * 1e6), bytes_in=0, rss_mb=100.0,
+        join_seconds=0.1, reachability="public", direct_peers=2, relayed_peers=0,
+    )  # fmt: skip
+
+
+def test_reports_show_down_time_as_gaps_and_keep_cumulative_series_monotone(
+    tmp_path: Path,
+) -> None:
+    from peerlearn.testnet.report import _down_intervals, cumulative, render_summary
+
+    samples = []
+    for t in range(10):
+        samples.append(_sample(t, 0, True, 0.5 + t / 20, t * 1.0))
+        samples.append(_sample(t, 1, True, 0.1, t * 2.0, attacker=True))
+        down = 3 <= t < 6  # node 2 killed at 3 s, restarted at 6 s: its counter starts again
+        samples.append(_sample(t, 2, not down, None if down else 0.58, 0 if down else t % 6))
+    scenario = Scenario("report", "d", SwarmSpec(nodes=3), events=(), expect=Expectations())
+    result = RunResult(label="report", spec=SwarmSpec(nodes=3), samples=samples)
+    node2 = [s for s in samples if s.node == 2]
+    assert _down_intervals(node2) == [(3, 6)]
+    series = cumulative([s.bytes_out / 1e6 if s.alive else None for s in node2])
+    assert series == [0, 1, 2, None, None, None, 2, 3, 4, 5]  # 2 MB before the kill kept
+    write_report(scenario, [result], tmp_path)
+    assert (tmp_path / "report" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    summary = render_summary(scenario, [result])
+    assert "worst 0.580 (node 2), over 2 nodes" in summary  # the attacker is not honest
+    assert "| 2 | True | False | 1 | 9 | 0.580 | 5.0 |" in summary  # down once, MB kept

@@ -45,24 +45,67 @@ def _mark_events(ax: Any, result: RunResult) -> None:
         ax.annotate(what.split(":")[0], (t, 0.02), rotation=90, fontsize=7, color="grey")
 
 
+def _down_intervals(rows: list[Sample]) -> list[tuple[float, float]]:
+    """(from, to) of each stretch of time a node was down (to: its next live sample)."""
+    intervals, down_since = [], None
+    for sample in rows:
+        if not sample.alive and down_since is None:
+            down_since = sample.t
+        elif sample.alive and down_since is not None:
+            intervals.append((down_since, sample.t))
+            down_since = None
+    if down_since is not None:
+        intervals.append((down_since, rows[-1].t))
+    return intervals
+
+
+def cumulative(values: list[float | None]) -> list[float | None]:
+    """A per-process counter made monotone across restarts (a restarted process counts
+    from 0 again: what it counted before is added back)."""
+    out: list[float | None] = []
+    offset, previous = 0.0, 0.0
+    for value in values:
+        if value is None:
+            out.append(None)
+            continue
+        if value < previous:
+            offset += previous
+        previous = value
+        out.append(offset + value)
+    return out
+
+
 def _plot_per_node(
     result: RunResult,
     path: Path,
-    value: Callable[[Sample], float | None],
+    values: Callable[[list[Sample]], list[float | None]],
     ylabel: str,
     what: str,
     **axes: Any,
 ) -> None:
-    """One line per node over time (attackers dashed red), faults marked."""
+    """One line per node over time; no line while a node is down (its down time is shaded
+    under the curves); attackers dashed, restarted nodes dotted, each named as such in the
+    legend; faults marked."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for node, rows in sorted(_per_node(result).items()):
-        points = [(s.t, v) for s in rows if s.alive and (v := value(s)) is not None]
-        if points:
-            style = {"ls": "--", "color": "red", "alpha": 0.6} if rows[0].attacker else {}
-            ax.plot(*zip(*points, strict=True), lw=1, label=f"node{node}", **style)
+        down = _down_intervals(rows)
+        ys = [v if s.alive else None for s, v in zip(rows, values(rows), strict=True)]
+        xy = [(s.t, math.nan if v is None else v) for s, v in zip(rows, ys, strict=True)]
+        if all(math.isnan(v) for _, v in xy):
+            continue
+        if rows[0].attacker:
+            label, style = f"node{node} (attacker)", {"ls": "--", "color": "red", "alpha": 0.7}
+        elif down:
+            label, style = f"node{node} (down, restarted)", {"ls": ":", "lw": 1.8}
+        else:
+            label, style = f"node{node}", {}
+        (line,) = ax.plot(*zip(*xy, strict=True), lw=style.pop("lw", 1), label=label, **style)
+        for start, end in down:
+            ax.axvspan(start, end, ymax=0.04, color=line.get_color(), alpha=0.5, lw=0)
     _mark_events(ax, result)
-    ax.set(xlabel="seconds", ylabel=ylabel, title=f"{result.label}: {what}", **axes)
+    ax.set(xlabel="seconds (shaded at the bottom: a node down)", ylabel=ylabel, **axes)
+    ax.set_title(f"{result.label}: {what}")
     ax.legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -70,11 +113,20 @@ def _plot_per_node(
 
 
 def plot_accuracy(result: RunResult, path: Path) -> None:
-    _plot_per_node(result, path, lambda s: s.accuracy, "test accuracy", "accuracy", ylim=(0, 1))
+    _plot_per_node(
+        result, path, lambda rows: [s.accuracy for s in rows], "test accuracy", "accuracy",
+        ylim=(0, 1),
+    )  # fmt: skip
 
 
 def plot_bytes(result: RunResult, path: Path) -> None:
-    _plot_per_node(result, path, lambda s: s.bytes_out / 1e6, "MB sent (this process)", "bytes")
+    _plot_per_node(
+        result,
+        path,
+        lambda rows: cumulative([s.bytes_out / 1e6 if s.alive else None for s in rows]),
+        "MB sent (cumulative, across restarts)",
+        "bytes",
+    )
 
 
 def plot_topology(result: RunResult, path: Path) -> None:
@@ -115,7 +167,14 @@ def _node_rows(result: RunResult) -> list[dict[str, Any]]:
                 "accuracy": last.accuracy,
                 "peak_rss_mb": round(max(rss), 1) if rss else None,
                 "join_seconds": round(max(joins), 3) if joins else None,
-                "mb_out": round(last.bytes_out / 1e6, 2),
+                "mb_out": round(
+                    (
+                        cumulative([s.bytes_out / 1e6 if s.alive else None for s in samples])[-1]
+                        or 0
+                    ),
+                    2,
+                ),
+                "down_intervals": len(_down_intervals(samples)),
                 "reachability": last.reachability,
             }
         )
@@ -179,15 +238,28 @@ def render_summary(scenario: Scenario, results: list[RunResult]) -> str:
             f"| {c.name} | {c.expected} | {c.measured} | {'pass' if c.passed else 'FAIL'} |"
             for c in result.checks
         ]
+        honest = [r for r in _node_rows(result) if not r["attacker"] and r["accuracy"] is not None]
+        if honest:
+            worst = min(honest, key=lambda r: r["accuracy"])
+            mean = sum(r["accuracy"] for r in honest) / len(honest)
+            lines += [
+                "",
+                f"Honest nodes' final accuracy: mean {mean:.3f}, worst {worst['accuracy']:.3f} "
+                f"(node {worst['node']}), over {len(honest)} nodes.",
+            ]
         if result.events:
             lines += ["", "Events:"] + [f"- t={t:.1f} s {what}" for t, what in result.events]
-        header = "| node | alive | attacker | round | accuracy | peak RSS MiB | slowest join s |"
-        lines += ["", header, "|---|---|---|---|---|---|---|"]
+        header = (
+            "| node | alive | attacker | times down | round | accuracy | MB sent | peak RSS MiB "
+            "| slowest join s |"
+        )
+        lines += ["", header, "|---|---|---|---|---|---|---|---|---|"]
         for row in _node_rows(result):
             acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
             lines.append(
-                f"| {row['node']} | {row['alive']} | {row['attacker']} | {row['round']} | {acc} "
-                f"| {row['peak_rss_mb']} | {row['join_seconds']} |"
+                f"| {row['node']} | {row['alive']} | {row['attacker']} | {row['down_intervals']} "
+                f"| {row['round']} | {acc} | {row['mb_out']} | {row['peak_rss_mb']} "
+                f"| {row['join_seconds']} |"
             )
         lines += ["", f"Plots: {result.label}/accuracy.png, bytes.png, topology.png", ""]
     return "\n".join(lines) + "\n"
