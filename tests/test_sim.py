@@ -117,3 +117,22 @@ def test_sim_cli_prints_rounds_and_writes_a_report(tmp_path: Path) -> None:
     assert csv_lines[0] == "round,time,acc_mean,acc_min,bytes_sent,alive"
     assert len(csv_lines) >= 3
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sim_compare_overlays_runs_and_refuses_other_folders(tmp_path: Path) -> None:
+    for algo in ("modest", "gossip"):
+        args = ["sim", "run", "--algo", algo, "--nodes", "6", "--rounds", "2", "--quiet"]
+        ran = CliRunner().invoke(cli, [*args, "--sample-size", "3", "--out", str(tmp_path / algo)])
+        assert ran.exit_code == 0, ran.output
+    out = tmp_path / "compare.png"
+    result = CliRunner().invoke(
+        cli,
+        ["sim", "compare", str(tmp_path / "modest"), str(tmp_path / "gossip"), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "modest: modest/none, iid, seed 0: final accuracy mean" in result.output
+    assert "gossip: gossip/none, iid, seed 0" in result.output
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    other = CliRunner().invoke(cli, ["sim", "compare", str(tmp_path)])
+    assert other.exit_code == 2
+    assert "is not a `peerlearn sim run` folder" in other.output

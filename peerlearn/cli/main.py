@@ -450,6 +450,29 @@ def sim_run(**options: Any) -> None:
     click.echo(f"wrote {', '.join(str(p) for p in paths)}")
 
 
+@sim.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("runs/compare.png"),
+    show_default=True,
+    help="The PNG to write.",
+)
+def sim_compare(runs: tuple[Path, ...], out: Path) -> None:
+    """Overlay several `sim run` folders in one plot and print their final numbers."""
+    from peerlearn.sim.report import compare_runs
+
+    try:
+        table = compare_runs(list(runs), out)
+    except PeerlearnError as exc:
+        _fail(exc)
+        return
+    for name, mean, worst, mb in table:
+        click.echo(f"{name}: final accuracy mean {mean:.3f}, worst {worst:.3f}; {mb:.2f} MB sent")
+    click.echo(f"wrote {out}")
+
+
 @cli.group()
 def swarm() -> None:
     """Private swarms: an authority key signs invites (for --admission token)."""
