@@ -20,7 +20,8 @@ from peerlearn.learning.choices import FILTERS
 from peerlearn.node.config import LEARNING_ALGORITHMS
 
 DEFAULT_DIR = Path("~/.peerlearn/testnet").expanduser()
-SCENARIO_DIR = Path(__file__).resolve().parents[2] / "testnet"
+# The shipped scenarios: in a clone a link to the top-level testnet/ folder, in a wheel a copy.
+SCENARIO_DIR = Path(__file__).resolve().parents[1] / "testnet" / "scenarios"
 DOWN_TIMEOUT = 60.0  # seconds for a supervisor to tear its testnet down
 
 dir_option = click.option(
