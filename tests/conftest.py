@@ -44,7 +44,7 @@ def wait_until(probe: Callable[[], T | None], timeout: float = 20.0, interval: f
     pytest.fail(f"condition not met within {timeout} s (last error: {last_error})")
 
 
-ROOT_MARKERS = ("nat", "root")
+ROOT_MARKERS = ("nat", "root", "browser")  # what .ci/run installs as root
 
 
 @pytest.hookimpl(hookwrapper=True)

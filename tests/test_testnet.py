@@ -124,12 +124,14 @@ def _ctrl_c_reaches_it() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _up(tmp_path: Path, nodes: int) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+def _up(
+    tmp_path: Path, nodes: int, *extra: str
+) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     with (tmp_path / "up.log").open("wb") as log:  # the child keeps its own copy
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "peerlearn", "testnet", "up", "--nodes", str(nodes),
-             "--dir", str(tmp_path), "--round-interval", "0.5"],
+             "--dir", str(tmp_path), "--round-interval", "0.5", *extra],
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=_ctrl_c_reaches_it,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import sys
@@ -13,6 +14,7 @@ import click
 
 from peerlearn import __version__
 from peerlearn.cli.testnet import testnet
+from peerlearn.dashboard import Dashboard, NodeRow
 from peerlearn.errors import ConfigError, LocalProtocolError, PeerlearnError, unwrap_group
 from peerlearn.learning.choices import ALGORITHMS, ATTACKS, FILTERS, PARTITIONS
 from peerlearn.node.config import LEARNING_ALGORITHMS, NODE_ATTACKS, NodeConfig, load_config
@@ -64,6 +66,39 @@ def node() -> None:
     """Run a node daemon and talk to it."""
 
 
+async def _feed_dashboard(daemon: Any, board: Dashboard) -> None:
+    """Once a second until the daemon stops: this node, the peers it is connected to and the
+    swarm's members with their announced metric."""
+    import trio
+
+    started = trio.current_time()
+    me = daemon.identity.peer_id
+    while not daemon.stop.is_set():
+        status = daemon.status()
+        learning = status.get("learning") or {}
+        board.title = f"node {me}"
+        board.metric = learning.get("metric", board.metric)
+        metrics = daemon.swarm_metrics()
+        rounds = daemon.swarm_rounds()
+        connected = set(status["connected_peer_ids"])
+        names = [me, *sorted((connected | set(metrics)) - {me})]
+        rows = [
+            NodeRow(
+                name=f"{peer[-6:]}{' (this node)' if peer == me else ''}",
+                state="up" if peer == me or peer in connected else "down",
+                round=learning.get("round", 0) if peer == me else rounds.get(peer, 0),
+                metric=learning.get("accuracy") if peer == me else metrics.get(peer),
+                peers=status["connected_peers"] if peer == me else 0,
+                mb_out=round(status["bytes_out"] / 1e6, 2) if peer == me else 0.0,
+            )
+            for peer in names
+        ]
+        links = {(rows[0].name, f"{p[-6:]}"): status["paths"].get(p, "direct") for p in connected}
+        board.update(trio.current_time() - started, rows, links)
+        with trio.move_on_after(1.0):
+            await daemon.stop.wait()
+
+
 @node.command("start")
 @click.option(
     "--listen", multiple=True, help="Listen multiaddr, repeatable [default: /ip4/0.0.0.0/tcp/0]."
@@ -82,6 +117,14 @@ def node() -> None:
     type=click.Choice(["text", "json"]),
     default=None,
     help="text: date, time, level, message; json: one object per line [default: text].",
+)
+@click.option(
+    "--dashboard",
+    is_flag=False,
+    flag_value="127.0.0.1:8080",
+    default=None,
+    metavar="[HOST:PORT]",
+    help="Serve a live dashboard of this node and its swarm [default address: 127.0.0.1:8080].",
 )
 @click.option(
     "--metrics-listen",
@@ -173,6 +216,7 @@ def node_start(
     config_file: Path | None,
     log_level: str | None,
     log_format: str | None,
+    dashboard: str | None,
     metrics_listen: str | None,
     shutdown_timeout: float | None,
     bootstrap_timeout: float | None,
@@ -194,6 +238,7 @@ def node_start(
             filter=filter_,
             **learning,
         )
+        board = Dashboard("node", dashboard) if dashboard else None
     except ConfigError as exc:
         _fail(exc)
         return
@@ -217,10 +262,14 @@ def node_start(
             click.echo(f"  data dir {daemon.data_dir.root}")
             if daemon.metrics_url:
                 click.echo(f"  metrics at {daemon.metrics_url}")
+            if board is not None:
+                click.echo(f"  dashboard at {board.url}")
+                nursery.start_soon(_feed_dashboard, daemon, board)
             sys.stdout.flush()
 
     try:
-        trio.run(main)
+        with board if board is not None else contextlib.nullcontext():
+            trio.run(main)
     except BaseException as exc:
         _fail(exc)
     click.echo("peerlearn node stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -100,6 +101,46 @@ def _task_settings(task: str | None, task_options: tuple[str, ...]) -> dict[str,
     return settings
 
 
+dashboard_option = click.option(
+    "--dashboard",
+    is_flag=False,
+    flag_value="127.0.0.1:8080",
+    default=None,
+    metavar="[HOST:PORT]",
+    help="Serve a live dashboard in the browser [default address: 127.0.0.1:8080].",
+)
+
+
+def _dashboard_rows(samples: list[Any]) -> list[Any]:
+    from peerlearn.dashboard import NodeRow
+
+    return [
+        NodeRow(
+            name=f"node{s.node}",
+            state="down" if not s.alive else ("attacker" if s.attacker else "up"),
+            round=s.round,
+            metric=s.accuracy,
+            peers=s.peers,
+            mb_out=round(s.bytes_out / 1e6, 2),
+        )
+        for s in samples
+    ]
+
+
+def _dashboard_links(
+    edges: set[tuple[int, int]], raw: dict[int, dict[str, Any]], peer_ids: dict[int, str]
+) -> dict[tuple[str, str], str]:
+    """Links between nodes, relayed where either end says so."""
+    links = {}
+    for a, b in edges:
+        paths = [
+            (raw.get(i) or {}).get("paths", {}).get(peer_ids.get(j, ""), "direct")
+            for i, j in ((a, b), (b, a))
+        ]
+        links[(f"node{a}", f"node{b}")] = "relayed" if "relayed" in paths else "direct"
+    return links
+
+
 @testnet.command("up")
 @click.option("--nodes", type=int, default=4, show_default=True)
 @click.option("--algo", type=click.Choice(LEARNING_ALGORITHMS), default="modest", show_default=True)
@@ -109,6 +150,7 @@ def _task_settings(task: str | None, task_options: tuple[str, ...]) -> dict[str,
 @click.option("--round-interval", type=float, default=1.0, show_default=True)
 @click.option("--nat", is_flag=True, help="Nodes behind NAT routers in a namespace lab (root).")
 @click.option("--nat-mode", type=click.Choice(["cone", "symmetric"]), default="cone")
+@dashboard_option
 @dir_option
 def testnet_up(
     nodes: int,
@@ -121,8 +163,10 @@ def testnet_up(
     root: Path | None,
     task: str | None,
     task_options: tuple[str, ...],
+    dashboard: str | None,
 ) -> None:
     """Start NODES daemons and show live progress until Ctrl-C or `testnet down`."""
+    from peerlearn.dashboard import Dashboard
     from peerlearn.testnet.live import LiveView
     from peerlearn.testnet.network import Testnet
     from peerlearn.testnet.scenario import parse_scenario
@@ -153,27 +197,44 @@ def testnet_up(
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     net = Testnet(directory, scenario.swarm, swarm="testnet")
     view = LiveView(f"testnet in {directory}", nodes)
+    board = Dashboard(f"testnet in {directory}", dashboard) if dashboard else None
+    failed = False
     try:
-        with _sigterm_unwinds():
+        with _sigterm_unwinds(), contextlib.ExitStack() as serving:
+            if board is not None:
+                serving.enter_context(board)
+                click.echo(f"dashboard at {board.url}")
             click.echo(f"starting {nodes} daemons ({algo}/{filter_}) in {directory} ...")
             net.start()
             click.echo("all nodes listen; Ctrl-C or `peerlearn testnet down` stops them")
             t0 = time.monotonic()
+            alive: dict[int, bool] = {}
             with view:
                 while True:
-                    samples, _ = net.sample(time.monotonic() - t0)
-                    view.update(samples, time.monotonic() - t0)
+                    elapsed = time.monotonic() - t0
+                    samples, raw = net.sample(elapsed)
+                    view.update(samples, elapsed)
+                    if board is not None:
+                        for s in samples:
+                            if alive.get(s.node, True) != s.alive:
+                                board.event(elapsed, f"node{s.node} {'up' if s.alive else 'down'}")
+                            alive[s.node] = s.alive
+                        links = _dashboard_links(net.edges(raw), raw, net.peer_ids)
+                        board.update(elapsed, _dashboard_rows(samples), links)
                     time.sleep(1.0)
     except (KeyboardInterrupt, _Terminated):
         click.echo("stopping every daemon ...")
     except (PeerlearnError, OSError, RuntimeError, TimeoutError) as exc:
         click.echo(f"error: {exc}", err=True)
+        failed = True
     finally:
         problems = net.close()
         codes = net.exit_codes
         click.echo(f"stopped {len(codes)} daemons, exit codes {codes}")
         for problem in problems:
             click.echo(f"warning: {problem}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @testnet.command("status")
@@ -280,10 +341,16 @@ def _scenario_names() -> str:
     help="Report folder [default: runs/<scenario>-<time>].",
 )
 @_task_flags
+@dashboard_option
 def testnet_run(
-    scenario: str, out: Path | None, task: str | None, task_options: tuple[str, ...]
+    scenario: str,
+    out: Path | None,
+    task: str | None,
+    task_options: tuple[str, ...],
+    dashboard: str | None,
 ) -> None:
     """Run SCENARIO (a name from testnet/ or a .toml file) and write its report."""
+    from peerlearn.dashboard import Dashboard
     from peerlearn.testnet.live import LiveView
     from peerlearn.testnet.report import write_report
     from peerlearn.testnet.runner import run_scenario
@@ -299,9 +366,25 @@ def testnet_run(
     click.echo(f"scenario {loaded.name}: {loaded.description.strip()}")
     click.echo(f"report folder: {out}")
     view = LiveView(loaded.name, loaded.swarm.nodes)
+    board = Dashboard(loaded.name, dashboard) if dashboard else None
+    shown: dict[str, int] = {}
+
+    def progress(result: Any, samples: list[Any], elapsed: float) -> None:
+        view.progress(result, samples, elapsed)
+        if board is None:
+            return
+        for t, what in result.events[shown.get(result.label, 0) :]:
+            board.event(t, f"{result.label}: {what}")
+        shown[result.label] = len(result.events)
+        links = {(f"node{a}", f"node{b}"): "direct" for a, b in result.edges}
+        board.update(elapsed, _dashboard_rows(samples), links)
+
     try:
-        with _sigterm_unwinds(), view:
-            results = run_scenario(loaded, out, view.progress)
+        with _sigterm_unwinds(), view, contextlib.ExitStack() as serving:
+            if board is not None:
+                serving.enter_context(board)
+                click.echo(f"dashboard at {board.url}")
+            results = run_scenario(loaded, out, progress)
     except (KeyboardInterrupt, _Terminated):
         _fail("interrupted; every daemon was stopped")
         return

@@ -356,6 +356,16 @@ class Daemon:
             if isinstance(value, dict) and isinstance(value.get("round"), int)
         }
 
+    def swarm_metrics(self) -> dict[str, float]:
+        """Every learning member's last announced metric, by peer ID."""
+        if self.swarm is None:
+            return {}
+        return {
+            peer_id_from_public_key(owner): float(value["accuracy"])
+            for owner, value in self.swarm.state.records("metrics").items()
+            if isinstance(value, dict) and isinstance(value.get("accuracy"), int | float)
+        }
+
     # --- bootstrap ------------------------------------------------------------------------
 
     async def bootstrap(self) -> None:
@@ -416,6 +426,7 @@ class Daemon:
             "metrics_url": self.metrics_url,
             "connected_peers": len(connected),
             "connected_peer_ids": connected,
+            "paths": self.host.paths(),
             "open_streams": self.host.open_streams(),
             "loop_lag_max_ms": round(c.loop_lag_max * 1000, 1),
             "loop_lag_recent_ms": round(max(c.loop_lags, default=0.0) * 1000, 1),
