@@ -152,7 +152,8 @@ async def _feed_dashboard(daemon: Any, board: Dashboard) -> None:
     "--algo",
     type=click.Choice(LEARNING_ALGORITHMS),
     default=None,
-    help="Learning protocol [default: gossip-vca].",
+    help="Learning protocol [default: gossip-vca]. (fedavg needs a server: it is in `sim` as "
+    "the baseline; modest is its serverless counterpart.)",
 )
 @click.option(
     "--filter",
@@ -171,7 +172,13 @@ async def _feed_dashboard(daemon: Any, board: Dashboard) -> None:
 @click.option("--round-interval", type=float, default=None, help="Seconds per round [default: 2].")
 @click.option("--min-members", type=int, default=None, help="Members to wait for [default: 1].")
 @click.option("--sample-size", type=int, default=None, help="MoDeST trainers per round.")
-@click.option("--max-rounds", type=int, default=None, help="Stop learning after N rounds.")
+@click.option(
+    "--max-rounds",
+    type=int,
+    default=None,
+    help="Stop learning after N rounds; the node keeps running and serving its model until "
+    "`node stop` or Ctrl-C [default: 0, never].",
+)
 @click.option(
     "--relay-service/--no-relay-service",
     default=None,

@@ -165,7 +165,7 @@ class NodeConfig:
     """Wait until the swarm has this many members before learning starts."""
 
     max_rounds: int = 0
-    """Stop learning after this many rounds (0: never)."""
+    """Stop learning after this many rounds (0: never); the node keeps running and serving."""
 
     nat_traversal: bool = True
     """Check reachability, reserve relay slots when not public, hole punch relayed peers."""

@@ -276,3 +276,8 @@ class Learner:
         self.phase = "learning"
         await self.driver.run()
         self.phase = "finished"
+        logger.info(
+            "learning finished after round %d (max_rounds); the node keeps running and serving "
+            "its model until `peerlearn node stop` or Ctrl-C",
+            self.current_round(),
+        )
