@@ -6,10 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint fuzz bench clean
 
+# torch's CPU build, chosen explicitly: TORCH_INDEX names the index to take it from (empty:
+# pip's configured one, which on a machine that only has PyPI would give a CUDA build; the
+# check below then stops with the fix instead of going on with gigabytes of CUDA).
+TORCH_INDEX ?=
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel of torch first, so that nothing later pulls a CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_FROM)
+	$(PY) -c "import sys, torch; sys.exit(torch.version.cuda and 'torch is a CUDA build: run make clean, then make TORCH_INDEX=https://download.pytorch.org/whl/cpu')"
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
