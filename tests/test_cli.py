@@ -92,6 +92,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--log-level", "loud"], {}, "'loud' is not one of 'debug', 'info'"),
         ([], {"PEERLEARN_LOG_LEVEL": "loud"}, "log_level must be"),
         (["--metrics-listen", "9464"], {}, "metrics_listen must look like 127.0.0.1:9464"),
+        (["--bootstrap", "/ip4/1.2.3.4/tcp/1"], {}, "invalid peer address"),
+        (["--listen", "/ip4/0.0.0.0/udp/1"], {}, "invalid listen address"),
         (["--swarm", "s", "--task", "digts"], {}, "did you mean digits"),
         ([], {"PEERLEARN_ROUND_INTERVALL": "1"}, "did you mean PEERLEARN_ROUND_INTERVAL"),
     ],

@@ -253,6 +253,10 @@ def _validate(config: NodeConfig) -> NodeConfig:
         parse_listen(config.metrics_listen)
     if not config.listen:
         raise ConfigError("at least one listen address is required")
+    for address in config.listen:
+        check_listen_address(address)
+    for address in config.bootstrap:
+        check_peer_address(address)
     if config.swarm:
         _validate_learning(config)
     return config
@@ -300,6 +304,33 @@ def _validate_learning(config: NodeConfig) -> None:
         raise ConfigError(f"attack must be one of {', '.join(NODE_ATTACKS)}")
     if config.attack in ("sign-flip", "alie") and config.algo == "modest":
         raise ConfigError(f"the {config.attack} attack poisons gossiped models: use a gossip algo")
+
+
+def check_peer_address(text: str) -> None:
+    """``ConfigError`` in one line unless ``text`` is a multiaddr that names its peer."""
+    import multiaddr  # light (30 ms): addresses are checked before libp2p is imported
+
+    try:
+        multiaddr.Multiaddr(text).value_for_protocol("p2p")
+    except Exception as exc:
+        raise ConfigError(
+            f"invalid peer address {text!r}: {exc} "
+            "(expected e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...)"
+        ) from None
+
+
+def check_listen_address(text: str) -> None:
+    """``ConfigError`` in one line unless ``text`` is ``/ip4/<ip>/tcp/<port>``."""
+    import multiaddr
+
+    try:
+        addr = multiaddr.Multiaddr(text)
+        addr.value_for_protocol("ip4")
+        int(addr.value_for_protocol("tcp"))
+    except Exception as exc:
+        raise ConfigError(
+            f"invalid listen address {text!r}: {exc} (expected /ip4/<ip>/tcp/<port>)"
+        ) from None
 
 
 def admission_rule(config: NodeConfig) -> Admission:

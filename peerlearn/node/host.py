@@ -75,6 +75,7 @@ from peerlearn.errors import (
 )
 from peerlearn.gossip import records
 from peerlearn.identity import Identity, public_key_from_peer_id
+from peerlearn.node.config import check_peer_address
 from peerlearn.node.host_api import (
     MAX_PUBLISH_SIZE,
     GossipMessage,
@@ -101,6 +102,7 @@ _STREAM_ERRORS = (StreamError, MuxedStreamError, trio.BrokenResourceError, trio.
 
 def parse_peer_multiaddr(address: str) -> tuple[str, Any]:
     """Validate a ``/ip4/.../tcp/.../p2p/<id>`` address; returns (peer id, libp2p PeerInfo)."""
+    check_peer_address(address)
     try:
         info = info_from_p2p_addr(multiaddr.Multiaddr(address))
     except Exception as exc:
