@@ -65,13 +65,14 @@ def test_config_layers_defaults_file_env_flags(tmp_path: Path) -> None:
     config_file.write_text(
         '[node]\nshutdown_timeout = 3\nlisten = ["/ip4/127.0.0.1/tcp/4001"]\nlog_level = "debug"\n'
     )
-    env = {"PEERLEARN_SHUTDOWN_TIMEOUT": "4", "PEERLEARN_BOOTSTRAP": "/a/b, /c/d", "HOME": "/x"}
+    a, b = (f"/ip4/10.0.0.{i}/tcp/4001/p2p/{Identity.generate().peer_id}" for i in (1, 2))
+    env = {"PEERLEARN_SHUTDOWN_TIMEOUT": "4", "PEERLEARN_BOOTSTRAP": f"{a}, {b}", "HOME": "/x"}
     config = load_config(
         config_file=config_file, env=env, flags={"shutdown_timeout": 5.0, "listen": ()}
     )
     assert config.shutdown_timeout == 5.0  # flag beats env beats file
     assert config.listen == ("/ip4/127.0.0.1/tcp/4001",)  # empty flag = not given
-    assert config.bootstrap == ("/a/b", "/c/d")
+    assert config.bootstrap == (a, b)
     assert config.log_level == "debug"
     assert config.blob_timeout == NodeConfig().blob_timeout
     assert load_config(env={}).shutdown_timeout == 10.0
@@ -117,7 +118,10 @@ def test_node_config_prints_toml_that_reads_back_to_the_same_settings(tmp_path: 
     from peerlearn.node.config import config_as_toml
 
     config = load_config(
-        env={"PEERLEARN_ROUND_INTERVAL": "3.5", "PEERLEARN_BOOTSTRAP": "/ip4/1.2.3.4/tcp/1/p2p/x"},
+        env={
+            "PEERLEARN_ROUND_INTERVAL": "3.5",
+            "PEERLEARN_BOOTSTRAP": f"/ip4/1.2.3.4/tcp/1/p2p/{Identity.generate().peer_id}",
+        },
         flags={"data_dir": tmp_path / 'odd "dir"', "mdns": False},
     )
     path = tmp_path / "node.toml"
