@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from peerlearn.errors import ConfigError
+from peerlearn.node.config import parse_host_port
 
 HISTORY = 900  # points kept per node (15 minutes at one a second)
 MAX_EVENTS = 200
@@ -40,7 +41,7 @@ class Dashboard:
 
     def __init__(self, title: str, listen: str, metric: str = "accuracy") -> None:
         self.title, self.metric = title, metric
-        self.host, self.port = _parse_listen(listen)
+        self.host, self.port = parse_host_port(listen, "the dashboard address", "127.0.0.1:8080")
         self._series: dict[str, deque[tuple[float, float | None]]] = {}
         self._events: deque[tuple[float, str]] = deque(maxlen=MAX_EVENTS)
         self._snapshot = b"{}"
@@ -122,13 +123,6 @@ class Dashboard:
             self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
-
-
-def _parse_listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"the dashboard address must look like 127.0.0.1:8080, not {text!r}")
-    return host, int(port)
 
 
 PAGE = """<!doctype html>

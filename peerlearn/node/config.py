@@ -248,9 +248,7 @@ def _validate(config: NodeConfig) -> NodeConfig:
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format must be text or json, not {config.log_format!r}")
     if config.metrics_listen:
-        from peerlearn.node.metrics import parse_listen
-
-        parse_listen(config.metrics_listen)
+        parse_host_port(config.metrics_listen, "metrics_listen", "127.0.0.1:9464")
     if not config.listen:
         raise ConfigError("at least one listen address is required")
     for address in config.listen:
@@ -304,6 +302,14 @@ def _validate_learning(config: NodeConfig) -> None:
         raise ConfigError(f"attack must be one of {', '.join(NODE_ATTACKS)}")
     if config.attack in ("sign-flip", "alie") and config.algo == "modest":
         raise ConfigError(f"the {config.attack} attack poisons gossiped models: use a gossip algo")
+
+
+def parse_host_port(text: str, what: str, example: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); ``ConfigError`` naming ``what`` otherwise."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{what} must look like {example}, not {text!r}")
+    return host, int(port)
 
 
 def check_peer_address(text: str) -> None:

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from peerlearn.errors import ConfigError
+from peerlearn.node.config import parse_host_port
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +106,6 @@ class StatusCollector(Collector):
             yield task_metrics
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port); ``ConfigError`` in plain words otherwise."""
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"metrics_listen must look like 127.0.0.1:9464, not {text!r}")
-    return host, int(port)
-
-
 async def _respond(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
     head = b""
     with trio.move_on_after(REQUEST_TIMEOUT):
@@ -154,7 +147,7 @@ async def serve_metrics(
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``/metrics`` on ``listen`` (host:port); ``task_status.started`` gets the URL."""
-    host, port = parse_listen(listen)
+    host, port = parse_host_port(listen, "metrics_listen", "127.0.0.1:9464")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatusCollector(status))
     try:
