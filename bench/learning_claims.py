@@ -1,8 +1,9 @@
 """The papers' claims, reproduced with the simulator on scikit-learn's digits; prints a table.
 
-    python bench/learning_claims.py [--seeds 3] [--skip-scale]
+    python bench/learning_claims.py [--seeds 3 | --seeds 11,12,13] [--skip-scale]
 
-Every row is measured in this run, side by side, with the same seeds and budgets.
+Every row is measured in this run, side by side, with the same seeds and budgets; numbers are
+mean +- standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -23,12 +24,25 @@ def mean_over_seeds(make: Callable[[int], SimConfig], seeds: Sequence[int]) -> l
     return [run_simulation(make(seed)) for seed in seeds]
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` -> seeds 0, 1, 2; ``"11,12,13"`` -> those seeds."""
+    if "," in text:
+        return [int(part) for part in text.split(",") if part.strip()]
+    return list(range(int(text)))
+
+
+def spread(values: Sequence[float], digits: int = 3) -> str:
+    """Mean +- sample standard deviation over the seeds (+- 0 for one seed)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
+
+
 def rounds_to(results: list[SimResult], target: float) -> str:
     values = [r.rounds_to(target) for r in results]
     if any(v is None for v in values):
         reached = [v for v in values if v is not None]
         return f"not in budget ({len(reached)}/{len(values)} seeds)"
-    return f"{statistics.mean(v for v in values if v is not None):.1f}"
+    return spread([float(v or 0) for v in values], 1)
 
 
 def avg(values: list[float]) -> float:
@@ -48,11 +62,10 @@ def vca_claim(seeds: Sequence[int]) -> None:
     }
     r = {a: [x.rounds_to(VCA_TARGET) for x in runs[a]] for a in runs}
     ok = all(v is not None for v in r["fedavg"] + r["gossip-vca"])
-    ratio = (
-        avg([float(v or 0) for v in r["gossip-vca"]]) / avg([float(v or 0) for v in r["fedavg"]])
-        if ok
-        else float("inf")
-    )
+    ratios = [
+        float(v or 0) / float(f or 1) for v, f in zip(r["gossip-vca"], r["fedavg"], strict=True)
+    ]
+    ratio = avg(ratios) if ok else float("inf")
     plain = r["gossip"]
     faster = ok and all(
         p is None or (v or 0) < p for v, p in zip(r["gossip-vca"], plain, strict=True)
@@ -62,7 +75,7 @@ def vca_claim(seeds: Sequence[int]) -> None:
         "(50 nodes, 4 peers/round, FedAvg with all 50 clients)",
         f"rounds: FedAvg {rounds_to(runs['fedavg'], VCA_TARGET)}, gossip-vca "
         f"{rounds_to(runs['gossip-vca'], VCA_TARGET)}, plain gossip "
-        f"{rounds_to(runs['gossip'], VCA_TARGET)}; ratio {ratio:.2f}",
+        f"{rounds_to(runs['gossip'], VCA_TARGET)}; ratio {spread(ratios, 2) if ok else 'inf'}",
         ok and ratio <= 1.2 and faster,
     )
 
@@ -72,12 +85,13 @@ def modest_claims(seeds: Sequence[int]) -> None:
     fedavg = mean_over_seeds(lambda s: SimConfig(algo="fedavg", seed=s, **common), seeds)
     modest = mean_over_seeds(lambda s: SimConfig(algo="modest", seed=s, **common), seeds)
     dpsgd = mean_over_seeds(lambda s: SimConfig(algo="dpsgd", seed=s, **common), seeds)
-    f_acc, m_acc, d_acc = (avg([r.final(3) for r in runs]) for runs in (fedavg, modest, dpsgd))
+    f_accs, m_accs, d_accs = ([r.final(3) for r in runs] for runs in (fedavg, modest, dpsgd))
+    f_acc, m_acc = avg(f_accs), avg(m_accs)
     m_bytes = avg([r.records[-1].bytes_sent for r in modest])
     d_bytes = avg([r.records[-1].bytes_sent for r in dpsgd])
     row(
         "MoDeST within 1 pp of FedAvg (100 nodes, s=10, 60 rounds)",
-        f"final acc FedAvg {f_acc:.3f}, MoDeST {m_acc:.3f} (D-PSGD {d_acc:.3f})",
+        f"final acc FedAvg {spread(f_accs)}, MoDeST {spread(m_accs)} (D-PSGD {spread(d_accs)})",
         m_acc >= f_acc - 0.01,
     )
     row(
@@ -93,7 +107,7 @@ def modest_claims(seeds: Sequence[int]) -> None:
     row(
         "MoDeST keeps completing rounds after 80% of nodes are killed (at round 20)",
         f"last round reached {completed} of {common['rounds']}; final acc "
-        f"{avg([r.final(3) for r in killed]):.3f}; alive {killed[0].records[-1].alive}",
+        f"{spread([r.final(3) for r in killed])}; alive {killed[0].records[-1].alive}",
         all(c >= common["rounds"] for c in completed),
     )
 
@@ -118,13 +132,15 @@ def bristle_claims(seeds: Sequence[int]) -> None:
             ),
             seeds,
         )
-        b_acc, p_acc = avg([r.final(2) for r in defended]), avg([r.final(2) for r in plain])
+        b_accs, p_accs = [r.final(2) for r in defended], [r.final(2) for r in plain]
+        b_acc, p_acc = avg(b_accs), avg(p_accs)
         b_min = min(r.records[-1].acc_min for r in defended)
         verdict = (b_acc >= 0.9 and p_acc < 0.7) if attack == "label-flip" else None
         row(
             f"Bristle, 30% {attack} attackers, non-iid (4 classes/node), 20 nodes, 120 rounds"
             + (": >= 90% honest vs plain mean < 70%" if attack == "label-flip" else ""),
-            f"honest acc Bristle {b_acc:.3f} (worst node {b_min:.3f}), plain mean {p_acc:.3f}",
+            f"honest acc Bristle {spread(b_accs)} (worst node {b_min:.3f}), "
+            f"plain mean {spread(p_accs)}",
             verdict,
         )
 
@@ -144,10 +160,12 @@ def scale_claim() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--seeds", type=parse_seeds, default=[0, 1, 2], help="a count (3) or a list (11,12,13)"
+    )
     parser.add_argument("--skip-scale", action="store_true")
     args = parser.parse_args()
-    seeds = list(range(args.seeds))
+    seeds: list[int] = args.seeds
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; seeds {seeds}\n"
