@@ -117,4 +117,10 @@ def test_a_nodes_dashboard_shows_it_its_peer_and_their_metric(tmp_path: Path) ->
     finally:
         for node in nodes:
             node.send_signal(signal.SIGTERM)
-        assert [node.wait(timeout=30) for node in nodes] == [0] * len(nodes)
+        try:
+            codes = [node.wait(timeout=30) for node in nodes]
+        finally:
+            for node in nodes:
+                if node.poll() is None:
+                    node.kill()
+    assert codes == [0] * len(nodes)
