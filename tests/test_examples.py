@@ -12,6 +12,7 @@ pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "swarm_rl.py"
 
 
+@pytest.mark.slow  # three arms of agent processes: 100-160 s on 2 cores
 def test_swarm_rl_smoke() -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--smoke"], capture_output=True, text=True, timeout=300
