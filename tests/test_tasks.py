@@ -272,8 +272,8 @@ def test_the_cifar_example_task_loads_its_data_format(tmp_path: Path) -> None:
 def test_embedded_nodes_train_a_task_object_the_caller_holds(
     user_task: str, tmp_path: Path
 ) -> None:
-    """``open_node(config, task=factory)``: the built-in learner trains the caller's task in
-    the swarm; payloads still reach the application."""
+    """``open_node(config, task=factory or name)``: the built-in learner trains the caller's
+    task in the swarm; payloads still reach the application."""
     from peerlearn.learning.task import load_task_factory
     from peerlearn.node.embedded import open_node
 
@@ -297,7 +297,7 @@ def test_embedded_nodes_train_a_task_object_the_caller_holds(
         with trio.fail_after(60):
             async with (
                 open_node(config("a"), task=factory) as a,
-                open_node(config("b", ((await a.addrs())[0],)), task=factory) as b,
+                open_node(config("b", ((await a.addrs())[0],)), task=user_task) as b,
             ):
 
                 async def finished() -> bool:
@@ -310,9 +310,9 @@ def test_embedded_nodes_train_a_task_object_the_caller_holds(
                 update = await a.receive()
                 states = [(await n.status())["learning"] for n in (a, b)]
         assert update.payload == {"note": 1}
+        assert [state["task"] for state in states] == ["make", user_task]  # factory, name
         for state in states:
             assert state["round"] == rounds
-            assert state["task"] == "make"
             assert state["models_received"] > 0
             assert state["metrics"]["r2"] > 0.9
 

@@ -92,7 +92,7 @@ class Daemon:
         *,
         learn: bool = True,
         on_update: UpdateSink | None = None,
-        task: TaskFactory | None = None,
+        task: TaskFactory | str | None = None,
         runtime: Runtime = DEFAULT_RUNTIME,
     ) -> None:
         """``learn``: run the built-in learner (needs a swarm), with ``task`` if given, else
@@ -544,7 +544,7 @@ async def run_daemon(
     handle_signals: bool = True,
     learn: bool = True,
     on_update: UpdateSink | None = None,
-    task: TaskFactory | None = None,
+    task: TaskFactory | str | None = None,
     runtime: Runtime = DEFAULT_RUNTIME,
     task_status: Any = trio.TASK_STATUS_IGNORED,  # trio.TaskStatus; trio-stubs hide it
 ) -> None:

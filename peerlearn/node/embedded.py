@@ -268,7 +268,7 @@ class TrioNode(AsyncNode):
 
 @asynccontextmanager
 async def _running_daemon(
-    config: NodeConfig, deliver: Callable[[Update], None], task: TaskFactory | None
+    config: NodeConfig, deliver: Callable[[Update], None], task: TaskFactory | str | None
 ) -> AsyncIterator[Daemon]:
     """A daemon that hands what peers push to ``deliver`` (decoding errors become
     ``RemoteProtocolError``: the blob is rejected to its sender). With ``task``, the built-in
@@ -301,7 +301,9 @@ async def _running_daemon(
 
 
 @asynccontextmanager
-async def _open_trio_node(config: NodeConfig, task: TaskFactory | None) -> AsyncIterator[TrioNode]:
+async def _open_trio_node(
+    config: NodeConfig, task: TaskFactory | str | None
+) -> AsyncIterator[TrioNode]:
     inbox = _Inbox()
     async with _running_daemon(config, inbox.deliver, task) as daemon:
         yield TrioNode(daemon, inbox)
@@ -311,7 +313,7 @@ class _TrioThread:
     """Runs a node's trio loop in a helper thread; calls cross over with trio.from_thread."""
 
     def __init__(
-        self, config: NodeConfig, deliver: Callable[[Update], None], task: TaskFactory | None
+        self, config: NodeConfig, deliver: Callable[[Update], None], task: TaskFactory | str | None
     ) -> None:
         self._deliver = deliver
         self._task = task
@@ -363,10 +365,11 @@ class _TrioThread:
 class Node:
     """A node for synchronous code: ``with Node(config) as node: ...``.
 
-    With ``task`` (a ``peerlearn.Task`` factory), the node also trains that task in the swarm
-    with the configured algorithm, as ``node start --task`` does."""
+    With ``task`` (a ``peerlearn.Task`` factory, or a name as ``--task`` takes), the node also
+    trains that task in the swarm with the configured algorithm, as ``node start --task``
+    does."""
 
-    def __init__(self, config: NodeConfig, *, task: TaskFactory | None = None) -> None:
+    def __init__(self, config: NodeConfig, *, task: TaskFactory | str | None = None) -> None:
         self.config = config
         self._task = task
         self._updates: queue.Queue[Update] = queue.Queue(UPDATE_BUFFER)
@@ -481,7 +484,7 @@ class Node:
 class AsyncioNode:
     """A node for asyncio code; the same operations as ``AsyncNode``, all awaitable."""
 
-    def __init__(self, config: NodeConfig, task: TaskFactory | None = None) -> None:
+    def __init__(self, config: NodeConfig, task: TaskFactory | str | None = None) -> None:
         self.config = config
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Update] = asyncio.Queue(UPDATE_BUFFER)
@@ -558,12 +561,13 @@ class AsyncioNode:
 
 @asynccontextmanager
 async def open_node(
-    config: NodeConfig, *, task: TaskFactory | None = None
+    config: NodeConfig, *, task: TaskFactory | str | None = None
 ) -> AsyncIterator[EmbeddedNode]:
     """``async with open_node(config) as node``: native under trio, a trio thread under asyncio.
 
-    With ``task`` (a ``peerlearn.Task`` factory), the node also trains that task in the swarm
-    with the configured algorithm; ``status()["learning"]`` shows its rounds and metrics."""
+    With ``task`` (a ``peerlearn.Task`` factory, or a name as ``--task`` takes), the node also
+    trains that task in the swarm with the configured algorithm; ``status()["learning"]``
+    shows its rounds and metrics."""
     library = sniffio.current_async_library()
     if library == "trio":
         async with _open_trio_node(config, task) as node:

@@ -98,11 +98,11 @@ class Learner:
         replay_guard: wire.ReplayGuard,
         wall_clock: Callable[[], float] = time.time,
         offload: Offload = in_thread,
-        task: TaskFactory | None = None,
+        task: TaskFactory | str | None = None,
     ) -> None:
         """``sequence`` and ``replay_guard`` are the node's own: one per identity;
-        ``offload`` runs training, merges, evaluation, checkpoints and decoding; ``task``
-        builds the task instead of ``config.task`` (the embedding API)."""
+        ``offload`` runs training, merges, evaluation, checkpoints and decoding; ``task`` (a
+        factory or a name) builds the task instead of ``config.task`` (the embedding API)."""
         self.config = config
         self.swarm = swarm
         self.me = host.identity.public_key
@@ -120,7 +120,9 @@ class Learner:
             device=config.device,
             bristle_rng=rng if config.filter == "bristle" else None,
         )
-        self.task_name = config.task if task is None else getattr(task, "__qualname__", "custom")
+        self.task_name = (
+            task if isinstance(task, str) else getattr(task, "__qualname__", config.task)
+        )
         self.model: StateDict = self.learning.state()
         self.rule = robust.create_rule(
             "mean" if config.filter == "bristle" else config.filter, f=config.byzantine_bound
