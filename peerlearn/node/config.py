@@ -252,7 +252,7 @@ def _validate(config: NodeConfig) -> NodeConfig:
     if not config.listen:
         raise ConfigError("at least one listen address is required")
     for address in config.listen:
-        check_listen_address(address)
+        parse_listen_address(address)
     for address in config.bootstrap:
         check_peer_address(address)
     if config.swarm:
@@ -325,14 +325,13 @@ def check_peer_address(text: str) -> None:
         ) from None
 
 
-def check_listen_address(text: str) -> None:
-    """``ConfigError`` in one line unless ``text`` is ``/ip4/<ip>/tcp/<port>``."""
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``/ip4/<ip>/tcp/<port>`` -> (ip, port); ``ConfigError`` in one line otherwise."""
     import multiaddr
 
     try:
         addr = multiaddr.Multiaddr(text)
-        addr.value_for_protocol("ip4")
-        int(addr.value_for_protocol("tcp"))
+        return str(addr.value_for_protocol("ip4")), int(addr.value_for_protocol("tcp"))
     except Exception as exc:
         raise ConfigError(
             f"invalid listen address {text!r}: {exc} (expected /ip4/<ip>/tcp/<port>)"

@@ -75,7 +75,7 @@ from peerlearn.errors import (
 )
 from peerlearn.gossip import records
 from peerlearn.identity import Identity, public_key_from_peer_id
-from peerlearn.node.config import check_peer_address
+from peerlearn.node.config import check_peer_address, parse_listen_address
 from peerlearn.node.host_api import (
     MAX_PUBLISH_SIZE,
     GossipMessage,
@@ -332,14 +332,8 @@ class _Relay:
 def _expand_listen_addrs(listen: Sequence[str]) -> list[Any]:
     out: list[Any] = []
     for text in listen:
-        try:
-            addr = multiaddr.Multiaddr(text)
-            host_ip = addr.value_for_protocol("ip4")
-            port = int(addr.value_for_protocol("tcp"))
-        except Exception as exc:
-            raise ConfigError(
-                f"invalid listen address {text!r}: {exc} (expected /ip4/<ip>/tcp/<port>)"
-            ) from exc
+        host_ip, port = parse_listen_address(text)
+        addr = multiaddr.Multiaddr(text)
         if host_ip == "0.0.0.0":
             out.extend(a for a in get_available_interfaces(port) if "/ip4/" in str(a))
         else:
@@ -798,13 +792,7 @@ def refuse_ports_in_use(listen: Sequence[str]) -> None:
     silently share the incoming connections with the first one; a plain bind tells.
     """
     for text in listen:
-        try:
-            addr = multiaddr.Multiaddr(text)
-            ip, port = addr.value_for_protocol("ip4"), int(addr.value_for_protocol("tcp"))
-        except Exception as exc:
-            raise ConfigError(
-                f"invalid listen address {text!r}: {exc} (expected /ip4/<ip>/tcp/<port>)"
-            ) from exc
+        ip, port = parse_listen_address(text)
         if port == 0:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
