@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel of torch first, so that nothing later pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_FROM)
-	$(PY) -c "import sys, torch; sys.exit(torch.version.cuda and 'torch is a CUDA build: run make clean, then make TORCH_INDEX=https://download.pytorch.org/whl/cpu')"
+	$(PY) -W ignore -c "import sys, torch; sys.exit(torch.version.cuda and 'torch is a CUDA build: run make clean, then make TORCH_INDEX=https://download.pytorch.org/whl/cpu')"
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
