@@ -77,6 +77,14 @@ class Swarm:
         self.daemons[i], self.scopes[i] = daemon, scope
         return daemon
 
+    async def start_all(self, nodes: int, base: NodeConfig) -> NodeConfig:
+        """Node 0, then nodes 1.. bootstrapped from it; returns the others' settings."""
+        first = await self.start(0, self.config(0, base))
+        boot = dataclasses.replace(base, bootstrap=(first.addrs()[0],))
+        for i in range(1, nodes):
+            await self.start(i, self.config(i, boot))
+        return boot
+
     def kill(self, i: int) -> None:
         """Gone at once, as after SIGKILL: no graceful shutdown, nothing saved at exit."""
         self.scopes.pop(i).cancel()
@@ -106,10 +114,7 @@ def test_sixteen_nodes_that_know_only_the_first_find_and_connect_to_all(tmp_path
 
     async def main() -> None:
         async with swarm(tmp_path) as s:
-            first = await s.start(0, s.config(0, dataclasses.replace(base, bootstrap=())))
-            for i in range(1, nodes):
-                boot = dataclasses.replace(base, bootstrap=(first.addrs()[0],))
-                await s.start(i, s.config(i, boot))
+            await s.start_all(nodes, base)
 
             def everyone_knows_everyone() -> bool:
                 return all(len(d.members()) == nodes for d in s.daemons.values())
@@ -138,10 +143,7 @@ def test_sixteen_node_gossip_swarm_learns_digits(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with swarm(tmp_path) as s:
-            first = await s.start(0, s.config(0, base))
-            for i in range(1, nodes):
-                boot = dataclasses.replace(base, bootstrap=(first.addrs()[0],))
-                await s.start(i, s.config(i, boot))
+            await s.start_all(nodes, base)
             took = await until(
                 lambda: all(_learning(d)["round"] >= rounds for d in s.daemons.values()), 600
             )
@@ -159,10 +161,7 @@ def test_a_node_restarted_from_its_data_dir_resumes_its_round_and_model(tmp_path
 
     async def main() -> None:
         async with swarm(tmp_path) as s:
-            first = await s.start(0, s.config(0, base))
-            boot = dataclasses.replace(base, bootstrap=(first.addrs()[0],))
-            for i in range(1, nodes):
-                await s.start(i, s.config(i, boot))
+            boot = await s.start_all(nodes, base)
             await until(lambda: _learning(s.daemons[3])["round"] >= 5, 300)
             before = _learning(s.daemons[3])
             s.kill(3)
@@ -184,10 +183,7 @@ def test_modest_rounds_go_on_after_three_quarters_of_the_swarm_dies(tmp_path: Pa
 
     async def main() -> None:
         async with swarm(tmp_path) as s:
-            first = await s.start(0, s.config(0, base))
-            boot = dataclasses.replace(base, bootstrap=(first.addrs()[0],))
-            for i in range(1, nodes):
-                await s.start(i, s.config(i, boot))
+            await s.start_all(nodes, base)
             await until(lambda: all(_learning(d)["round"] >= 5 for d in s.daemons.values()), 300)
             for i in range(2, nodes):
                 s.kill(i)
