@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from peerlearn import __version__
-from peerlearn.cli.testnet import testnet
+from peerlearn.cli.testnet import dashboard_option, testnet
 from peerlearn.dashboard import Dashboard, NodeRow
 from peerlearn.errors import ConfigError, LocalProtocolError, PeerlearnError, unwrap_group
 from peerlearn.learning.choices import ALGORITHMS, ATTACKS, FILTERS, PARTITIONS
@@ -118,14 +118,7 @@ async def _feed_dashboard(daemon: Any, board: Dashboard) -> None:
     default=None,
     help="text: date, time, level, message; json: one object per line [default: text].",
 )
-@click.option(
-    "--dashboard",
-    is_flag=False,
-    flag_value="127.0.0.1:8080",
-    default=None,
-    metavar="[HOST:PORT]",
-    help="Serve a live dashboard of this node and its swarm [default address: 127.0.0.1:8080].",
-)
+@dashboard_option
 @click.option(
     "--metrics-listen",
     default=None,
