@@ -160,8 +160,8 @@ def test_a_nan_model_is_refused_from_non_members_and_members(tmp_path: Path) -> 
             assert rejected(node)["bad model"] == 1
             assert node.learner is not None
             assert node.learner.transport.models_received == 0
-            accuracy = node.learner.accuracy
-            assert accuracy is None or accuracy > 0.2
+            # Early rounds of lone training can score anywhere, so check the model itself.
+            assert all(bool(torch.isfinite(t).all()) for t in node.learner.model.values())
 
     run(main)
 
