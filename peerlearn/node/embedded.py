@@ -20,6 +20,7 @@ silently. Closing the node shuts it down gracefully.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -415,9 +416,10 @@ class Node:
     def addrs(self) -> list[str]:
         return self._call(self._node.addrs)
 
-    def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
-        assert self._bridge is not None
-        return self._bridge.call(fn, *args)
+    def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+        if self._bridge is None:
+            raise LocalProtocolError("use the node inside `with Node(config) as node:`")
+        return self._bridge.call(functools.partial(fn, *args, **kwargs))
 
     def peers(self) -> list[str]:
         return self._call(self._node.peers)
@@ -435,22 +437,17 @@ class Node:
         return self._call(self._node.swarm_rounds)
 
     def connect(self, address: str) -> str:
-        assert self._bridge is not None
-        return self._bridge.call(self._node.connect, address)
+        return self._call(self._node.connect, address)
 
     def share_model(
         self, model: StateDict, *, round: int | None = None, peers: Sequence[str] | None = None
     ) -> list[Delivery]:
-        assert self._bridge is not None
-        node = self._node
-        return self._bridge.call(lambda: node.share_model(model, round=round, peers=peers))
+        return self._call(self._node.share_model, model, round=round, peers=peers)
 
     def share(
         self, payload: Any, *, round: int | None = None, peers: Sequence[str] | None = None
     ) -> list[Delivery]:
-        assert self._bridge is not None
-        node = self._node
-        return self._bridge.call(lambda: node.share(payload, round=round, peers=peers))
+        return self._call(self._node.share, payload, round=round, peers=peers)
 
     def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict:
         return self._node.merge(own, updates)
