@@ -1,4 +1,4 @@
-"""Two embedded nodes in one asyncio program: train, share, merge, send a payload.
+"""Two embedded nodes in one asyncio program: train, share, merge, share rollouts.
 
 Each node runs in its own trio thread; every call is awaited and never blocks the loop.
 
@@ -13,9 +13,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from toy_regression import describe, node_config, train
+from toy_regression import (
+    describe,
+    describe_rollouts,
+    node_config,
+    rollout_pool,
+    toy_rollout,
+    train,
+)
 
-from peerlearn import open_node
+from peerlearn import open_node, pack_rollouts
 
 
 async def main(rounds: int) -> None:
@@ -36,8 +43,10 @@ async def main(rounds: int) -> None:
                     own = models[node.peer_id]
                     own.load_state_dict(node.merge(own.state_dict(), [update]))
                 print(f"round {r}: loss {loss:.4f}")
-            await b.share({"note": "done", "rounds": rounds})
-            print("payload received:", (await asyncio.wait_for(a.receive(), 30)).payload)
+            await b.share(pack_rollouts([toy_rollout(3), toy_rollout(5)]), round=rounds)
+            pool = rollout_pool()
+            pool.add(await asyncio.wait_for(a.receive(), 30))
+            print("received", describe_rollouts(pool.take(10)))
             print(f"asyncio example: learned {describe(models[a.peer_id])}")
 
 

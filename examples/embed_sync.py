@@ -1,4 +1,4 @@
-"""Two embedded nodes in plain synchronous code: train, share, merge, send a payload.
+"""Two embedded nodes in plain synchronous code: train, share, merge, share rollouts.
 
 Each node runs in its own trio thread; calls block only the caller.
 
@@ -12,9 +12,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from toy_regression import describe, node_config, train
+from toy_regression import (
+    describe,
+    describe_rollouts,
+    node_config,
+    rollout_pool,
+    toy_rollout,
+    train,
+)
 
-from peerlearn import Node
+from peerlearn import Node, pack_rollouts
 
 
 def main(rounds: int) -> None:
@@ -33,9 +40,10 @@ def main(rounds: int) -> None:
                     own = models[node.peer_id]
                     own.load_state_dict(node.merge(own.state_dict(), [update]))
                 print(f"round {r}: loss {loss:.4f}")
-            b.share({"note": "done", "rounds": rounds})
-            payload = a.receive(timeout=30)
-            print("payload received:", payload.payload if payload else None)
+            b.share(pack_rollouts([toy_rollout(3), toy_rollout(5)]), round=rounds)
+            pool = rollout_pool()
+            pool.add(a.receive(timeout=30))
+            print("received", describe_rollouts(pool.take(10)))
             print(f"sync example: learned {describe(models[a.peer_id])}")
 
 

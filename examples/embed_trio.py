@@ -1,4 +1,4 @@
-"""Two embedded nodes in one trio program: train, share, merge, send a payload.
+"""Two embedded nodes in one trio program: train, share, merge, share rollouts.
 
 python examples/embed_trio.py [--rounds 5]
 """
@@ -11,9 +11,16 @@ from pathlib import Path
 
 import torch
 import trio
-from toy_regression import describe, node_config, train
+from toy_regression import (
+    describe,
+    describe_rollouts,
+    node_config,
+    rollout_pool,
+    toy_rollout,
+    train,
+)
 
-from peerlearn import open_node
+from peerlearn import open_node, pack_rollouts
 
 
 async def main(rounds: int) -> None:
@@ -34,8 +41,10 @@ async def main(rounds: int) -> None:
                     own = models[node.peer_id]
                     own.load_state_dict(node.merge(own.state_dict(), [update]))
                 print(f"round {r}: loss {loss:.4f}")
-            await b.share({"note": "done", "rounds": rounds})
-            print("payload received:", (await a.receive()).payload)
+            await b.share(pack_rollouts([toy_rollout(3), toy_rollout(5)]), round=rounds)
+            pool = rollout_pool()
+            pool.add(await a.receive())
+            print("received", describe_rollouts(pool.take(10)))
             print(f"trio example: learned {describe(models[a.peer_id])}")
 
 

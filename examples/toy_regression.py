@@ -1,4 +1,5 @@
-"""What the three embedding examples share: a node's settings and a toy task (y = 2x + 1)."""
+"""What the three embedding examples share: a node's settings, a toy task (y = 2x + 1) and a
+toy rollout to share (as swarm-RL agents share theirs)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from peerlearn import NodeConfig
+from peerlearn import NodeConfig, Rollout, RolloutPool
 
 
 def node_config(root: Path, name: str, bootstrap: tuple[str, ...] = ()) -> NodeConfig:
@@ -37,3 +38,17 @@ def train(model: torch.nn.Linear, seed: int) -> float:
 
 def describe(model: torch.nn.Linear) -> str:
     return f"y = {float(model.weight):.2f}x + {float(model.bias):.2f}"
+
+
+def toy_rollout(steps: int) -> Rollout:
+    """A made-up episode of ``steps`` steps: 2-number observations, action 1, reward 1."""
+    return Rollout([[0.5, -0.5]] * steps, [1] * steps, [1.0] * steps, [-0.69] * steps)
+
+
+def rollout_pool() -> RolloutPool:
+    """Where received toy rollouts wait to be trained on (checked on arrival)."""
+    return RolloutPool(obs_size=2, num_actions=2, max_steps=100)
+
+
+def describe_rollouts(rollouts: list[Rollout]) -> str:
+    return f"{len(rollouts)} rollouts, rewards {[r.total_reward for r in rollouts]}"

@@ -4,6 +4,10 @@ Embedding API (imported on first use, so ``import peerlearn`` stays cheap)::
 
     from peerlearn import Node, NodeConfig, open_node
 
+Swarm RL: rollouts to share, checked on arrival, and a loss for training on them::
+
+    from peerlearn import Rollout, RolloutPool, clipped_policy_loss, pack_rollouts
+
 Your own learning task (``node start --task mymodule:factory``)::
 
     from peerlearn import Task, TaskContext, TaskOptions
@@ -18,6 +22,7 @@ __version__ = "0.1.0"
 _EMBEDDED = ("AsyncNode", "AsyncioNode", "Delivery", "Node", "TrioNode", "Update", "open_node")
 _TASK = ("Task", "TaskContext", "TaskError", "TaskOptions", "Training", "create_task")
 _TASK_MODEL = ("TaskModel",)
+_ROLLOUTS = ("Rollout", "RolloutPool", "clipped_policy_loss", "pack_rollouts")
 
 if TYPE_CHECKING:
     from peerlearn.learning.task import Task as Task
@@ -35,6 +40,10 @@ if TYPE_CHECKING:
     from peerlearn.node.embedded import TrioNode as TrioNode
     from peerlearn.node.embedded import Update as Update
     from peerlearn.node.embedded import open_node as open_node
+    from peerlearn.rollouts import Rollout as Rollout
+    from peerlearn.rollouts import RolloutPool as RolloutPool
+    from peerlearn.rollouts import clipped_policy_loss as clipped_policy_loss
+    from peerlearn.rollouts import pack_rollouts as pack_rollouts
 
 
 def __getattr__(name: str) -> Any:
@@ -50,6 +59,10 @@ def __getattr__(name: str) -> Any:
         from peerlearn.learning import task_model
 
         return getattr(task_model, name)
+    if name in _ROLLOUTS:
+        from peerlearn import rollouts
+
+        return getattr(rollouts, name)
     if name == "NodeConfig":
         from peerlearn.node.config import NodeConfig
 
@@ -57,4 +70,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'peerlearn' has no attribute {name!r}")
 
 
-__all__ = [*_EMBEDDED, *_TASK, *_TASK_MODEL, "NodeConfig", "__version__"]
+__all__ = [*_EMBEDDED, *_TASK, *_TASK_MODEL, *_ROLLOUTS, "NodeConfig", "__version__"]
