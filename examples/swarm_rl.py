@@ -1,38 +1,71 @@
 """Swarm reinforcement learning on CartPole with embedded peerlearn nodes.
 
-N agents, each in its own process with its own node, train a small REINFORCE policy. Three
-arms run with the same seeds and the same budget (iterations x episodes per agent):
+N agents, each in its own process with its own node, train a small policy with a clipped
+importance-weighted policy gradient (PPO's objective on Monte-Carlo returns). Every arm runs
+with the same seeds, the same shared initial policy and the same budget: ``iterations`` x
+``EPISODES`` episodes per agent. Few episodes per iteration is where sharing pays: an agent
+alone learns from a noisy batch of 2, a swarm agent from 2 of its own and 6 of its peers'.
 
-* ``alone``:  no communication (the baseline);
-* ``vca``:    after every iteration each agent shares its policy and merges the policies it
-              received with variance-corrected averaging (``node.merge``);
-* ``sapo``:   SAPO-style: each agent shares its best rollouts and trains on its own plus the
-              rollouts it received (no weights exchanged).
+* ``alone``:       no communication (the baseline);
+* ``sapo``:        SAPO-style: each agent shares its episodes every iteration and trains on its
+                   own plus up to ``external`` received ones (from the last 2 iterations). Each
+                   episode carries the sender's log-probabilities, so the receiver weights it
+                   by pi/mu, clipped: off-policy data is corrected, not taken as its own;
+* ``sapo-local``:  the same, but received episodes are scored with the receiver's current
+                   log-probabilities (ratio 1 on the first pass), as SAPO's paper does;
+* ``mean``:        policies averaged (plain mean, beta 0.5) after every iteration;
+* ``vca``:         the same with variance-corrected averaging.
 
-    python examples/swarm_rl.py [--agents 4] [--iterations 40] [--smoke] [--plot rewards.png]
+    python examples/swarm_rl.py [--seeds 5] [--arms alone,sapo] [--agents 4]
+                                [--iterations 40] [--plot curves.png] [--json result.json]
 
-Prints the mean episode reward per iteration for each arm and a summary.
+Prints, per arm, the mean episode reward over the last 20% of iterations and the area under
+the learning curve (the mean over all iterations), as mean +- sd over seeds (each seed: the
+mean over its agents).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import sys
-import tempfile
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-ARMS = ("alone", "vca", "sapo")
-EPISODES_PER_ITERATION = 8
-SHARED_ROLLOUTS = 2  # SAPO: best local episodes shared per iteration
-EXTERNAL_ROLLOUTS = 8  # SAPO: received episodes used per iteration
+import swarm_eval
+
+from peerlearn import Rollout, RolloutPool, clipped_policy_loss, pack_rollouts
+
+EPISODES = 2  # per agent per iteration
 GAMMA = 0.99
 LR = 0.01
+EPOCHS = 4  # passes over each iteration's batch
+CLIP = 0.2  # PPO's clip on pi/mu
 HIDDEN = 32
-POLICY_SEED = 0
+OBS_SIZE, NUM_ACTIONS, MAX_STEPS = 4, 2, 500
+
+
+@dataclass(frozen=True)
+class Arm:
+    """How an agent takes part in the swarm."""
+
+    name: str
+    shared: int = 0  # episodes shared per iteration (the best ones, if fewer than EPISODES)
+    external: int = 0  # received episodes trained on per iteration
+    period: int = 0  # share and merge policies every `period` iterations (0: never)
+    beta: float = 0.5  # weight of the own policy in a merge
+    vca: bool = True  # variance-corrected averaging, else the plain mean
+    local: bool = False  # score received rollouts with the own policy (SAPO's way)
+    fresh: int = 2  # train only on rollouts from the last `fresh` iterations
+
+
+ARMS = {
+    "alone": Arm("alone"),
+    "sapo": Arm("sapo", shared=EPISODES, external=3 * EPISODES),
+    "sapo-local": Arm("sapo-local", shared=EPISODES, external=3 * EPISODES, local=True),
+    "mean": Arm("mean", period=1, vca=False),
+    "vca": Arm("vca", period=1),
+}
 
 
 def make_policy(seed: int) -> Any:
@@ -40,191 +73,151 @@ def make_policy(seed: int) -> Any:
 
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(4, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 2)
+        torch.nn.Linear(OBS_SIZE, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, NUM_ACTIONS)
     )
 
 
-def run_episode(env: Any, policy: Any, seed: int) -> dict[str, Any]:
+def run_episodes(envs: list[Any], policy: Any, seeds: list[int]) -> list[Rollout]:
+    """One episode in each env, stepped together (one policy call per step for all)."""
+    import numpy
     import torch
 
-    obs, _ = env.reset(seed=seed)
-    states, actions, rewards = [], [], []
-    done = False
+    obs = [env.reset(seed=seed)[0] for env, seed in zip(envs, seeds, strict=True)]
+    steps: list[list[tuple[list[float], int, float, float]]] = [[] for _ in envs]
+    running = list(range(len(envs)))
     with torch.no_grad():
-        while not done:
-            logits = policy(torch.as_tensor(obs, dtype=torch.float32))
-            action = int(torch.distributions.Categorical(logits=logits).sample())
-            states.append([float(v) for v in obs])
-            actions.append(action)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            rewards.append(float(reward))
-            done = terminated or truncated
-    return {"states": states, "actions": actions, "rewards": rewards}
+        while running:
+            batch = torch.as_tensor(numpy.stack([obs[i] for i in running]), dtype=torch.float32)
+            dist = torch.distributions.Categorical(logits=policy(batch))
+            actions = dist.sample()
+            logprobs = dist.log_prob(actions)
+            still = []
+            for k, i in enumerate(running):
+                action = int(actions[k])
+                seen = [float(v) for v in obs[i]]
+                obs[i], reward, terminated, truncated, _ = envs[i].step(action)
+                steps[i].append((seen, action, float(reward), float(logprobs[k])))
+                if not (terminated or truncated):
+                    still.append(i)
+            running = still
+    return [
+        Rollout([s[0] for s in ep], [s[1] for s in ep], [s[2] for s in ep], [s[3] for s in ep])
+        for ep in steps
+    ]
 
 
-def reinforce_step(policy: Any, optimizer: Any, episodes: list[dict[str, Any]]) -> None:
+def returns_to_go(rewards: list[float]) -> list[float]:
+    out, running = [], 0.0
+    for reward in reversed(rewards):
+        running = reward + GAMMA * running
+        out.append(running)
+    return out[::-1]
+
+
+def train_step(
+    policy: Any, optimizer: Any, own: list[Rollout], received: list[Rollout], *, local: bool
+) -> None:
+    """PPO's clipped objective with the batch's normalised returns as advantages. The ratio
+    is pi(a|s) / mu(a|s), mu the policy that produced each rollout; with ``local``, received
+    rollouts are scored by this policy as it is now instead (treated as its own)."""
     import torch
 
-    losses = []
-    for episode in episodes:
-        returns, running = [], 0.0
-        for reward in reversed(episode["rewards"]):
-            running = reward + GAMMA * running
-            returns.append(running)
-        ret = torch.tensor(list(reversed(returns)))
-        ret = (ret - ret.mean()) / (ret.std() + 1e-8) if len(ret) > 1 else ret * 0
-        logits = policy(torch.tensor(episode["states"]))
-        logp = torch.distributions.Categorical(logits=logits).log_prob(
-            torch.tensor(episode["actions"])
-        )
-        losses.append(-(logp * ret).sum())
-    optimizer.zero_grad()
-    torch.stack(losses).mean().backward()
-    optimizer.step()
+    batch = own + received
+    states = torch.tensor([o for r in batch for o in r.observations])
+    actions = torch.tensor([a for r in batch for a in r.actions])
+    behaviour = torch.tensor([lp for r in batch for lp in r.logprobs])
+    advantage = torch.tensor([g for r in batch for g in returns_to_go(r.rewards)])
+    advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+    if local and received:
+        with torch.no_grad():
+            now = torch.distributions.Categorical(logits=policy(states)).log_prob(actions)
+        mine = sum(len(r.actions) for r in own)
+        behaviour = torch.cat([behaviour[:mine], now[mine:]])
+    for _ in range(EPOCHS):
+        logp = torch.distributions.Categorical(logits=policy(states)).log_prob(actions)
+        loss = clipped_policy_loss(logp, behaviour, advantage, clip=CLIP)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
-def agent(arm: str, index: int, agents: int, iterations: int, root: str, out: Any) -> None:
-    """One agent process: its own env, policy and (unless alone) peerlearn node."""
-    import gymnasium
+@dataclass
+class Agent:
+    """One agent's learning, apart from how it talks to the swarm."""
+
+    index: int
+    seed: int
+    envs: list[Any] = field(init=False)
+    policy: Any = field(init=False)
+    optimizer: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        import gymnasium
+        import torch
+
+        torch.manual_seed(1000 * self.seed + self.index)  # action sampling differs per agent
+        self.envs = [gymnasium.make("CartPole-v1") for _ in range(EPISODES)]
+        self.policy = make_policy(self.seed)  # one shared initial policy per seed
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=LR)
+
+    def collect(self, iteration: int) -> list[Rollout]:
+        base = (self.seed * 100 + self.index) * 100_000 + iteration * 100
+        return run_episodes(self.envs, self.policy, [base + e for e in range(EPISODES)])
+
+
+def agent_process(task: swarm_eval.AgentTask) -> list[float]:
+    """One agent in its own process: its env, policy and (unless alone) peerlearn node."""
     import torch
-
-    from peerlearn import Node, NodeConfig
 
     torch.set_num_threads(1)
-    seed = 1000 + index
-    torch.manual_seed(seed)
-    env = gymnasium.make("CartPole-v1")
-    policy = make_policy(POLICY_SEED)  # one shared initial policy; episodes differ per agent
-    optimizer = torch.optim.Adam(policy.parameters(), lr=LR)
-    addr_file = Path(root) / "bootstrap.txt"
-    node = None
-    if arm != "alone":
-        bootstrap: tuple[str, ...] = ()
-        if index > 0:
-            deadline = time.monotonic() + 60
-            while not addr_file.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            bootstrap = (addr_file.read_text().strip(),)
-        config = NodeConfig(
-            data_dir=Path(root) / f"agent{index}",
-            listen=("/ip4/127.0.0.1/tcp/0",),
-            bootstrap=bootstrap,
-            swarm=f"rl-{arm}",
-            mdns=False,
-            algo="gossip-vca",
-            log_level="warning",
-        )
-        node = Node(config).__enter__()
-        if index == 0:
-            tmp = addr_file.with_suffix(".tmp")
-            tmp.write_text(node.addrs[0])
-            tmp.rename(addr_file)
-        deadline = time.monotonic() + 60  # wait for the whole swarm before learning
-        while len(node.members()) < agents and time.monotonic() < deadline:
-            time.sleep(0.05)
+    arm = ARMS[task.arm]
+    me = Agent(task.index, task.seed)
+    pool = RolloutPool(obs_size=OBS_SIZE, num_actions=NUM_ACTIONS, max_steps=MAX_STEPS)
     curve = []
-    try:
-        for iteration in range(iterations):
-            episodes = [
-                run_episode(env, policy, seed * 100_000 + iteration * 100 + e)
-                for e in range(EPISODES_PER_ITERATION)
-            ]
-            curve.append(sum(sum(ep["rewards"]) for ep in episodes) / len(episodes))
-            batch = list(episodes)
-            if arm == "sapo" and node is not None:
-                received = [u.payload for u in node.receive_all() if u.kind == "payload"]
-                batch += [ep for payload in received for ep in payload["episodes"]][
-                    -EXTERNAL_ROLLOUTS:
-                ]
-            reinforce_step(policy, optimizer, batch)
-            if node is None or not node.peers():
+    with swarm_eval.join_swarm(task, beta=arm.beta, vca=arm.vca, alone=arm.name == "alone") as node:
+        for iteration in range(task.iterations):
+            episodes = me.collect(iteration)
+            curve.append(sum(r.total_reward for r in episodes) / len(episodes))
+            updates = []
+            if node is not None:
+                node.set_round(iteration)
+                updates = node.receive_all()
+            pool.add_all(updates)
+            models = [u for u in updates if u.kind == "model"]
+            received = pool.take(arm.external, newer_than=iteration - 1 - arm.fresh)
+            train_step(me.policy, me.optimizer, episodes, received, local=arm.local)
+            if node is None:
                 continue
-            node.set_round(iteration)
-
-            if arm == "vca":
-                received_models = [u for u in node.receive_all() if u.kind == "model"]
-                if received_models:
-                    policy.load_state_dict(node.merge(policy.state_dict(), received_models))
-                node.share_model(policy.state_dict(), round=iteration)
-            else:
-                best = sorted(episodes, key=lambda ep: -sum(ep["rewards"]))[:SHARED_ROLLOUTS]
-                node.share({"episodes": best}, round=iteration)
-        if node is not None:  # let everyone finish before leaving, so no share is refused
-            node.set_round(iterations)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and (
-                sum(r >= iterations for r in node.swarm_rounds().values()) < agents
-            ):
-                time.sleep(0.05)
-    finally:
-        if node is not None:
-            node.close()
-    out.put((arm, index, curve))
-
-
-def run_arm(arm: str, agents: int, iterations: int) -> list[list[float]]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix=f"swarm-rl-{arm}-") as root:
-        procs = [
-            ctx.Process(target=agent, args=(arm, i, agents, iterations, root, out))
-            for i in range(agents)
-        ]
-        for p in procs:
-            p.start()
-        curves: dict[int, list[float]] = {}
-        for _ in procs:
-            _, index, curve = out.get(timeout=600)
-            curves[index] = curve
-        for p in procs:
-            p.join(timeout=60)
-        if any(p.exitcode != 0 for p in procs):
-            raise SystemExit(f"{arm}: an agent failed: {[p.exitcode for p in procs]}")
-    return [curves[i] for i in range(agents)]
+            if arm.period and models:
+                me.policy.load_state_dict(node.merge(me.policy.state_dict(), models))
+            if arm.shared:
+                best = sorted(episodes, key=lambda r: -r.total_reward)[: arm.shared]
+                node.share(pack_rollouts(best), round=iteration)
+            if arm.period and (iteration + 1) % arm.period == 0:
+                node.share_model(me.policy.state_dict(), round=iteration)
+    return curve
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--agents", type=int, default=4)
-    parser.add_argument("--iterations", type=int, default=40)
-    parser.add_argument("--smoke", action="store_true", help="2 agents x 3 iterations")
-    parser.add_argument("--plot", type=Path, default=None, help="write reward curves as PNG")
-    parser.add_argument("--json", type=Path, default=None, help="write the curves as JSON")
-    args = parser.parse_args()
-    if args.smoke:
-        args.agents, args.iterations = 2, 3
-    results: dict[str, list[float]] = {}
-    for arm in ARMS:
-        started = time.monotonic()
-        curves = run_arm(arm, args.agents, args.iterations)
-        mean_curve = [sum(c[i] for c in curves) / len(curves) for i in range(args.iterations)]
-        results[arm] = mean_curve
-        last = mean_curve[-max(1, args.iterations // 5) :]
-        print(
-            f"{arm:6s} mean reward per iteration: " + " ".join(f"{r:.0f}" for r in mean_curve),
-            flush=True,
-        )
-        print(
-            f"{arm:6s} last-20% mean {sum(last) / len(last):.1f}, area under curve "
-            f"{sum(mean_curve):.0f} ({time.monotonic() - started:.0f} s)",
-            flush=True,
-        )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        for arm, curve in results.items():
-            plt.plot(range(1, len(curve) + 1), curve, label=arm)
-        plt.xlabel("iteration (8 episodes per agent)")
-        plt.ylabel("mean episode reward over agents")
-        plt.title(f"CartPole, {args.agents} agents, REINFORCE")
-        plt.legend()
-        plt.savefig(args.plot, dpi=100)
-        print(f"wrote {args.plot}")
+    args = swarm_eval.parse_arguments(parser, arms=ARMS, iterations=40)
+    started = time.monotonic()
+    result = swarm_eval.evaluate(
+        agent_process,
+        arms=args.arms,
+        seeds=args.seeds,
+        agents=args.agents,
+        iterations=args.iterations,
+        swarm="rl-cartpole",
+    )
+    swarm_eval.report(
+        result,
+        title=f"CartPole, {args.agents} agents, {EPISODES} episodes per iteration",
+        ylabel="mean episode reward",
+        json_path=args.json,
+        plot_path=args.plot,
+    )
+    print(f"({time.monotonic() - started:.0f} s)")
     sys.stdout.flush()
 
 
