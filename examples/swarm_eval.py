@@ -8,8 +8,10 @@ An example supplies ``agent(task) -> curve`` (one number per iteration); ``evalu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
+import queue
 import statistics
 import tempfile
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 JOIN_TIMEOUT = 60.0  # seconds for the whole swarm to find each other, and to finish together
-RUN_TIMEOUT = 1800.0  # seconds for one (arm, seed) run
+RUN_TIMEOUT = 1800.0  # seconds for one (arm, seed) run; a failed agent stops it at once
 
 
 @dataclass(frozen=True)
@@ -106,17 +108,23 @@ def run_agents(
         for p in procs:
             p.start()
         curves: dict[int, list[float]] = {}
+        deadline = time.monotonic() + RUN_TIMEOUT
         try:
-            for _ in procs:
-                index, curve = out.get(timeout=RUN_TIMEOUT)
-                curves[index] = curve
+            while len(curves) < agents:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    why = f"an agent exited with {failed[0]}" if failed else "out of time"
+                    raise SystemExit(f"{arm}, seed {seed}: {why} (see its output above)")
+                with contextlib.suppress(queue.Empty):
+                    index, curve = out.get(timeout=1.0)
+                    curves[index] = curve
         finally:
             for p in procs:
+                if len(curves) < agents:  # failed or out of time: stop the others now
+                    p.kill()
                 p.join(timeout=JOIN_TIMEOUT)
                 if p.is_alive():
                     p.kill()
-        if any(p.exitcode != 0 for p in procs):
-            raise SystemExit(f"{arm}, seed {seed}: an agent failed: {[p.exitcode for p in procs]}")
     return [curves[i] for i in range(agents)]
 
 
