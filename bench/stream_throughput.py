@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import subprocess
@@ -42,7 +43,11 @@ def blob_receiver() -> None:
 
             async def handler(stream: Stream) -> None:
                 await blob.receive_blob(
-                    stream, max_size=2**31, replay_guard=wire.ReplayGuard(), accept=accept
+                    stream,
+                    max_size=2**31,
+                    replay_guard=wire.ReplayGuard(),
+                    admit=lambda offer, sender: contextlib.nullcontext(),
+                    accept=accept,
                 )
 
             host.set_handler(blob.PROTOCOL, handler)
