@@ -87,6 +87,9 @@ class ModestDriver:
                 self.core.observe_round(learner.round, trio.current_time())
                 self.core.latest_model = learner.model
             self.core.start(learner.model, trio.current_time())
+            # Tell the peers this node is (back) in: they lift the penalty a restarted node
+            # earned while it was down, and a late joiner becomes active in their views.
+            self.core.join(trio.current_time())
             self.started = True
             while not learner.done():
                 self._flush(nursery)
