@@ -26,17 +26,14 @@ mean, PPO's clipped objective. Arms (same seeds, same budget per agent):
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import swarm_eval
 
-from peerlearn import Rollout, RolloutPool, clipped_policy_loss, pack_rollouts
+from peerlearn import Rollout, RolloutPool, pack_rollouts
 
 LARGEST = 9  # operands are 0..LARGEST
 QUESTIONS_PER_ITERATION = 16
@@ -53,7 +50,7 @@ CLIP = 0.2
 class Arm:
     name: str
     share: bool = False  # share all answer groups every iteration
-    local_logprobs: bool = False  # score received answers with the own policy
+    local: bool = False  # score received answers with the own policy
     period: int = 0  # average policies every `period` iterations (0: never)
     vca: bool = True  # variance-corrected averaging, else the plain mean
 
@@ -61,7 +58,7 @@ class Arm:
 ARMS = {
     "alone": Arm("alone"),
     "sapo": Arm("sapo", share=True),
-    "sapo-local": Arm("sapo-local", share=True, local_logprobs=True),
+    "sapo-local": Arm("sapo-local", share=True, local=True),
     "mean": Arm("mean", period=1, vca=False),
     "vca": Arm("vca", period=1),
 }
@@ -167,31 +164,14 @@ def advantages(batch: list[Rollout]) -> list[float]:
 
 
 def train_step(
-    policy: Any,
-    optimizer: Any,
-    own: list[Rollout],
-    received: list[Rollout],
-    *,
-    local_logprobs: bool,
+    policy: Any, optimizer: Any, own: list[Rollout], received: list[Rollout], *, local: bool
 ) -> None:
-    import torch
-
-    batch = own + received
-    states = torch.tensor([o for r in batch for o in r.observations])
-    actions = torch.tensor([a for r in batch for a in r.actions])
-    behaviour = torch.tensor([lp for r in batch for lp in r.logprobs])
-    advantage = torch.tensor([adv for adv in advantages(batch) for _ in range(2)])
-    if local_logprobs and received:
-        with torch.no_grad():
-            logp = torch.distributions.Categorical(logits=policy(states)).log_prob(actions)
-        steps = 2 * len(own)
-        behaviour = torch.cat([behaviour[:steps], logp[steps:]])
-    for _ in range(EPOCHS):
-        logp = torch.distributions.Categorical(logits=policy(states)).log_prob(actions)
-        loss = clipped_policy_loss(logp, behaviour, advantage, clip=CLIP)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    """The clipped policy update with GRPO's group advantages (both tokens of an answer
+    share its advantage)."""
+    per_token = [adv for adv in advantages(own + received) for _ in range(2)]
+    swarm_eval.policy_update(
+        policy, optimizer, own, received, per_token, local=local, epochs=EPOCHS, clip=CLIP
+    )
 
 
 @dataclass
@@ -236,7 +216,7 @@ def agent_process(task: swarm_eval.AgentTask) -> list[float]:
             pool.add_all(updates)
             models = [u for u in updates if u.kind == "model"]
             received = [v for r in pool.take(len(pool)) if (v := verified(r)) is not None]
-            train_step(me.policy, me.optimizer, own, received, local_logprobs=arm.local_logprobs)
+            train_step(me.policy, me.optimizer, own, received, local=arm.local)
             if node is not None and arm.period and models:
                 me.policy.load_state_dict(node.merge(me.policy.state_dict(), models))
             curve.append(accuracy(me.policy))
@@ -250,26 +230,17 @@ def agent_process(task: swarm_eval.AgentTask) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    args = swarm_eval.parse_arguments(parser, arms=ARMS, iterations=60)
-    started = time.monotonic()
-    result = swarm_eval.evaluate(
+    swarm_eval.run_command(
         agent_process,
-        arms=args.arms,
-        seeds=args.seeds,
-        agents=args.agents,
-        iterations=args.iterations,
+        description=__doc__,
+        arms=ARMS,
+        iterations=60,
         swarm="rl-arithmetic",
-    )
-    swarm_eval.report(
-        result,
-        title=f"a + b (0..{LARGEST}), {args.agents} agents, each practising on its own share",
+        title=lambda args: (
+            f"a + b (0..{LARGEST}), {args.agents} agents, each practising on its own share"
+        ),
         ylabel="exact answers over all questions",
-        json_path=args.json,
-        plot_path=args.plot,
     )
-    print(f"({time.monotonic() - started:.0f} s)")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What the swarm-RL examples share: agents as processes with embedded nodes, several seeds
-per arm, and a report that can tell the arms apart (mean +- sd over seeds, curves with bands).
+per arm, a report that can tell the arms apart (mean +- sd over seeds, curves with bands),
+the command line around them, and the clipped policy update both learners use.
 
 An example supplies ``agent(task) -> curve`` (one number per iteration); ``evaluate`` runs
 ``agents`` processes per (arm, seed), all arms with the same seeds and budget.
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peerlearn import Rollout, clipped_policy_loss
+
 JOIN_TIMEOUT = 60.0  # seconds for the whole swarm to find each other, and to finish together
 RUN_TIMEOUT = 1800.0  # seconds for one (arm, seed) run; a failed agent stops it at once
 
@@ -36,6 +39,41 @@ class AgentTask:
     iterations: int
     root: str  # a directory shared by the run's agents
     swarm: str
+
+
+def policy_update(
+    policy: Any,
+    optimizer: Any,
+    own: list[Rollout],
+    received: list[Rollout],
+    advantages: list[float],
+    *,
+    local: bool,
+    epochs: int,
+    clip: float,
+) -> None:
+    """``epochs`` passes of PPO's clipped objective over ``own + received`` (discrete
+    actions; ``advantages``: one per action, in that order). The ratio is pi(a|s) / mu(a|s),
+    mu the policy that produced each rollout; with ``local``, received rollouts are scored by
+    this policy as it is now instead (treated as its own, as SAPO's paper does)."""
+    import torch
+
+    batch = own + received
+    states = torch.tensor([o for r in batch for o in r.observations])
+    actions = torch.tensor([a for r in batch for a in r.actions])
+    behaviour = torch.tensor([lp for r in batch for lp in r.logprobs])
+    advantage = torch.tensor(advantages)
+    if local and received:
+        with torch.no_grad():
+            now = torch.distributions.Categorical(logits=policy(states)).log_prob(actions)
+        mine = sum(len(r.actions) for r in own)
+        behaviour = torch.cat([behaviour[:mine], now[mine:]])
+    for _ in range(epochs):
+        logp = torch.distributions.Categorical(logits=policy(states)).log_prob(actions)
+        loss = clipped_policy_loss(logp, behaviour, advantage, clip=clip)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 def _wait(condition: Callable[[], bool], what: str) -> None:
@@ -280,3 +318,30 @@ def parse_arguments(
     if args.smoke:
         args.seeds, args.agents, args.iterations = [0], 2, 3
     return args
+
+
+def run_command(
+    agent: Callable[[AgentTask], list[float]],
+    *,
+    description: str | None,
+    arms: Mapping[str, Any],
+    iterations: int,
+    swarm: str,
+    title: Callable[[argparse.Namespace], str],
+    ylabel: str,
+) -> None:
+    """An example's ``main``: parse the options, evaluate the arms, report, time it all."""
+    args = parse_arguments(
+        argparse.ArgumentParser(description=description), arms=arms, iterations=iterations
+    )
+    started = time.monotonic()
+    result = evaluate(
+        agent,
+        arms=args.arms,
+        seeds=args.seeds,
+        agents=args.agents,
+        iterations=args.iterations,
+        swarm=swarm,
+    )
+    report(result, title=title(args), ylabel=ylabel, json_path=args.json, plot_path=args.plot)
+    print(f"({time.monotonic() - started:.0f} s)", flush=True)

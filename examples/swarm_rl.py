@@ -26,15 +26,12 @@ mean over its agents).
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import swarm_eval
 
-from peerlearn import Rollout, RolloutPool, clipped_policy_loss, pack_rollouts
+from peerlearn import Rollout, RolloutPool, pack_rollouts
 
 EPISODES = 2  # per agent per iteration
 GAMMA = 0.99
@@ -117,28 +114,14 @@ def returns_to_go(rewards: list[float]) -> list[float]:
 def train_step(
     policy: Any, optimizer: Any, own: list[Rollout], received: list[Rollout], *, local: bool
 ) -> None:
-    """PPO's clipped objective with the batch's normalised returns as advantages. The ratio
-    is pi(a|s) / mu(a|s), mu the policy that produced each rollout; with ``local``, received
-    rollouts are scored by this policy as it is now instead (treated as its own)."""
+    """The clipped policy update with the batch's normalised returns as advantages."""
     import torch
 
-    batch = own + received
-    states = torch.tensor([o for r in batch for o in r.observations])
-    actions = torch.tensor([a for r in batch for a in r.actions])
-    behaviour = torch.tensor([lp for r in batch for lp in r.logprobs])
-    advantage = torch.tensor([g for r in batch for g in returns_to_go(r.rewards)])
-    advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
-    if local and received:
-        with torch.no_grad():
-            now = torch.distributions.Categorical(logits=policy(states)).log_prob(actions)
-        mine = sum(len(r.actions) for r in own)
-        behaviour = torch.cat([behaviour[:mine], now[mine:]])
-    for _ in range(EPOCHS):
-        logp = torch.distributions.Categorical(logits=policy(states)).log_prob(actions)
-        loss = clipped_policy_loss(logp, behaviour, advantage, clip=CLIP)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    returns = torch.tensor([g for r in own + received for g in returns_to_go(r.rewards)])
+    advantages = (returns - returns.mean()) / (returns.std() + 1e-8)
+    swarm_eval.policy_update(
+        policy, optimizer, own, received, advantages.tolist(), local=local, epochs=EPOCHS, clip=CLIP
+    )
 
 
 @dataclass
@@ -199,26 +182,15 @@ def agent_process(task: swarm_eval.AgentTask) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    args = swarm_eval.parse_arguments(parser, arms=ARMS, iterations=40)
-    started = time.monotonic()
-    result = swarm_eval.evaluate(
+    swarm_eval.run_command(
         agent_process,
-        arms=args.arms,
-        seeds=args.seeds,
-        agents=args.agents,
-        iterations=args.iterations,
+        description=__doc__,
+        arms=ARMS,
+        iterations=40,
         swarm="rl-cartpole",
-    )
-    swarm_eval.report(
-        result,
-        title=f"CartPole, {args.agents} agents, {EPISODES} episodes per iteration",
+        title=lambda args: f"CartPole, {args.agents} agents, {EPISODES} episodes per iteration",
         ylabel="mean episode reward",
-        json_path=args.json,
-        plot_path=args.plot,
     )
-    print(f"({time.monotonic() - started:.0f} s)")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
