@@ -403,10 +403,16 @@ class Node:
             bridge.close(self.config.shutdown_timeout + 5)
 
     @property
-    def _node(self) -> AsyncNode:
+    def _running(self) -> _TrioThread:
         if self._bridge is None or self._bridge.node is None:
             raise LocalProtocolError("use the node inside `with Node(config) as node:`")
-        return self._bridge.node
+        return self._bridge
+
+    @property
+    def _node(self) -> AsyncNode:
+        node = self._running.node
+        assert node is not None  # checked by _running
+        return node
 
     @property
     def peer_id(self) -> str:
@@ -417,9 +423,7 @@ class Node:
         return self._call(self._node.addrs)
 
     def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
-        if self._bridge is None:
-            raise LocalProtocolError("use the node inside `with Node(config) as node:`")
-        return self._bridge.call(functools.partial(fn, *args, **kwargs))
+        return self._running.call(functools.partial(fn, *args, **kwargs))
 
     def peers(self) -> list[str]:
         return self._call(self._node.peers)
