@@ -186,7 +186,7 @@ class NodeConfig:
     """Ask the local router for a port mapping with UPnP (best effort)."""
 
     attack: str = "none"
-    """Experiments only: behave as a Byzantine node (label-flip, sign-flip or alie)."""
+    """Experiments only: behave as a Byzantine node (label-flip, sign-flip, alie or ipm)."""
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
@@ -300,7 +300,7 @@ def _validate_learning(config: NodeConfig) -> None:
         raise ConfigError(f"beta must be in [0, 1], got {config.beta}")
     if config.attack not in NODE_ATTACKS:
         raise ConfigError(f"attack must be one of {', '.join(NODE_ATTACKS)}")
-    if config.attack in ("sign-flip", "alie") and config.algo == "modest":
+    if config.attack in MODEL_ATTACKS and config.algo == "modest":
         raise ConfigError(f"the {config.attack} attack poisons gossiped models: use a gossip algo")
 
 
@@ -384,7 +384,8 @@ def admission_rule(config: NodeConfig) -> Admission:
 
 
 LEARNING_ALGORITHMS = ("gossip-vca", "gossip", "dpsgd", "modest")
-NODE_ATTACKS = ("none", "label-flip", "sign-flip", "alie")
+MODEL_ATTACKS = ("sign-flip", "alie", "ipm")  # poison the models a node sends
+NODE_ATTACKS = ("none", "label-flip", *MODEL_ATTACKS)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -34,7 +34,13 @@ from peerlearn.errors import LocalProtocolError
 from peerlearn.gossip import modest, rounds
 from peerlearn.learning import attacks, robust
 from peerlearn.learning.aggregate import StateDict
-from peerlearn.learning.choices import ALGORITHMS, ATTACKS, FILTERS, PARTITIONS
+from peerlearn.learning.choices import (
+    ALGORITHMS,
+    ATTACKS,
+    FILTERS,
+    PARTITIONS,
+    experiment_shards,
+)
 from peerlearn.learning.task import TaskContext, Training, create_task, parse_task_options
 from peerlearn.learning.task_model import TaskModel
 from peerlearn.tensors import state_dict_to_bytes
@@ -178,18 +184,9 @@ class Simulation:
     # -- setup ----------------------------------------------------------------------------
 
     def _contexts(self, byzantine: set[int]) -> list[TaskContext]:
-        """Each node's shard. With label-skew, honest nodes hold a few classes and
-        Byzantine nodes an IID share of everything (as in Bristle)."""
+        """Each node's shard (``experiment_shards``) and training settings."""
         c = self.config
-        honest = [i for i in range(c.nodes) if i not in byzantine]
-        shards: dict[int, tuple[int, int, str]] = {}
-        if c.partition == "label-skew":
-            for k, i in enumerate(honest):
-                shards[i] = (k, len(honest), "label-skew")
-            for k, i in enumerate(sorted(byzantine)):
-                shards[i] = (k, len(byzantine), "iid")
-        else:
-            shards = {i: (i, c.nodes, c.partition) for i in range(c.nodes)}
+        shards = experiment_shards(c.nodes, byzantine, c.partition)
         options = parse_task_options(c.task_options)
         training = Training(c.local_steps, c.batch_size, c.lr)
         return [

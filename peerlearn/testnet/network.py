@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from peerlearn.errors import ConfigError
+from peerlearn.learning.choices import experiment_shards
 from peerlearn.nat.lab import LabHost, NatLab
 from peerlearn.node.datadir import atomic_write_json
 from peerlearn.testnet.local import LocalSwarm
@@ -99,7 +100,14 @@ class Testnet:
         self.write_state()
 
     def _node_args(self) -> dict[int, list[str]]:
-        args = {i: ["--attack", self.spec.attack] for i in self.attackers}
+        """Per node: its shard (as the simulator cuts it), its attack, relaying."""
+        shards = experiment_shards(self.spec.nodes, self.attackers, self.spec.partition)
+        args = {
+            i: ["--data-shard", f"{shard}/{count}", "--partition", partition]
+            for i, (shard, count, partition) in shards.items()
+        }
+        for i in self.attackers:
+            args[i] += ["--attack", self.spec.attack]
         if self.spec.network == "nat":  # node 0, the only public node, relays for the others
             args.setdefault(0, []).append("--relay-service")
         return args
