@@ -84,17 +84,21 @@ def test_variants_override_the_swarm_and_attackers_are_the_last_nodes() -> None:
 
 def test_daemons_get_the_simulators_shards_attackers_an_iid_share(tmp_path: Path) -> None:
     spec = SwarmSpec(nodes=10, partition="label-skew", attackers=0.3, attack="ipm")
-    args = network.Testnet(tmp_path, spec)._node_args()
+    testnet = network.Testnet(tmp_path, spec)
+    args = testnet._node_args()
     # the 7 honest nodes split the label-skewed shards; the 3 attackers an IID cut of all
     for i in range(7):
-        assert args[i] == ["--data-shard", f"{i}/7", "--partition", "label-skew"]
+        assert testnet.shards[i] == (i, 7, "label-skew")
+        assert args[i] == ["--partition", "label-skew"]
     for k, i in enumerate((7, 8, 9)):
-        assert args[i] == ["--data-shard", f"{k}/3", "--partition", "iid", "--attack", "ipm"]
+        assert testnet.shards[i] == (k, 3, "iid")
+        assert args[i] == ["--partition", "iid", "--attack", "ipm"]
     # the simulator cuts the same shards (its attackers are drawn at random)
     assert experiment_shards(10, {0, 4, 9}, "label-skew")[4] == (1, 3, "iid")
     assert experiment_shards(10, {0, 4, 9}, "label-skew")[5] == (3, 7, "label-skew")
-    iid = network.Testnet(tmp_path, SwarmSpec(nodes=4))._node_args()
-    assert iid == {i: ["--data-shard", f"{i}/4", "--partition", "iid"] for i in range(4)}
+    iid = network.Testnet(tmp_path, SwarmSpec(nodes=4))
+    assert iid.shards == {i: (i, 4, "iid") for i in range(4)}
+    assert iid._node_args() == {i: ["--partition", "iid"] for i in range(4)}
 
 
 # -- a small scenario end to end (in make test) -----------------------------------------------

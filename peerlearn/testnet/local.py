@@ -84,6 +84,7 @@ class LocalSwarm:
 
     ``hosts``: run node i in ``hosts[i]``'s namespace on its address (default 127.0.0.1).
     ``node_args``: extra ``node start`` flags for some nodes (e.g. attackers).
+    ``shards``: node i's ``--data-shard`` (default ``i/size``).
     ``env``: extra environment for every node (``PEERLEARN_*`` settings).
     """
 
@@ -95,6 +96,7 @@ class LocalSwarm:
         swarm: str | None = "local",
         hosts: Sequence[LabHost] | None = None,
         node_args: dict[int, list[str]] | None = None,
+        shards: dict[int, str] | None = None,
         env: dict[str, str] | None = None,
         **options: Any,
     ) -> None:
@@ -102,6 +104,7 @@ class LocalSwarm:
         self.size = size
         self.hosts = list(hosts) if hosts is not None else None
         self.node_args = node_args or {}
+        self.shards = shards or {}
         self.env = {**os.environ, **ONE_THREAD_EACH, **(env or {})}
         self.args = ["--swarm", swarm, "--min-members", str(size)] if swarm else []
         for key, value in options.items():
@@ -129,7 +132,7 @@ class LocalSwarm:
             "--listen",
             f"/ip4/{ip}/tcp/0",
             "--data-shard",
-            f"{i}/{self.size}",
+            self.shards.get(i, f"{i}/{self.size}"),
             *self.args,
             *self.node_args.get(i, []),
         ]

@@ -64,6 +64,8 @@ class Testnet:
         self.root = root
         self.spec = spec
         self.attackers = set(spec.attacker_indices())
+        # each node's (shard, shards, partition), cut as the simulator cuts them
+        self.shards = experiment_shards(spec.nodes, self.attackers, spec.partition)
         self.lab: NatLab | None = None
         self.hosts: list[LabHost] | None = None
         self.swarm_name = swarm
@@ -92,6 +94,7 @@ class Testnet:
             swarm=self.swarm_name,
             hosts=self.hosts,
             node_args=self._node_args(),
+            shards={i: f"{shard}/{count}" for i, (shard, count, _) in self.shards.items()},
             env=self.spec.node_env(),
         )
         self.local.args += self.spec.node_args()
@@ -100,12 +103,8 @@ class Testnet:
         self.write_state()
 
     def _node_args(self) -> dict[int, list[str]]:
-        """Per node: its shard (as the simulator cuts it), its attack, relaying."""
-        shards = experiment_shards(self.spec.nodes, self.attackers, self.spec.partition)
-        args = {
-            i: ["--data-shard", f"{shard}/{count}", "--partition", partition]
-            for i, (shard, count, partition) in shards.items()
-        }
+        """Per node: its partition (attackers' may differ), its attack, relaying."""
+        args = {i: ["--partition", partition] for i, (_, _, partition) in self.shards.items()}
         for i in self.attackers:
             args[i] += ["--attack", self.spec.attack]
         if self.spec.network == "nat":  # node 0, the only public node, relays for the others

@@ -93,11 +93,11 @@ class SwarmSpec:
     options: dict[str, Any] = field(default_factory=dict)  # any other node setting
 
     def node_args(self) -> list[str]:
-        """``node start`` flags shared by every node."""
+        """``node start`` flags shared by every node (the partition is per node: the
+        testnet's ``experiment_shards``)."""
         args = [
             "--algo", self.algo,
             "--filter", self.filter,
-            "--partition", self.partition,
             "--max-rounds", str(self.max_rounds),
             "--round-interval", str(self.round_interval),
         ]  # fmt: skip
