@@ -9,11 +9,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 import trio
 from toy_regression import (
     describe,
     describe_rollouts,
+    new_model,
     node_config,
     rollout_pool,
     toy_rollout,
@@ -30,7 +30,7 @@ async def main(rounds: int) -> None:
             open_node(node_config(root, "a")) as a,
             open_node(node_config(root, "b", ((await a.addrs())[0],))) as b,
         ):
-            models = {node.peer_id: torch.nn.Linear(1, 1) for node in (a, b)}
+            models = {node.peer_id: new_model(seed=i) for i, node in enumerate((a, b))}
             for r in range(rounds):
                 for i, node in enumerate((a, b)):
                     loss = train(models[node.peer_id], seed=10 * r + i)

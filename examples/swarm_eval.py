@@ -90,7 +90,8 @@ def join_swarm(
 ) -> Iterator[Any]:
     """A started ``Node`` that knows the run's other agents (None when ``alone``). Agent 0
     publishes its address for the others; on leaving, each waits for all to reach the last
-    iteration, so nobody's final share is refused by a node that already left."""
+    iteration (``_others_finished``), so nobody's final share is refused by a node that
+    already left."""
     if alone:
         yield None
         return
@@ -119,10 +120,14 @@ def join_swarm(
         _wait(lambda: len(node.peers()) >= task.agents - 1, "the other agents")
         yield node
         node.set_round(task.iterations)
-        _wait(
-            lambda: sum(r >= task.iterations for r in node.swarm_rounds().values()) >= task.agents,
-            "the other agents to finish",
-        )
+        _wait(lambda: _others_finished(node, task.iterations), "the other agents to finish")
+
+
+def _others_finished(node: Any, iterations: int) -> bool:
+    """Every agent still connected has announced the last iteration. One that has left
+    saw everyone there first, and may have left before its own announcement reached us."""
+    rounds = node.swarm_rounds()
+    return all(rounds.get(peer, 0) >= iterations for peer in node.peers())
 
 
 def _agent_main(agent: Callable[[AgentTask], list[float]], task: AgentTask, out: Any) -> None:

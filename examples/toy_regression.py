@@ -22,6 +22,16 @@ def node_config(root: Path, name: str, bootstrap: tuple[str, ...] = ()) -> NodeC
     )
 
 
+def new_model(seed: int) -> torch.nn.Linear:
+    """A one-in, one-out linear model initialised from ``seed``, so that runs repeat."""
+    model = torch.nn.Linear(1, 1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.weight.uniform_(-1.0, 1.0, generator=g)
+        model.bias.uniform_(-1.0, 1.0, generator=g)
+    return model
+
+
 def train(model: torch.nn.Linear, seed: int) -> float:
     """Ten SGD steps on y = 2x + 1 with data that differs per node and round; the loss."""
     g = torch.Generator().manual_seed(seed)
@@ -33,11 +43,11 @@ def train(model: torch.nn.Linear, seed: int) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return loss.item()
 
 
 def describe(model: torch.nn.Linear) -> str:
-    return f"y = {float(model.weight):.2f}x + {float(model.bias):.2f}"
+    return f"y = {model.weight.item():.2f}x + {model.bias.item():.2f}"
 
 
 def toy_rollout(steps: int) -> Rollout:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -116,6 +117,66 @@ def test_plaintext_dialer_is_refused() -> None:
             with pytest.raises(Exception, match=r"unable to connect|negotiate"):
                 await plaintext.connect(info)
             assert ours.connected_peers() == []
+
+    run(main)
+
+
+def _serve_blobs(host: P2PHost, received: list[bytes]) -> None:
+    async def accept(item: blob.ReceivedBlob) -> None:
+        received.append(item.data)
+
+    async def handler(stream: Stream) -> None:
+        await blob.receive_blob(
+            stream,
+            max_size=2**24,
+            replay_guard=wire.ReplayGuard(),
+            admit=lambda offer, sender: contextlib.nullcontext(),
+            accept=accept,
+        )
+
+    host.set_handler(blob.PROTOCOL, handler)
+
+
+def test_pushes_cut_off_mid_write_leave_the_connection_working() -> None:
+    """Timeouts that cancel pushes while their frames are being written (4 at a time, 40
+    in all) must not break the connection: a cancelled frame write used to leave Noise's
+    nonces out of step, and every later stream on the connection stalled."""
+    data = bytes(4 << 20)
+
+    async def main() -> None:
+        received: list[bytes] = []
+        rng = random.Random(7)
+        async with (
+            open_host(Identity.generate(), LOOPBACK) as a,
+            open_host(Identity.generate(), LOOPBACK) as b,
+        ):
+            _serve_blobs(b, received)
+            await a.connect(b.addrs()[0])
+            seq = iter(range(1, 10**6))
+
+            async def push() -> None:
+                await blob.push_blob(
+                    lambda: a.open_stream(b.peer_id, blob.PROTOCOL),
+                    a.identity,
+                    next(seq),
+                    data,
+                    kind="model_update",
+                    meta={},
+                    chunk_size=1 << 20,
+                )
+
+            async def cut_off_push(after: float) -> None:
+                with trio.move_on_after(after):
+                    await push()
+
+            for _ in range(10):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(4):
+                        nursery.start_soon(cut_off_push, rng.uniform(0.005, 0.15))
+            with trio.fail_after(20):  # a healthy connection does this in well under 1 s
+                await push()
+            assert received[-1] == data
+            assert [p.peer_id for p in a.connected_peers()] == [b.peer_id]
 
     run(main)
 

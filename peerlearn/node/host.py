@@ -1,11 +1,12 @@
 """The one adapter around py-libp2p 0.8.1. Nothing else in peerlearn imports ``libp2p``.
 
-It configures the library safely (see ``shared/research/py-libp2p-evaluation.md``):
+It configures the library safely:
 
 * security is Noise only; plaintext and secio are never offered, so a plaintext
   dialer is refused during negotiation;
 * yamux only, one connection per peer (which also skips the 250 ms happy-eyeballs wait),
-  explicit connection limits and no background auto-dialling;
+  explicit connection limits and no background auto-dialling; a yamux frame is written
+  whole or the connection is closed (``WholeFrameYamux``);
 * wildcard listen addresses are expanded to concrete interface addresses so that
   ``0.0.0.0`` is never advertised;
 * libp2p's loggers are re-attached to ours (see ``peerlearn.node.logs``);
@@ -40,6 +41,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.io.exceptions import IncompleteReadError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
@@ -60,6 +62,9 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service.trio_manager import TrioManager
 from libp2p.tools.anyio_service.utils import get_task_name
 from libp2p.utils.address_validation import get_available_interfaces
@@ -93,6 +98,7 @@ GOSSIP_HEARTBEAT = 1  # seconds (the library default is 120)
 GOSSIP_RATE_LIMIT = 200.0  # messages per topic per second per peer, raised on purpose
 SHUTDOWN_SERVICES_TIMEOUT = 5.0  # seconds for connections, mDNS and UPnP to close
 DIAL_TIMEOUT = 15.0  # seconds for TCP, Noise and yamux (the library has no handshake timeout)
+FRAME_WRITE_TIMEOUT = 30.0  # seconds for one yamux frame to go out; then the connection closes
 MAX_INBOUND_STREAMS_PER_PEER = 64  # streams a peer may hold open to us at once (all protocols)
 
 logger = logging.getLogger(__name__)
@@ -292,6 +298,91 @@ def _is_direct(conn: Any) -> bool:
         except Exception:
             return True
         return not any("/p2p-circuit" in str(a) for a in addrs)
+
+
+class _BrokenConnection(trio.TooSlowError):
+    """A frame body could not be read. A subclass of ``TooSlowError`` because that is what
+    the library's frame loop lets through, from every frame type, to its connection
+    cleanup; everything else there is logged and the loop reads on."""
+
+
+class _BatchedWindowStream(YamuxStream):  # type: ignore[misc]
+    """A yamux stream that gives its peer more window as go-yamux does: once half of the
+    window has been read. The library sends a WINDOW_UPDATE frame after every read, and
+    reads a gossip message's length one byte at a time: three or four frames to write, and
+    for the peer to handle, per message received."""
+
+    async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
+        async with self.window_lock:
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            read_since_update = self.target_recv_window - (self.recv_window + buffered)
+            if read_since_update < self._grow_threshold():
+                return
+        await super()._auto_tune_and_send_window_update()
+
+
+class _StreamTable(dict[int, YamuxStream]):
+    """The connection's streams; every stream the library creates joins as a
+    ``_BatchedWindowStream`` (the library builds its streams in place)."""
+
+    def __setitem__(self, stream_id: int, stream: YamuxStream) -> None:
+        if type(stream) is YamuxStream:
+            stream.__class__ = _BatchedWindowStream
+        super().__setitem__(stream_id, stream)
+
+
+class WholeFrameYamux(Yamux):  # type: ignore[misc]
+    """py-libp2p's yamux, except that a broken byte stream closes the connection, and that
+    window updates are batched (``_BatchedWindowStream``).
+
+    In the library a cancelled stream write (any timeout around a push) can stop Noise
+    between encrypting a frame and sending it. The peer's decryption nonce is then behind
+    for good: every later frame fails authentication, the library logs that per stream and
+    keeps the connection, and every stream on it, old or new, stalls silently.
+
+    Here a frame's write is shielded from cancellation, so it goes out whole (the caller is
+    cancelled right after); a frame that cannot go out within ``FRAME_WRITE_TIMEOUT`` means
+    the peer reads nothing, and the connection is closed. A frame body that cannot be read
+    (a failed decryption, the library's 60 s read timeout) closes the connection too
+    instead of leaving the rest of the byte stream misframed.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.streams = _StreamTable()
+
+    async def _write_frame(self, data: bytes) -> None:
+        async with self._write_lock:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + FRAME_WRITE_TIMEOUT
+                await self.secured_conn.write(data)
+            if scope.cancelled_caught:
+                self.event_shutting_down.set()
+                await self.secured_conn.close()
+                raise MuxedStreamError(f"the peer read nothing for {FRAME_WRITE_TIMEOUT:.0f} s")
+        await trio.lowlevel.checkpoint()
+
+    async def _read_data_body(self, length: int) -> bytes:
+        try:
+            body: bytes = await super()._read_data_body(length)
+        except IncompleteReadError:
+            raise  # the connection ended: the library closes it
+        except Exception as exc:
+            self.event_shutting_down.set()
+            raise _BrokenConnection(f"yamux frame body unreadable: {exc}") from exc
+        return body
+
+
+class _WholeFrameMuxers(MuxerMultistream):  # type: ignore[misc]
+    """Muxer negotiation that builds ``WholeFrameYamux`` connections (the library builds its
+    own ``Yamux`` whatever class is registered for yamux's protocol)."""
+
+    async def new_conn(self, conn: Any, peer_id: ID) -> Any:
+        protocol, _ = await self._selector.select(conn, conn.is_initiator, self.negotiate_timeout)
+        if protocol != YAMUX_PROTOCOL_ID:
+            raise MuxedStreamError(f"muxer {protocol} negotiated, only yamux is offered")
+        muxed = WholeFrameYamux(conn, peer_id, is_initiator=conn.is_initiator)
+        return self._annotate_connection(muxed, conn, protocol)
 
 
 class _LedDCUtR(DCUtRProtocol):  # type: ignore[misc]
@@ -686,9 +777,10 @@ class P2PHost:
         try:
             raw = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except Exception as exc:
-            if "not supported" in str(exc.__cause__ or ""):
+            why = str(exc.__cause__ or exc)  # the library's own message names only the peer
+            if "not supported" in why:
                 raise ProtocolUnsupportedError(f"{peer_id} does not serve {protocol}") from exc
-            raise NetworkError(f"cannot open {protocol} stream to {peer_id}: {exc}") from exc
+            raise NetworkError(f"cannot open {protocol} stream to {peer_id}: {why}") from exc
         return Libp2pStream(raw)
 
     def set_handler(self, protocol: str, handler: StreamHandler) -> None:
@@ -885,6 +977,11 @@ async def open_host(
         muxer_preference="YAMUX",
         listen_addrs=addrs,
         connection_config=connections,
+    )
+    upgrader = raw.get_network().upgrader
+    upgrader.muxer_multistream = _WholeFrameMuxers(
+        {TProtocol(YAMUX_PROTOCOL_ID): WholeFrameYamux},
+        upgrader.muxer_multistream.negotiate_timeout,
     )
     async with trio.open_nursery() as nursery:
         host = P2PHost(raw, identity, gate or OpenGate(), nursery)

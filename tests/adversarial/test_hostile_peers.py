@@ -157,6 +157,8 @@ def test_a_nan_model_is_refused_from_non_members_and_members(tmp_path: Path) -> 
             verdict = wire.unpack(await _next(stream))
             assert verdict["ok"] is False
             assert "NaN" in str(verdict["reason"])
+            # Counted right after the refusal is sent.
+            await eventually(lambda: rejected(node).get("bad model", 0) >= 1)
             assert rejected(node)["bad model"] == 1
             assert node.learner is not None
             assert node.learner.transport.models_received == 0
