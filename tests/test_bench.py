@@ -13,22 +13,31 @@ pytestmark = pytest.mark.integration
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def test_stream_throughput_bench_runs_at_a_tiny_size() -> None:
-    """It once called ``receive_blob`` without an argument the function had gained, so every
-    transfer failed and `make bench` printed a traceback."""
+def run_bench(script: str, *options: str) -> str:
     result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "stream_throughput.py"),
-            "--megabytes",
-            "1",
-            "--chunk-kib",
-            "256",
-        ],
+        [sys.executable, str(BENCH / script), *options],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "blob/1 chunk 256 KiB" in result.stdout
-    assert "best blob/1 ratio" in result.stdout
+    return result.stdout
+
+
+def test_stream_throughput_bench_runs_at_a_tiny_size() -> None:
+    """It once called ``receive_blob`` without an argument the function had gained, so every
+    transfer failed and `make bench` printed a traceback."""
+    out = run_bench("stream_throughput.py", "--megabytes", "1", "--chunk-kib", "256")
+    assert "blob/1 chunk 256 KiB" in out
+    assert "best blob/1 ratio" in out
+
+
+def test_push_storm_bench_runs_at_a_tiny_size() -> None:
+    """Pushes cut off mid-write in the first half leave the second half's pushes working."""
+    out = run_bench(
+        "push_storm.py",
+        *("--nodes", "3", "--peers", "2", "--size-mb", "0.1", "--seconds", "4"),
+        *("--cut-after", "0.01"),
+    )
+    second_half = next(line for line in out.splitlines() if "second half" in line)
+    assert '"failed": 0' in second_half

@@ -6,7 +6,7 @@ It configures the library safely:
   dialer is refused during negotiation;
 * yamux only, one connection per peer (which also skips the 250 ms happy-eyeballs wait),
   explicit connection limits and no background auto-dialling; a yamux frame is written
-  whole or the connection is closed (``WholeFrameYamux``);
+  whole or the connection is closed, and window is granted by halves (``WholeFrameYamux``);
 * wildcard listen addresses are expanded to concrete interface addresses so that
   ``0.0.0.0`` is never advertised;
 * libp2p's loggers are re-attached to ours (see ``peerlearn.node.logs``);
@@ -41,7 +41,6 @@ from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
-from libp2p.io.exceptions import IncompleteReadError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
@@ -300,12 +299,6 @@ def _is_direct(conn: Any) -> bool:
         return not any("/p2p-circuit" in str(a) for a in addrs)
 
 
-class _BrokenConnection(trio.TooSlowError):
-    """A frame body could not be read. A subclass of ``TooSlowError`` because that is what
-    the library's frame loop lets through, from every frame type, to its connection
-    cleanup; everything else there is logged and the loop reads on."""
-
-
 class _BatchedWindowStream(YamuxStream):  # type: ignore[misc]
     """A yamux stream that gives its peer more window as go-yamux does: once half of the
     window has been read. The library sends a WINDOW_UPDATE frame after every read, and
@@ -332,19 +325,17 @@ class _StreamTable(dict[int, YamuxStream]):
 
 
 class WholeFrameYamux(Yamux):  # type: ignore[misc]
-    """py-libp2p's yamux, except that a broken byte stream closes the connection, and that
-    window updates are batched (``_BatchedWindowStream``).
+    """py-libp2p's yamux, except that frames are written whole, and that window updates are
+    batched (``_BatchedWindowStream``).
 
     In the library a cancelled stream write (any timeout around a push) can stop Noise
     between encrypting a frame and sending it. The peer's decryption nonce is then behind
-    for good: every later frame fails authentication, the library logs that per stream and
-    keeps the connection, and every stream on it, old or new, stalls silently.
+    for good: every later frame fails authentication, and streams on that connection, old
+    or new, stall until it is torn down.
 
     Here a frame's write is shielded from cancellation, so it goes out whole (the caller is
     cancelled right after); a frame that cannot go out within ``FRAME_WRITE_TIMEOUT`` means
-    the peer reads nothing, and the connection is closed. A frame body that cannot be read
-    (a failed decryption, the library's 60 s read timeout) closes the connection too
-    instead of leaving the rest of the byte stream misframed.
+    the peer reads nothing, and the connection is closed.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -361,16 +352,6 @@ class WholeFrameYamux(Yamux):  # type: ignore[misc]
                 await self.secured_conn.close()
                 raise MuxedStreamError(f"the peer read nothing for {FRAME_WRITE_TIMEOUT:.0f} s")
         await trio.lowlevel.checkpoint()
-
-    async def _read_data_body(self, length: int) -> bytes:
-        try:
-            body: bytes = await super()._read_data_body(length)
-        except IncompleteReadError:
-            raise  # the connection ended: the library closes it
-        except Exception as exc:
-            self.event_shutting_down.set()
-            raise _BrokenConnection(f"yamux frame body unreadable: {exc}") from exc
-        return body
 
 
 class _WholeFrameMuxers(MuxerMultistream):  # type: ignore[misc]
