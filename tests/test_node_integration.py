@@ -50,27 +50,28 @@ def model_state() -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def _serve_blobs(host: P2PHost, received: list[bytes]) -> None:
+    async def accept(item: blob.ReceivedBlob) -> None:
+        received.append(item.data)
+
+    async def handler(stream: Stream) -> None:
+        await blob.receive_blob(
+            stream,
+            max_size=2**24,
+            replay_guard=wire.ReplayGuard(),
+            admit=lambda offer, sender: contextlib.nullcontext(),
+            accept=accept,
+        )
+
+    host.set_handler(blob.PROTOCOL, handler)
+
+
 def test_three_hosts_exchange_a_bit_identical_state_dict() -> None:
     state = model_state()
     data = state_dict_to_bytes(state)
 
     async def main() -> None:
-        received: dict[str, bytes] = {}
-
-        def serve(host: P2PHost) -> None:
-            async def accept(item: blob.ReceivedBlob) -> None:
-                received[host.peer_id] = item.data
-
-            async def handler(stream: Stream) -> None:
-                await blob.receive_blob(
-                    stream,
-                    max_size=2**24,
-                    replay_guard=wire.ReplayGuard(),
-                    admit=lambda offer, sender: contextlib.nullcontext(),
-                    accept=accept,
-                )
-
-            host.set_handler(blob.PROTOCOL, handler)
+        received: dict[str, list[bytes]] = {}
 
         identities = [Identity.generate() for _ in range(3)]
         async with (
@@ -79,7 +80,7 @@ def test_three_hosts_exchange_a_bit_identical_state_dict() -> None:
             open_host(identities[2], LOOPBACK) as c,
         ):
             for receiver in (b, c):
-                serve(receiver)
+                _serve_blobs(receiver, received.setdefault(receiver.peer_id, []))
                 assert await a.connect(receiver.addrs()[0]) == receiver.peer_id
             assert {p.peer_id for p in a.connected_peers()} == {b.peer_id, c.peer_id}
             assert await a.ping(b.peer_id) >= 0
@@ -94,7 +95,8 @@ def test_three_hosts_exchange_a_bit_identical_state_dict() -> None:
                     chunk_size=4096,
                 )
         for peer in (identities[1].peer_id, identities[2].peer_id):
-            decoded = state_dict_from_bytes(received[peer], max_size=2**24)
+            [model_bytes] = received[peer]
+            decoded = state_dict_from_bytes(model_bytes, max_size=2**24)
             for name, tensor in state.items():
                 assert decoded[name].numpy().tobytes() == tensor.numpy().tobytes()
 
@@ -119,22 +121,6 @@ def test_plaintext_dialer_is_refused() -> None:
             assert ours.connected_peers() == []
 
     run(main)
-
-
-def _serve_blobs(host: P2PHost, received: list[bytes]) -> None:
-    async def accept(item: blob.ReceivedBlob) -> None:
-        received.append(item.data)
-
-    async def handler(stream: Stream) -> None:
-        await blob.receive_blob(
-            stream,
-            max_size=2**24,
-            replay_guard=wire.ReplayGuard(),
-            admit=lambda offer, sender: contextlib.nullcontext(),
-            accept=accept,
-        )
-
-    host.set_handler(blob.PROTOCOL, handler)
 
 
 def test_pushes_cut_off_mid_write_leave_the_connection_working() -> None:
