@@ -40,6 +40,7 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/stream_throughput.py
+	$(PY) bench/merge_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -41,3 +41,9 @@ def test_push_storm_bench_runs_at_a_tiny_size() -> None:
     )
     second_half = next(line for line in out.splitlines() if "second half" in line)
     assert '"failed": 0' in second_half
+
+
+def test_merge_cost_bench_runs_at_a_tiny_size() -> None:
+    out = run_bench("merge_cost.py", "--megabytes", "0.1", "--repeat", "1")
+    assert "vca_merge of 3 into 1:" in out
+    assert "received models' mean variance: 1.0000" in out  # VCA restored the variance

@@ -68,6 +68,9 @@ class _Transport:
         self.net.drivers[dst].receive_small(self.me, body)
         return True
 
+    async def close_message_streams(self) -> None:
+        pass
+
 
 class _Learner:
     """What ``ModestDriver`` asks of the daemon's learner."""

@@ -15,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 import trio
+import trio.testing
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -26,9 +27,11 @@ from peerlearn.identity import Identity
 from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import Daemon, run_daemon
-from peerlearn.node.framing import receive_frame, send_frame
-from peerlearn.node.host import P2PHost, open_host
+from peerlearn.node.framing import Pace, receive_frame, send_frame
+from peerlearn.node.host import P2PHost, WholeFrameYamux, open_host
 from peerlearn.node.host_api import Stream
+from peerlearn.node.learning_transport import LearningTransport
+from peerlearn.node.offload import inline
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
 
 pytestmark = pytest.mark.integration
@@ -64,6 +67,19 @@ def _serve_blobs(host: P2PHost, received: list[bytes]) -> None:
         )
 
     host.set_handler(blob.PROTOCOL, handler)
+
+
+async def _push(src: P2PHost, dst: P2PHost, seq: int, data: bytes) -> None:
+    """``data`` from ``src`` to ``dst`` over the blob protocol, in 1 MiB chunks."""
+    await blob.push_blob(
+        lambda: src.open_stream(dst.peer_id, blob.PROTOCOL),
+        src.identity,
+        seq,
+        data,
+        kind="model_update",
+        meta={},
+        chunk_size=1 << 20,
+    )
 
 
 def test_three_hosts_exchange_a_bit_identical_state_dict() -> None:
@@ -141,15 +157,7 @@ def test_pushes_cut_off_mid_write_leave_the_connection_working() -> None:
             seq = iter(range(1, 10**6))
 
             async def push() -> None:
-                await blob.push_blob(
-                    lambda: a.open_stream(b.peer_id, blob.PROTOCOL),
-                    a.identity,
-                    next(seq),
-                    data,
-                    kind="model_update",
-                    meta={},
-                    chunk_size=1 << 20,
-                )
+                await _push(a, b, next(seq), data)
 
             async def cut_off_push(after: float) -> None:
                 with trio.move_on_after(after):
@@ -163,6 +171,142 @@ def test_pushes_cut_off_mid_write_leave_the_connection_working() -> None:
                 await push()
             assert received[-1] == data
             assert [p.peer_id for p in a.connected_peers()] == [b.peer_id]
+
+    run(main)
+
+
+class _UnbufferedConn:
+    """One end of a secured connection whose writes wait until the peer has read them, as
+    a socket with full buffers does."""
+
+    def __init__(self, send: trio.abc.SendStream, receive: trio.abc.ReceiveStream) -> None:
+        self.send, self.receive = send, receive
+
+    async def write(self, data: bytes) -> None:
+        await self.send.send_all(data)
+
+    async def read(self, n: int | None = None) -> bytes:
+        return await self.receive.receive_some(n)
+
+    async def close(self) -> None:
+        await self.send.aclose()
+
+
+def test_two_muxers_sending_each_other_streams_at_once_keep_reading() -> None:
+    """Both sides open streams and send 1 MiB on each at the same time over a connection
+    with no buffer. The library's yamux froze here (its reader waited for the write lock
+    to acknowledge the peer's new stream, while the writer holding it waited for the peer,
+    whose reader waited in the same way); WholeFrameYamux's reader queues its replies."""
+    from libp2p.peer.id import ID
+    from libp2p.stream_muxer.exceptions import MuxedStreamEOF
+
+    size, streams = 1 << 20, 10
+
+    async def main() -> None:
+        a_send, b_receive = trio.testing.lockstep_stream_one_way_pair()
+        b_send, a_receive = trio.testing.lockstep_stream_one_way_pair()
+        peer = ID(b"peer")
+        a = WholeFrameYamux(_UnbufferedConn(a_send, a_receive), peer, is_initiator=True)
+        b = WholeFrameYamux(_UnbufferedConn(b_send, b_receive), peer, is_initiator=False)
+        received = {"a": 0, "b": 0}
+
+        async def send(conn: WholeFrameYamux) -> None:
+            for _ in range(streams):
+                stream = await conn.open_stream()
+                await stream.write(bytes(size))
+                await stream.close()
+
+        async def receive(conn: WholeFrameYamux, name: str) -> None:
+            for _ in range(streams):
+                stream = await conn.accept_stream()
+                with contextlib.suppress(MuxedStreamEOF):  # the library's end of a stream
+                    while chunk := await stream.read(1 << 16):
+                        received[name] += len(chunk)
+
+        async with trio.open_nursery() as connections:
+            connections.start_soon(a.start)
+            connections.start_soon(b.start)
+            await a.event_started.wait()
+            await b.event_started.wait()
+            with trio.fail_after(20):  # about 1 s when nothing freezes
+                async with trio.open_nursery() as nursery:
+                    for conn, name in ((a, "a"), (b, "b")):
+                        nursery.start_soon(send, conn)
+                        nursery.start_soon(receive, conn, name)
+            connections.cancel_scope.cancel()
+        assert received == {"a": size * streams, "b": size * streams}
+
+    run(main)
+
+
+def test_two_hosts_pushing_16_mib_to_each_other_at_once_repeatedly() -> None:
+    data = bytes(16 << 20)
+
+    async def main() -> None:
+        received: dict[str, list[bytes]] = {"a": [], "b": []}
+        async with (
+            open_host(Identity.generate(), LOOPBACK) as a,
+            open_host(Identity.generate(), LOOPBACK) as b,
+        ):
+            _serve_blobs(a, received["a"])
+            _serve_blobs(b, received["b"])
+            await a.connect(b.addrs()[0])
+            seq = iter(range(1, 10**6))
+
+            async def push(src: P2PHost, dst: P2PHost) -> None:
+                await _push(src, dst, next(seq), data)
+
+            for _ in range(4):
+                with trio.fail_after(30):  # about 1 s when nothing freezes
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(push, a, b)
+                        nursery.start_soon(push, b, a)
+            assert [len(r) for r in received.values()] == [4, 4]
+            assert received["a"][-1] == data == received["b"][-1]
+
+    run(main)
+
+
+def test_small_messages_to_a_peer_share_one_stream_and_survive_its_loss() -> None:
+    """MoDeST's small messages to one peer go over one stream, in order; when that stream
+    breaks, the next message opens a new one; an unused stream is closed by its sender."""
+
+    def transport(host: P2PHost) -> LearningTransport:
+        return LearningTransport(
+            NodeConfig(), host, Pace(), wire.SequenceCounter(time.time()),
+            wire.ReplayGuard(), lambda sent, got: None, time.time, inline,
+        )  # fmt: skip
+
+    async def main() -> None:
+        async with (
+            open_host(Identity.generate(), LOOPBACK) as a,
+            open_host(Identity.generate(), LOOPBACK) as b,
+        ):
+            sender, receiver = transport(a), transport(b)
+            got: list[int] = []
+            arrived = {50: trio.Event(), 51: trio.Event()}
+
+            def on_message(src: bytes, body: dict[str, int]) -> None:
+                got.append(body["n"])
+                if len(got) in arrived:
+                    arrived[len(got)].set()
+
+            receiver.on_message = on_message
+            await a.connect(b.addrs()[0])
+            for n in range(50):
+                assert await sender.send_message(b.identity.public_key, {"n": n})
+            with trio.fail_after(10):
+                await arrived[50].wait()
+            assert got == list(range(50))
+            assert b.open_streams() == 1  # one stream carried them all
+            stream = sender._outboxes[b.peer_id].stream
+            assert stream is not None
+            await stream.reset()  # the stream breaks
+            assert await sender.send_message(b.identity.public_key, {"n": 50})
+            with trio.fail_after(10):
+                await arrived[51].wait()
+            await sender.close_message_streams()
+            assert not sender._outboxes
 
     run(main)
 

@@ -18,7 +18,7 @@ from peerlearn.testnet import network
 from peerlearn.testnet.local import process_alive
 from peerlearn.testnet.network import Sample
 from peerlearn.testnet.report import write_report
-from peerlearn.testnet.runner import RunResult, run_scenario
+from peerlearn.testnet.runner import RunResult, evaluate, run_scenario
 from peerlearn.testnet.scenario import (
     Expectations,
     Scenario,
@@ -54,6 +54,8 @@ def test_every_shipped_scenario_parses(name: str) -> None:
         ({"events": [{"action": "heal", "at_round": 1}]}, "need network = 'netns' or 'nat'"),
         ({"expect": {"min_accuracy": 1}}, "unknown key(s) min_accuracy"),
         ({"variants": [{"name": "x", "attack": "bribe"}]}, "attack must be one of"),
+        ({"accuracy_rounds": 0}, "accuracy_rounds must be a whole number of rounds, at least 1"),
+        ({"accuracy_rounds": 2.5}, "accuracy_rounds must be a whole number of rounds, at least 1"),
     ],
 )
 def test_bad_scenarios_are_refused_with_the_reason(raw: dict[str, object], message: str) -> None:
@@ -271,3 +273,28 @@ def test_reports_show_down_time_as_gaps_and_keep_cumulative_series_monotone(
     summary = render_summary(scenario, [result])
     assert "worst 0.580 (node 2), over 2 nodes" in summary  # the attacker is not honest
     assert "| 2 | True | False | 1 | 9 | 0.580 | 5.0 |" in summary  # down once, MB kept
+
+
+def test_accuracy_over_the_last_rounds_averages_each_nodes_rounds_not_its_samples() -> None:
+    from peerlearn.testnet.report import render_summary
+
+    # Node 0 is sampled twice in round 9; its accuracies in rounds 7-9 are 0.85, 0.95, 0.90.
+    samples = [_sample(t, 0, True, 0.5 + t / 20, 1.0) for t in range(9)]
+    samples[-1] = _sample(8, 0, True, 0.95, 1.0)
+    samples += [_sample(9, 0, True, 0.90, 1.0), _sample(9.5, 0, True, 0.90, 1.0)]
+    samples.append(_sample(9, 1, True, 0.10, 1.0, attacker=True))
+    expect = Expectations(min_mean_accuracy=0.89, min_node_accuracy=0.89)
+    final = RunResult(label="r", spec=SwarmSpec(nodes=2), samples=samples)
+    tail = RunResult(label="r", spec=SwarmSpec(nodes=2), samples=samples, accuracy_rounds=3)
+    assert final.honest_accuracy() == {0: 0.90}
+    assert tail.honest_accuracy() == {0: pytest.approx((0.85 + 0.95 + 0.90) / 3)}
+    checks = evaluate(expect, tail, killed=set())
+    assert [c.name for c in checks][:2] == [
+        "mean accuracy over the last 3 rounds (honest, live)",
+        "worst node's accuracy over the last 3 rounds",
+    ]
+    assert [c.passed for c in checks][:2] == [True, True]
+    scenario = Scenario("r", "d", SwarmSpec(nodes=2), events=(), expect=expect, accuracy_rounds=3)
+    summary = render_summary(scenario, [tail])
+    expected = "accuracy over the last 3 rounds: mean 0.900, worst 0.900 (node 0), over 1 nodes"
+    assert expected in summary

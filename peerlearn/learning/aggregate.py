@@ -1,15 +1,19 @@
 """Averaging of state_dicts: weighted mean, the gossip-learning mix, and variance correction (VCA).
 
-VCA follows the authors' code (``shared/research/algorithms.md`` §1.3): per tensor,
+VCA follows the authors' code (DFL_torch): per tensor,
 ``out = beta*own + (1-beta)*mean(received)``, then rescale ``out`` around its own mean so
 that its element variance equals the mean of the received models' own variances.
 BN running statistics and ``num_batches_tracked`` are neither averaged nor corrected
 (the node keeps its own); scalars are averaged but not rescaled. The population
 variance is used, with an epsilon far below any layer's variance.
+
+Merges run in the model's own dtype (half precision sums in float32), one tensor at a time,
+without stacking or float64 copies of the models.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,6 +28,11 @@ _KEEP_OWN_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 def is_averaged(name: str, tensor: torch.Tensor) -> bool:
     """Whether a tensor takes part in averaging (floating point, not a BN running statistic)."""
     return tensor.is_floating_point() and not name.endswith(_KEEP_OWN_SUFFIXES)
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merge of ``dtype`` tensors sums in (half precision loses too much)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def is_variance_corrected(name: str, tensor: torch.Tensor) -> bool:
@@ -58,9 +67,12 @@ def weighted_mean(
         if not is_averaged(name, tensor):
             out[name] = tensor.clone()
             continue
-        stacked = torch.stack([s[name].to(torch.float64) for s in states])
-        w = torch.tensor(weights, dtype=torch.float64).view(-1, *([1] * tensor.dim()))
-        out[name] = ((stacked * w).sum(0) / total).to(tensor.dtype)
+        dtype = _sum_dtype(tensor.dtype)
+        acc = torch.zeros(tensor.shape, dtype=dtype)
+        for state, weight in zip(states, weights, strict=True):
+            if weight:
+                acc.add_(state[name].to(dtype), alpha=weight / total)
+        out[name] = acc.to(tensor.dtype)
     return out
 
 
@@ -72,7 +84,8 @@ def mix(own: StateDict, other: StateDict, beta: float) -> StateDict:
 
 
 def population_variance(tensor: torch.Tensor) -> float:
-    return float(tensor.to(torch.float64).var(unbiased=False))
+    """Element variance (torch accumulates a float32 tensor's in double on the CPU)."""
+    return float(tensor.to(_sum_dtype(tensor.dtype)).var(unbiased=False))
 
 
 def correct_variance(
@@ -86,10 +99,10 @@ def correct_variance(
             out[name] = tensor
             continue
         target = sum(population_variance(s[name]) for s in inputs) / len(inputs)
-        values = tensor.to(torch.float64)
-        mean, current = values.mean(), values.var(unbiased=False)
-        scale = torch.sqrt((target + epsilon) / (current + epsilon))
-        out[name] = ((values - mean) * scale + mean).to(tensor.dtype)
+        values = tensor.to(_sum_dtype(tensor.dtype))
+        current, mean = torch.var_mean(values, unbiased=False)
+        scale = math.sqrt((target + epsilon) / (float(current) + epsilon))
+        out[name] = values.sub(mean).mul_(scale).add_(mean).to(tensor.dtype)
     return out
 
 

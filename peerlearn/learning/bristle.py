@@ -1,6 +1,6 @@
 """Bristle: distance-based prioritizer + performance-based integrator for an exchanged output layer.
 
-Faithful to the authors' Bristle.kt / Node.kt (``shared/research/algorithms.md`` §3.4-3.5),
+Faithful to the authors' Bristle.kt / Node.kt (trustchain-superapp, fedml),
 with the output layer stored as torch does it: one *row* per class (``[classes, features]``).
 
 * Prioritizer: candidates sorted by L2 distance to my layer, split into thirds, and

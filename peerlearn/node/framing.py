@@ -103,7 +103,27 @@ async def send_frame(stream: ByteStream, payload: bytes) -> None:
 
 async def receive_frame(stream: ByteStream, max_size: int, pace: Pace = DEFAULT_PACE) -> bytes:
     """One frame of at most ``max_size`` bytes (checked before anything is buffered)."""
-    (size,) = _HEADER.unpack(await receive_exactly(stream, _HEADER.size, pace))
+    return await _frame_body(
+        stream, await receive_exactly(stream, _HEADER.size, pace), max_size, pace
+    )
+
+
+async def receive_next_frame(
+    stream: ByteStream, max_size: int, pace: Pace, wait: float
+) -> bytes | None:
+    """The next frame of a stream that carries many, or None if the stream ends, or stays
+    silent for ``wait`` seconds, before a frame begins."""
+    first = b""
+    with trio.move_on_after(wait):
+        first = await stream.receive_some(_HEADER.size)
+    if not first:
+        return None
+    header = first + await receive_exactly(stream, _HEADER.size - len(first), pace)
+    return await _frame_body(stream, header, max_size, pace)
+
+
+async def _frame_body(stream: ByteStream, header: bytes, max_size: int, pace: Pace) -> bytes:
+    (size,) = _HEADER.unpack(header)
     if size > max_size:
         raise RemoteProtocolError(
             f"frame of {size} bytes exceeds the limit of {max_size}", Offence.OVERSIZED

@@ -41,6 +41,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.io.exceptions import IOException
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
@@ -98,6 +99,7 @@ GOSSIP_RATE_LIMIT = 200.0  # messages per topic per second per peer, raised on p
 SHUTDOWN_SERVICES_TIMEOUT = 5.0  # seconds for connections, mDNS and UPnP to close
 DIAL_TIMEOUT = 15.0  # seconds for TCP, Noise and yamux (the library has no handshake timeout)
 FRAME_WRITE_TIMEOUT = 30.0  # seconds for one yamux frame to go out; then the connection closes
+MAX_QUEUED_REPLIES = 1024  # yamux replies (12-byte ACK, RST, pong frames) waiting to go out
 MAX_INBOUND_STREAMS_PER_PEER = 64  # streams a peer may hold open to us at once (all protocols)
 
 logger = logging.getLogger(__name__)
@@ -325,25 +327,74 @@ class _StreamTable(dict[int, YamuxStream]):
 
 
 class WholeFrameYamux(Yamux):  # type: ignore[misc]
-    """py-libp2p's yamux, except that frames are written whole, and that window updates are
-    batched (``_BatchedWindowStream``).
+    """py-libp2p's yamux, except that frames are written whole, that the reader never waits
+    to write, and that window updates are batched (``_BatchedWindowStream``).
 
-    In the library a cancelled stream write (any timeout around a push) can stop Noise
-    between encrypting a frame and sending it. The peer's decryption nonce is then behind
-    for good: every later frame fails authentication, and streams on that connection, old
-    or new, stall until it is torn down.
-
-    Here a frame's write is shielded from cancellation, so it goes out whole (the caller is
-    cancelled right after); a frame that cannot go out within ``FRAME_WRITE_TIMEOUT`` means
-    the peer reads nothing, and the connection is closed.
+    * In the library a cancelled stream write (any timeout around a push) can stop Noise
+      between encrypting a frame and sending it. The peer's decryption nonce is then behind
+      for good: every later frame fails authentication, and streams on that connection, old
+      or new, stall until it is torn down. Here a frame's write is shielded from
+      cancellation, so it goes out whole (the caller is cancelled right after); a frame that
+      cannot go out within ``FRAME_WRITE_TIMEOUT`` means the peer reads nothing, and the
+      connection is closed.
+    * In the library the task that reads the connection also writes its replies (the ACK of
+      a stream the peer opened, RST, pong) and waits for the connection's write lock to do
+      so. When both peers send a model at once, each side's writer holds that lock while its
+      socket is full, and each side's reader waits for it: neither reads again, and both
+      connections freeze. Here the reader queues its replies (at most
+      ``MAX_QUEUED_REPLIES``); the next frame written, or a task of their own, sends them
+      first, so a stream's ACK still goes out before its data.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.streams = _StreamTable()
+        self._reader: trio.lowlevel.Task | None = None
+        self._replies: list[bytes] = []
+        self._replies_queued = trio.Event()
+
+    async def _handle_incoming_with_ready_signal(
+        self, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        self._reader = trio.lowlevel.current_task()
+        try:
+            async with trio.open_nursery() as replies:
+                replies.start_soon(self._send_replies)
+                await self.handle_incoming()
+                replies.cancel_scope.cancel()
+        finally:
+            if self._nursery is not None:  # as the library does when its reader ends
+                self._nursery.cancel_scope.cancel()
 
     async def _write_frame(self, data: bytes) -> None:
+        if trio.lowlevel.current_task() is self._reader:
+            if len(self._replies) >= MAX_QUEUED_REPLIES:
+                raise MuxedStreamError(f"the peer read none of {MAX_QUEUED_REPLIES} replies")
+            self._replies.append(data)
+            self._replies_queued.set()
+        else:
+            await self._write_whole(data)
+        await trio.lowlevel.checkpoint()
+
+    async def _send_replies(self) -> None:
+        while True:
+            await self._replies_queued.wait()
+            self._replies_queued = trio.Event()
+            try:
+                await self._write_whole(b"")
+            except (MuxedStreamError, IOException, trio.BrokenResourceError,
+                    trio.ClosedResourceError):  # fmt: skip
+                return  # the connection is closing; its reader sees why
+
+    async def _write_whole(self, data: bytes) -> None:
+        """Queued replies, then ``data``, written whole under the connection's write lock."""
         async with self._write_lock:
+            if self._replies:
+                data = b"".join(self._replies) + data
+                self._replies = []
+            if not data:
+                return
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + FRAME_WRITE_TIMEOUT
                 await self.secured_conn.write(data)
@@ -351,7 +402,6 @@ class WholeFrameYamux(Yamux):  # type: ignore[misc]
                 self.event_shutting_down.set()
                 await self.secured_conn.close()
                 raise MuxedStreamError(f"the peer read nothing for {FRAME_WRITE_TIMEOUT:.0f} s")
-        await trio.lowlevel.checkpoint()
 
 
 class _WholeFrameMuxers(MuxerMultistream):  # type: ignore[misc]

@@ -2,8 +2,12 @@
 
 * models (any algorithm): safetensors bytes over ``/peerlearn/blob/1`` (``node.blob``), the
   round's metadata inside the signed offer;
-* MoDeST's small messages (ping, pong, ack, membership): one signed envelope of type
-  ``modest`` per stream over ``/peerlearn/msg/1``, replay-checked.
+* MoDeST's small messages (ping, pong, ack, membership): signed envelopes of type
+  ``modest``, replay-checked, over ``/peerlearn/msg/2``: one stream per peer carries them
+  one after another (a node sending many no longer pays a stream negotiation for each).
+  The sender closes a stream unused for ``MESSAGE_STREAM_IDLE`` s and opens a new one when
+  it next has something to say; the receiver waits ``MESSAGE_STREAM_WAIT`` s at most (the
+  longer of the two, so a sender never writes into a stream the receiver has left).
 
 What arrives is handed to whichever driver listens (``on_message``); the transport decides
 nothing about learning.
@@ -23,21 +27,37 @@ from peerlearn.identity import Identity, peer_id_from_public_key
 from peerlearn.learning.aggregate import StateDict
 from peerlearn.node import blob
 from peerlearn.node.config import NodeConfig
-from peerlearn.node.framing import Pace, receive_frame, send_frame
+from peerlearn.node.framing import Pace, receive_next_frame, send_frame
 from peerlearn.node.host_api import Host, Stream
 from peerlearn.node.offload import Offload
 from peerlearn.tensors import state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
 
-MSG_PROTOCOL = "/peerlearn/msg/1"
+MSG_PROTOCOL = "/peerlearn/msg/2"
 MODEL_KIND = "model"  # gossip / D-PSGD models (and the embedding API's)
 MODEST_KIND = "modest"  # MoDeST's trained and aggregated models
 MODEST_MESSAGE = "modest"
 MESSAGE_TIMEOUT = 10.0  # seconds per small message
+MESSAGE_STREAM_IDLE = 20.0  # seconds a sender keeps an unused message stream
+MESSAGE_STREAM_WAIT = 60.0  # seconds a receiver waits for a stream's next message
 _MSG_LIMITS = wire.Limits(max_message_size=4096)
 
 SmallMessageHandler = Callable[[bytes, Any], None]  # (sender's public key, body)
+
+
+class _Outbox:
+    """The stream small messages to one peer go over, one message at a time."""
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()
+        self.stream: Stream | None = None
+        self.last_used = 0.0
+
+    async def drop(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            await stream.close()
 
 
 class LearningTransport:
@@ -70,7 +90,8 @@ class LearningTransport:
         self.on_message: SmallMessageHandler | None = None
         self._encoding = trio.Lock()
         self._last_encoded: tuple[StateDict, bytes] | None = None
-        host.set_handler(MSG_PROTOCOL, self._serve_message)
+        self._outboxes: dict[str, _Outbox] = {}
+        host.set_handler(MSG_PROTOCOL, self._serve_messages)
 
     async def push_model(
         self, peer_pk: bytes, model: StateDict, kind: str, meta: dict[str, Any]
@@ -111,37 +132,77 @@ class LearningTransport:
         self.on_bytes(0, size)
 
     async def send_message(self, peer_pk: bytes, body: dict[str, Any]) -> bool:
-        """One small signed message; False (logged at debug) if it could not be delivered."""
+        """One small signed message, over the peer's message stream (opened if there is none
+        or it sat unused); False (logged at debug) if it could not be delivered."""
         peer_id = peer_id_from_public_key(peer_pk)
         now = self.wall_clock()
         envelope = wire.seal(
             self.identity, MODEST_MESSAGE, body, seq=self.sequence.next(now), timestamp=now
         )
+        outbox = self._outboxes.setdefault(peer_id, _Outbox())
         try:
             with trio.fail_after(MESSAGE_TIMEOUT):
-                stream = await self.host.open_stream(peer_id, MSG_PROTOCOL)
-                try:
-                    await send_frame(stream, envelope)
-                finally:
-                    await stream.close()
+                async with outbox.lock:
+                    await self._send_over(outbox, peer_id, envelope)
         except (NetworkError, trio.TooSlowError) as exc:
             logger.debug("message to %s not delivered: %s", peer_id, exc)
+            if self._outboxes.get(peer_id) is outbox and outbox.stream is None:
+                del self._outboxes[peer_id]  # the next message opens a new stream
             return False
         return True
 
-    async def _serve_message(self, stream: Stream) -> None:
-        """One small signed message; what is wrong with it is raised for the host to count."""
-        try:
-            data = await receive_frame(stream, _MSG_LIMITS.max_message_size, self.pace)
-            envelope = wire.open_envelope(
-                data, _MSG_LIMITS, expected_sender=stream.remote_public_key
-            )
-            self.replay_guard.check(envelope, self.wall_clock())
-            if envelope.type != MODEST_MESSAGE:
-                raise RemoteProtocolError(f"unexpected {envelope.type[:40]!r} message")
-            if self.on_message is None:  # not learning yet (or not MoDeST): nothing to answer
-                logger.debug("MoDeST message from %s before we started", stream.remote_peer_id)
+    async def _send_over(self, outbox: _Outbox, peer_id: str, envelope: bytes) -> None:
+        if (
+            outbox.stream is not None
+            and trio.current_time() - outbox.last_used > MESSAGE_STREAM_IDLE
+        ):
+            await outbox.drop()
+        if outbox.stream is not None:
+            try:
+                await self._write(outbox, outbox.stream, envelope)
                 return
-            self.on_message(envelope.sender, envelope.body)
+            except NetworkError:  # the stream broke since its last message: one more try
+                pass
+        await self._write(outbox, await self.host.open_stream(peer_id, MSG_PROTOCOL), envelope)
+
+    @staticmethod
+    async def _write(outbox: _Outbox, stream: Stream, envelope: bytes) -> None:
+        outbox.stream = None  # until the frame is out whole
+        try:
+            await send_frame(stream, envelope)
+        except BaseException:
+            with trio.CancelScope(shield=True):  # no frame may follow a partial one
+                await stream.close()
+            raise
+        outbox.stream, outbox.last_used = stream, trio.current_time()
+
+    async def close_message_streams(self) -> None:
+        """Close every open message stream (the node is stopping)."""
+        outboxes, self._outboxes = self._outboxes, {}
+        for outbox in outboxes.values():
+            await outbox.drop()
+
+    async def _serve_messages(self, stream: Stream) -> None:
+        """A peer's small signed messages, one after another, until it closes the stream or
+        falls silent; what is wrong with one is raised for the host to count (and ends the
+        stream)."""
+        try:
+            while True:
+                data = await receive_next_frame(
+                    stream, _MSG_LIMITS.max_message_size, self.pace, MESSAGE_STREAM_WAIT
+                )
+                if data is None:
+                    return
+                self._handle_message(stream, data)
         finally:
             await stream.close()
+
+    def _handle_message(self, stream: Stream, data: bytes) -> None:
+        envelope = wire.open_envelope(data, _MSG_LIMITS, expected_sender=stream.remote_public_key)
+        self.replay_guard.check(envelope, self.wall_clock())
+        if envelope.type != MODEST_MESSAGE:
+            raise RemoteProtocolError(f"unexpected {envelope.type[:40]!r} message")
+        if self.on_message is None:  # not learning yet (or not MoDeST): nothing to answer
+            logger.debug("MoDeST message from %s before we started", stream.remote_peer_id)
+            return
+        self.on_message(envelope.sender, envelope.body)

@@ -99,6 +99,7 @@ class ModestDriver:
                 self.wakeup = trio.Event()
                 self.core.handle_timer(trio.current_time())
             nursery.cancel_scope.cancel()
+        await learner.transport.close_message_streams()
 
     async def _send_small(self, dst: bytes, message: modest.Message) -> None:
         if not await self.learner.transport.send_message(dst, modest.encode_small(message)):

@@ -65,6 +65,9 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+READY_SECONDS_PER_NODE = 10.0  # more time to become ready for each node starting at once
+
+
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
     """Poll ``probe`` until it returns something truthy; ``TimeoutError`` names ``what``."""
     deadline = time.monotonic() + timeout
@@ -170,12 +173,16 @@ class LocalSwarm:
         return info
 
     def start_all(self, timeout: float = 60.0) -> None:
+        """Start node 0, then the others at once. Each has ``timeout`` to become ready, plus
+        ``READY_SECONDS_PER_NODE`` for every node starting beside it: a daemon's start-up
+        costs a few CPU-seconds (imports, the task), and the nodes share the machine."""
         self.start(0)
         self.bootstrap = wait_for("node0 to listen", lambda: self._addrs(0), timeout)["addrs"][0]
         for i in range(1, self.size):
             self.start(i)
+        together = timeout + READY_SECONDS_PER_NODE * max(0, self.size - 2)
         for i in range(self.size):
-            wait_for(f"node{i} to become ready", partial(self._addrs, i), timeout)
+            wait_for(f"node{i} to become ready", partial(self._addrs, i), together)
 
     def call(self, i: int, op: str, timeout: float = STATUS_TIMEOUT) -> Any:
         """Node ``i``'s answer to a control operation, or None while it cannot answer."""

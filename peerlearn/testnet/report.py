@@ -204,6 +204,8 @@ def write_report(scenario: Scenario, results: list[RunResult], out_dir: Path) ->
                 "convergence_seconds": result.convergence_seconds,
                 "rounds_after_faults": result.rounds_after_faults,
                 "nodes": _node_rows(result),
+                "accuracy_rounds": result.accuracy_rounds,
+                "honest_accuracy": result.honest_accuracy(),
             }
         )
     passed = all(r.passed for r in results)
@@ -238,14 +240,14 @@ def render_summary(scenario: Scenario, results: list[RunResult]) -> str:
             f"| {c.name} | {c.expected} | {c.measured} | {'pass' if c.passed else 'FAIL'} |"
             for c in result.checks
         ]
-        honest = [r for r in _node_rows(result) if not r["attacker"] and r["accuracy"] is not None]
+        honest = result.honest_accuracy()
         if honest:
-            worst = min(honest, key=lambda r: r["accuracy"])
-            mean = sum(r["accuracy"] for r in honest) / len(honest)
+            worst = min(honest, key=lambda node: honest[node])
+            mean = sum(honest.values()) / len(honest)
             lines += [
                 "",
-                f"Honest nodes' final accuracy: mean {mean:.3f}, worst {worst['accuracy']:.3f} "
-                f"(node {worst['node']}), over {len(honest)} nodes.",
+                f"Honest nodes' {result.accuracy_name()}: mean {mean:.3f}, worst "
+                f"{honest[worst]:.3f} (node {worst}), over {len(honest)} nodes.",
             ]
         if result.events:
             lines += ["", "Events:"] + [f"- t={t:.1f} s {what}" for t, what in result.events]

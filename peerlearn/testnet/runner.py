@@ -39,6 +39,7 @@ class RunResult:
     error: str | None = None
     wall_seconds: float = 0.0
     checks: list[Check] = field(default_factory=list)
+    accuracy_rounds: int = 1  # a node's accuracy: its mean over its last N rounds
 
     @property
     def passed(self) -> bool:
@@ -53,6 +54,28 @@ class RunResult:
 
     def final_honest(self) -> list[Sample]:
         return [s for s in self.last().values() if s.alive and not s.attacker]
+
+    def honest_accuracy(self) -> dict[int, float]:
+        """Each honest live node's accuracy: its mean over the last ``accuracy_rounds`` rounds
+        it reported (with 1, its final model's accuracy). Nodes not evaluated yet are left out."""
+        per_round: dict[int, dict[int, float]] = {}
+        for s in self.samples:
+            if s.accuracy is not None:
+                per_round.setdefault(s.node, {})[s.round] = s.accuracy
+        out = {}
+        for last in self.final_honest():
+            if last.accuracy is None:
+                continue
+            accs = per_round[last.node]
+            tail = [accs[r] for r in sorted(accs)[-self.accuracy_rounds :]]
+            out[last.node] = sum(tail) / len(tail)
+        return out
+
+    def accuracy_name(self) -> str:
+        """What ``honest_accuracy`` measures, in words."""
+        if self.accuracy_rounds == 1:
+            return "final accuracy"
+        return f"accuracy over the last {self.accuracy_rounds} rounds"
 
     def rejoin_seconds(self) -> dict[int, float]:
         """Join time each restarted node reported after its restart."""
@@ -108,7 +131,7 @@ def run_once(
 ) -> RunResult:
     """Run one of the scenario's runs with its events; always tears the testnet down."""
     label, spec = run.label, run.swarm
-    result = RunResult(label, spec)
+    result = RunResult(label, spec, accuracy_rounds=scenario.accuracy_rounds)
     started = time.monotonic()
     pending = list(scenario.events)
     convergence: _Convergence | None = None
@@ -169,21 +192,22 @@ def evaluate(expect: Expectations, result: RunResult, killed: set[int]) -> list[
     """Each stated expectation as a pass/fail ``Check``."""
     checks: list[Check] = []
     honest = result.final_honest()
-    accuracies = [s.accuracy for s in honest if s.accuracy is not None]
+    accuracies = list(result.honest_accuracy().values())
     mean_acc = sum(accuracies) / len(accuracies) if accuracies else 0.0
+    what = result.accuracy_name()
 
     def add(name: str, expected: str, measured: str, passed: bool) -> None:
         checks.append(Check(name, expected, measured, passed))
 
     if expect.min_mean_accuracy is not None:
-        add("mean accuracy (honest, live)", f">= {expect.min_mean_accuracy}", f"{mean_acc:.3f}",
+        add(f"mean {what} (honest, live)", f">= {expect.min_mean_accuracy}", f"{mean_acc:.3f}",
             mean_acc >= expect.min_mean_accuracy)  # fmt: skip
     if expect.max_mean_accuracy is not None:
-        add("mean accuracy (honest, live)", f"<= {expect.max_mean_accuracy}", f"{mean_acc:.3f}",
+        add(f"mean {what} (honest, live)", f"<= {expect.max_mean_accuracy}", f"{mean_acc:.3f}",
             bool(accuracies) and mean_acc <= expect.max_mean_accuracy)  # fmt: skip
     if expect.min_node_accuracy is not None:
         worst = min(accuracies, default=0.0)
-        add("worst node accuracy", f">= {expect.min_node_accuracy}", f"{worst:.3f}",
+        add(f"worst node's {what}", f">= {expect.min_node_accuracy}", f"{worst:.3f}",
             len(accuracies) == len(honest) and worst >= expect.min_node_accuracy)  # fmt: skip
     if expect.min_final_round is not None:
         top = result.top_round()

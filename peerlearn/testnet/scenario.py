@@ -3,6 +3,7 @@
 name = "churn"
 description = "..."
 timeout = 300                 # seconds for the whole run
+accuracy_rounds = 1           # a node's accuracy: its mean over its last N rounds (1: final)
 
 [swarm]                       # how every node starts (node flags, snake_case)
 nodes = 16
@@ -47,7 +48,7 @@ DEFAULT_TIMEOUT = 600.0
 class Expectations:
     """Pass/fail criteria; None means not checked."""
 
-    min_mean_accuracy: float | None = None  # mean final accuracy of honest live nodes
+    min_mean_accuracy: float | None = None  # mean accuracy of honest live nodes (accuracy_rounds)
     min_node_accuracy: float | None = None  # worst honest live node
     max_mean_accuracy: float | None = None  # e.g. "plain mean breaks under attack"
     min_final_round: int | None = None  # highest round reached by a live node
@@ -150,6 +151,7 @@ class Scenario:
     expect: Expectations
     timeout: float = DEFAULT_TIMEOUT
     variants: tuple[Run, ...] = ()
+    accuracy_rounds: int = 1  # a node's accuracy: its mean over its last N rounds
 
     def runs(self) -> list[Run]:
         """The base run, or each variant."""
@@ -216,8 +218,22 @@ def _expectations(raw: dict[str, Any], where: str) -> Expectations:
 
 def parse_scenario(raw: dict[str, Any], *, default_name: str) -> Scenario:
     _check_keys(
-        raw, {"name", "description", "timeout", "swarm", "events", "expect", "variants"}, "file"
+        raw,
+        {
+            "name",
+            "description",
+            "timeout",
+            "accuracy_rounds",
+            "swarm",
+            "events",
+            "expect",
+            "variants",
+        },
+        "file",
     )
+    accuracy_rounds = raw.get("accuracy_rounds", 1)
+    if type(accuracy_rounds) is not int or accuracy_rounds < 1:
+        raise ConfigError("accuracy_rounds must be a whole number of rounds, at least 1")
     swarm = _swarm_spec(dict(raw.get("swarm", {})))
     events = tuple(_event(e, i, swarm.nodes) for i, e in enumerate(raw.get("events", [])))
     expect_raw = dict(raw.get("expect", {}))
@@ -245,6 +261,7 @@ def parse_scenario(raw: dict[str, Any], *, default_name: str) -> Scenario:
         expect=expect,
         timeout=float(raw.get("timeout", DEFAULT_TIMEOUT)),
         variants=tuple(variants),
+        accuracy_rounds=accuracy_rounds,
     )
 
 
