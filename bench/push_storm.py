@@ -13,7 +13,6 @@ the connections survived that. Prints, per half, pushes delivered and failed, an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -38,30 +37,15 @@ async def files_written(root: str, suffix: str, count: int) -> None:
 def node(index: int, args: argparse.Namespace, root: str, out: Any) -> None:
     import trio
 
-    from peerlearn import wire
     from peerlearn.errors import NetworkError
     from peerlearn.identity import Identity
     from peerlearn.node import blob
     from peerlearn.node.host import open_host
-    from peerlearn.node.host_api import Stream
 
     async def main() -> dict[str, Any]:
         identity = Identity.generate()
         async with open_host(identity, ["/ip4/127.0.0.1/tcp/0"]) as host:
-
-            async def accept(item: blob.ReceivedBlob) -> None:
-                pass
-
-            async def handler(stream: Stream) -> None:
-                await blob.receive_blob(
-                    stream,
-                    max_size=1 << 31,
-                    replay_guard=wire.ReplayGuard(),
-                    admit=lambda offer, sender: contextlib.nullcontext(),
-                    accept=accept,
-                )
-
-            host.set_handler(blob.PROTOCOL, handler)
+            blob.serve_every_blob(host, 1 << 31)
             (Path(root) / f"{index}.addr").write_text(host.addrs()[0])
             await files_written(root, ".addr", args.nodes)
             peers = []

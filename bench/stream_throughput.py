@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
 import subprocess
@@ -28,29 +27,15 @@ RAW_CHUNK = 64 * 1024
 def blob_receiver() -> None:
     import trio
 
-    from peerlearn import wire
     from peerlearn.identity import Identity
     from peerlearn.node import blob
     from peerlearn.node.host import open_host
-    from peerlearn.node.host_api import Stream
 
     async def main() -> None:
         async with open_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as host:
             done = trio.Event()
 
-            async def accept(item: blob.ReceivedBlob) -> None:
-                pass
-
-            async def handler(stream: Stream) -> None:
-                await blob.receive_blob(
-                    stream,
-                    max_size=2**31,
-                    replay_guard=wire.ReplayGuard(),
-                    admit=lambda offer, sender: contextlib.nullcontext(),
-                    accept=accept,
-                )
-
-            host.set_handler(blob.PROTOCOL, handler)
+            blob.serve_every_blob(host, 2**31)
             print(host.addrs()[0], flush=True)
             await trio.to_thread.run_sync(sys.stdin.readline)  # parent closes stdin at the end
             done.set()

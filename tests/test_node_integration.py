@@ -57,16 +57,7 @@ def _serve_blobs(host: P2PHost, received: list[bytes]) -> None:
     async def accept(item: blob.ReceivedBlob) -> None:
         received.append(item.data)
 
-    async def handler(stream: Stream) -> None:
-        await blob.receive_blob(
-            stream,
-            max_size=2**24,
-            replay_guard=wire.ReplayGuard(),
-            admit=lambda offer, sender: contextlib.nullcontext(),
-            accept=accept,
-        )
-
-    host.set_handler(blob.PROTOCOL, handler)
+    blob.serve_every_blob(host, 2**24, accept)
 
 
 async def _push(src: P2PHost, dst: P2PHost, seq: int, data: bytes) -> None:

@@ -22,7 +22,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +180,28 @@ async def _tell_refusal(stream: Stream, reason: str) -> None:
 
 
 Admit = Callable[[BlobOffer, str], AbstractContextManager[Any]]
+
+
+def serve_every_blob(
+    host: Host, max_size: int, accept: Callable[[ReceivedBlob], Awaitable[None]] | None = None
+) -> None:
+    """Have ``host`` take every blob of at most ``max_size`` bytes from anyone, with no
+    admission budget (benchmarks and tests; the daemon admits with its budgets).
+    ``accept`` sees each blob received."""
+
+    async def ignore(item: ReceivedBlob) -> None:
+        del item
+
+    async def handler(stream: Stream) -> None:
+        await receive_blob(
+            stream,
+            max_size=max_size,
+            replay_guard=wire.ReplayGuard(),
+            admit=lambda offer, sender: nullcontext(),
+            accept=accept or ignore,
+        )
+
+    host.set_handler(PROTOCOL, handler)
 
 
 async def receive_blob(
