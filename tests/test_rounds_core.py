@@ -19,7 +19,7 @@ from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.gossip import rounds
 from peerlearn.gossip.rounds import MergeRound, Phase, Received, RoundSettings, RoundsNode
 from peerlearn.node.config import NodeConfig
-from peerlearn.node.rounds_driver import RoundsDriver
+from peerlearn.node.rounds_driver import ATTACKER_VIEW_ROUNDS, PeersModels, RoundsDriver
 from peerlearn.sim.simulator import SimConfig, Simulation
 
 ME, A, B, C = (bytes([i]) * 32 for i in range(4))
@@ -153,6 +153,7 @@ class _Learner:
         self.model: Any = torch.zeros(1)
         self.transport = _Transport(me=me)
         self.finished: list[int] = []
+        self.poisons_models = False
 
     def members_pk(self) -> list[bytes]:
         return self.members
@@ -209,3 +210,13 @@ def test_simulator_and_daemon_driver_make_the_same_decisions(
     assert all(lr.finished == list(range(1, rounds_ + 1)) for lr in learners)
     assert sorted(recorded_sends) == in_simulator
     assert len(in_simulator) >= nodes * rounds_ * min(fanout, 2)
+
+
+def test_an_attacker_sees_each_peers_latest_model_of_recent_rounds() -> None:
+    seen = PeersModels()
+    a, b = torch.zeros(1), torch.ones(1)
+    seen.merged(MergeRound(1, [{"w": a}, {"w": a}], [b"p1", b"p2"]))
+    seen.merged(MergeRound(2, [{"w": b}], [b"p1"]))
+    assert sorted(float(m["w"]) for m in seen.recent(3)) == [0.0, 1.0]  # p1's newer, p2's
+    assert [float(m["w"]) for m in seen.recent(1 + ATTACKER_VIEW_ROUNDS + 1)] == [1.0]
+    assert seen.recent(2 + ATTACKER_VIEW_ROUNDS + 1) == []

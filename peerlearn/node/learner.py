@@ -40,7 +40,7 @@ from peerlearn.learning.task import (
 from peerlearn.learning.task_model import TaskModel
 from peerlearn.node import blob
 from peerlearn.node.checkpoints import CheckpointStore
-from peerlearn.node.config import NodeConfig, parse_shard
+from peerlearn.node.config import MODEL_ATTACKS, NodeConfig, parse_shard
 from peerlearn.node.host_api import Host
 from peerlearn.node.learning_transport import LearningTransport
 from peerlearn.node.modest_driver import ModestDriver
@@ -229,8 +229,14 @@ class Learner:
             self.swarm.write("metrics", {"accuracy": round(score, 4), "round": round_})
         logger.info("round %d: %s %.3f", round_, self.learning.task.metric, score)
 
+    @property
+    def poisons_models(self) -> bool:
+        """Experiments: this node sends a poisoned model instead of its trained one."""
+        return self.config.attack in MODEL_ATTACKS
+
     def poison(self, trained: StateDict, received: list[StateDict]) -> StateDict:
-        """Experiments: what a ``--attack`` node sends instead of its honest model."""
+        """Experiments: what a ``--attack`` node sends instead of its honest model, given
+        the peers' models it has seen (``received``)."""
         members = max(len(self.members_pk()), 2)
         attack = attacks.model_attack(
             self.config.attack, nodes=members, byzantine=self.config.byzantine_bound

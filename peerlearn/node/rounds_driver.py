@@ -23,6 +23,25 @@ if TYPE_CHECKING:
     from peerlearn.node.learner import Learner
 
 PUSH_DRAIN = 10.0  # seconds the last round's pushes may still take after learning ends
+ATTACKER_VIEW_ROUNDS = 5  # an experiment's attacker estimates the honest models from each
+# peer's latest model of this many past rounds (the literature's attacker knows them all)
+
+
+class PeersModels:
+    """Experiments: an attacker's estimate of the round's honest models, each peer's latest
+    model from the last ``ATTACKER_VIEW_ROUNDS`` rounds (at most one model per member)."""
+
+    def __init__(self) -> None:
+        self._latest: dict[bytes, tuple[int, StateDict]] = {}
+
+    def merged(self, event: rounds.MergeRound) -> None:
+        for src, model in zip(event.senders, event.received, strict=True):
+            self._latest[src] = (event.round, model)
+
+    def recent(self, round_: int) -> list[StateDict]:
+        oldest = round_ - ATTACKER_VIEW_ROUNDS
+        self._latest = {s: (r, m) for s, (r, m) in self._latest.items() if r >= oldest}
+        return [m for _, m in self._latest.values()]
 
 
 class RoundsDriver:
@@ -49,7 +68,7 @@ class RoundsDriver:
         core = self.core
         core.start(trio.current_time())
         trained: StateDict = learner.model
-        last_received: list[StateDict] = []  # what an experiment's attacker bases its model on
+        seen = PeersModels()  # kept by an experiment's attacker only
         async with trio.open_nursery() as pushes:
             while core.phase is not rounds.Phase.FINISHED:
                 timer = core.get_timer()
@@ -60,12 +79,13 @@ class RoundsDriver:
                 event = core.next_event()
                 if isinstance(event, rounds.TrainRound):
                     trained = await learner.train(learner.model)
-                    shared = learner.poison(trained, last_received)
+                    shared = learner.poison(trained, seen.recent(event.round))
                     core.trained(event.round, shared, trio.current_time())
                     self._push_all(pushes)
                 elif isinstance(event, rounds.MergeRound):
                     merged = await learner.merge(trained, event.received)
-                    last_received = event.received
+                    if learner.poisons_models:
+                        seen.merged(event)
                     await learner.finish_round(event.round, merged)
                     core.merged(event.round, trio.current_time())
             pushes.cancel_scope.deadline = trio.current_time() + PUSH_DRAIN
