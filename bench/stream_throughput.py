@@ -1,4 +1,5 @@
-"""Throughput of /peerlearn/blob/1 vs a plain asyncio TCP socket, measured side by side.
+"""Throughput of a blob (/peerlearn/blob/2) vs a plain asyncio TCP socket, side by side: its
+body over the libp2p stream (Noise, yamux) and over the TLS bulk path (``node.bulk_tls``).
 
 Each transfer goes from this process to a receiver subprocess on 127.0.0.1, so both
 sides of each stack run in their own interpreter, as two daemons would.
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -24,21 +27,27 @@ RAW_CHUNK = 64 * 1024
 # --- receivers (run in a subprocess) -----------------------------------------------------
 
 
-def blob_receiver() -> None:
+def blob_receiver(with_bulk: bool) -> None:
     import trio
 
     from peerlearn.identity import Identity
     from peerlearn.node import blob
+    from peerlearn.node.bulk_tls import BulkPath
     from peerlearn.node.host import open_host
 
     async def main() -> None:
-        async with open_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as host:
-            done = trio.Event()
-
-            blob.serve_every_blob(host, 2**31)
+        async with (
+            open_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as host,
+            trio.open_nursery() as nursery,
+        ):
+            bulk = None
+            if with_bulk:
+                bulk = BulkPath("127.0.0.1")
+                await nursery.start(bulk.serve)
+            blob.serve_every_blob(host, 2**31, bulk=bulk)
             print(host.addrs()[0], flush=True)
             await trio.to_thread.run_sync(sys.stdin.readline)  # parent closes stdin at the end
-            done.set()
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
 
@@ -75,8 +84,10 @@ def spawn(role: str) -> tuple[subprocess.Popen[str], str]:
     return process, process.stdout.readline().strip()
 
 
-def send_raw(port: int, data: bytes) -> float:
-    async def main() -> float:
+def send_raw(port: int, data: bytes, repeats: int) -> float:
+    """Median seconds of ``repeats`` transfers after a warm-up one, a connection each."""
+
+    async def once() -> float:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         started = time.perf_counter()
         writer.write(len(data).to_bytes(8, "big"))
@@ -89,31 +100,57 @@ def send_raw(port: int, data: bytes) -> float:
         writer.close()
         return elapsed
 
+    async def main() -> float:
+        times = [await once() for _ in range(1 + repeats)][1:]
+        return statistics.median(times)
+
     return asyncio.run(main())
 
 
-def send_blob(address: str, data: bytes, chunk_size: int) -> float:
+def send_blob(
+    address: str,
+    data: bytes,
+    chunk_size: int,
+    repeats: int,
+    with_bulk: bool = False,
+    digest_known: bool = False,
+) -> float:
+    """Median seconds of ``repeats`` pushes after a warm-up one, over one connection.
+    ``digest_known``: the sha256 is computed before the clock starts, as a learner's pushes
+    have it (computed once per model when it is encoded and announced)."""
+    sha256 = hashlib.sha256(data).digest() if digest_known else None
     import trio
 
     from peerlearn.identity import Identity
     from peerlearn.node import blob
+    from peerlearn.node.bulk_tls import BulkPath
     from peerlearn.node.host import open_host
 
     async def main() -> float:
         identity = Identity.generate()
+        bulk = BulkPath("127.0.0.1") if with_bulk else None
+        if bulk is not None:
+            bulk.stop_listening()  # this side only sends
         async with open_host(identity, ["/ip4/127.0.0.1/tcp/0"]) as host:
             peer_id = await host.connect(address)
-            started = time.perf_counter()
-            await blob.push_blob(
-                lambda: host.open_stream(peer_id, blob.PROTOCOL),
-                identity,
-                1,
-                data,
-                kind="bench",
-                meta={},
-                chunk_size=chunk_size,
-            )
-            return time.perf_counter() - started
+            times = []
+            for seq in range(1 + repeats):
+                started = time.perf_counter()
+                await blob.push_blob(
+                    lambda: host.open_stream(peer_id, blob.PROTOCOL),
+                    identity,
+                    seq,
+                    data,
+                    kind="bench",
+                    meta={},
+                    chunk_size=chunk_size,
+                    bulk=bulk,
+                    sha256=sha256,
+                )
+                times.append(time.perf_counter() - started)
+        if bulk is not None and bulk.bodies_sent != 1 + repeats:
+            raise SystemExit("a blob did not take the TLS bulk path")
+        return statistics.median(times[1:])
 
     result: float = trio.run(main)
     return result
@@ -131,38 +168,55 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--role", choices=["blob", "raw"])
+    parser.add_argument("--role", choices=["blob", "bulk", "raw"])
     parser.add_argument("--megabytes", type=int, default=SIZE_MB_DEFAULT)
     parser.add_argument("--chunk-kib", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--repeats", type=int, default=3, help="timed transfers per path")
     args = parser.parse_args()
-    if args.role == "blob":
-        return blob_receiver()
+    if args.role in ("blob", "bulk"):
+        return blob_receiver(with_bulk=args.role == "bulk")
     if args.role == "raw":
         return raw_receiver()
 
     data = os.urandom(args.megabytes * 2**20)
     mb = len(data) / 1e6
     print(f"machine: {machine()}")
-    print(f"payload: {mb:.0f} MB over 127.0.0.1, receiver in a separate process")
+    print(
+        f"payload: {mb:.0f} MB over 127.0.0.1, receiver in a separate process; median of "
+        f"{args.repeats} transfers per path after a warm-up one"
+    )
     results: dict[str, Any] = {}
     raw_proc, port = spawn("raw")
     try:
-        results["asyncio TCP"] = mb / send_raw(int(port), data)
+        results["asyncio TCP"] = mb / send_raw(int(port), data, args.repeats)
     finally:
         raw_proc.communicate("")
     for chunk_kib in args.chunk_kib:
         blob_proc, address = spawn("blob")
         try:
-            results[f"blob/1 chunk {chunk_kib} KiB"] = mb / send_blob(
-                address, data, chunk_kib * 1024
+            results[f"libp2p stream, chunk {chunk_kib} KiB"] = mb / send_blob(
+                address, data, chunk_kib * 1024, args.repeats
             )
         finally:
             blob_proc.communicate("")
+    bulk_proc, address = spawn("bulk")
+    try:
+        results["TLS bulk path"] = mb / send_blob(
+            address, data, 1 << 20, args.repeats, with_bulk=True
+        )
+        results["TLS bulk path, digest known"] = mb / send_blob(
+            address, data, 1 << 20, args.repeats, with_bulk=True, digest_known=True
+        )
+    finally:
+        bulk_proc.communicate("")
     raw = results["asyncio TCP"]
     for name, rate in results.items():
-        print(f"{name:28s} {rate:8.1f} MB/s   ratio to asyncio TCP {rate / raw:.3f}")
-    best = max(v for k, v in results.items() if k.startswith("blob"))
-    print(f"best blob/1 ratio: {best / raw:.3f} (goal >= 0.5)")
+        print(f"{name:30s} {rate:8.1f} MB/s   ratio to asyncio TCP {rate / raw:.3f}")
+    best = max(v for k, v in results.items() if k.startswith("libp2p"))
+    print(f"best libp2p stream ratio: {best / raw:.3f}")
+    print(f"TLS bulk path ratio: {results['TLS bulk path'] / raw:.3f} (goal >= 0.5)")
+    known = results["TLS bulk path, digest known"] / raw
+    print(f"TLS bulk path ratio, digest known (a learner's pushes): {known:.3f}")
 
 
 if __name__ == "__main__":

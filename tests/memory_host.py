@@ -130,6 +130,7 @@ class MemoryNetwork:
             open_host=self.open_host,
             wall_clock=lambda: WALL_CLOCK_EPOCH + trio.current_time(),
             offload=inline,
+            bulk_path=lambda config: None,
         )
 
     def open_host(

@@ -1,11 +1,17 @@
-"""``/peerlearn/blob/1``: bulk transfer of a content-hashed blob over one direct stream.
+"""``/peerlearn/blob/2``: bulk transfer of a content-hashed blob over one direct stream.
 
 Exchange (each ``frame`` is length-prefixed, see ``framing``)::
 
     sender   -> frame(signed envelope "blob_offer" {sha256, size, kind, meta})
-    receiver -> frame({ok: bool, reason: str})        # the offer accepted, or why not
-    sender   -> `size` raw bytes, written in chunks
+    receiver -> frame({ok: bool, reason: str[, bulk: invitation]})  # accepted, or why not
+    (invited only)
+    sender   -> frame({via: "tls" | "stream"})        # where the body comes
+    sender   -> `size` raw bytes, in chunks, on this stream or the invited TLS connection
     receiver -> frame({ok: bool, reason: str})        # after sha256 + decode checks
+
+A receiver with a bulk path (``bulk_tls``) invites bodies of at least ``BULK_MIN_SIZE``
+bytes over a direct connection onto TLS, several times faster than the libp2p stream; the
+sender falls back to the stream when that port does not answer (a NAT in the way, say).
 
 The receiver decides on the signed offer alone, before a byte of the body is read: the
 sender must be allowed to send this kind, the size must fit the kind's limit, and memory for
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,6 +39,7 @@ from peerlearn import wire
 from peerlearn.errors import NetworkError, Offence, RemoteProtocolError
 from peerlearn.identity import Identity
 from peerlearn.nat.policy import blob_path_allowed
+from peerlearn.node.bulk_tls import BulkPath, Invitation, close_connection
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.framing import (
     DEFAULT_PACE,
@@ -46,7 +54,7 @@ from peerlearn.node.host_api import Host, Stream
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = "/peerlearn/blob/1"
+PROTOCOL = "/peerlearn/blob/2"
 OFFER_TYPE = "blob_offer"
 MAX_CONTROL_FRAME = 64 * 1024  # bytes; offers and replies
 MAX_KIND_LENGTH = 64  # characters
@@ -55,6 +63,9 @@ MAX_REASON_LENGTH = 300  # characters
 VERDICT_PACE = Pace(idle_timeout=120.0, min_rate=1.0, grace=120.0)
 _OFFER_KEYS = {"sha256", "size", "kind", "meta"}
 _REPLY_KEYS = {"ok", "reason"}
+_INVITING_REPLY_KEYS = {"ok", "reason", "bulk"}
+VIA_TLS, VIA_STREAM = "tls", "stream"
+BULK_MIN_SIZE = 1 << 20  # bytes; smaller bodies stay on the libp2p stream
 _REPLY_LIMITS = wire.Limits(max_message_size=MAX_CONTROL_FRAME, max_array_len=16, max_map_len=4)
 
 
@@ -130,23 +141,46 @@ def parse_offer(envelope: wire.Envelope, max_size: int) -> BlobOffer:
     return BlobOffer(sha256, size, kind, meta)
 
 
-def encode_reply(ok: bool, reason: str = "") -> bytes:
-    return wire.pack({"ok": ok, "reason": reason[:MAX_REASON_LENGTH]})
+def encode_reply(ok: bool, reason: str = "", invitation: Invitation | None = None) -> bytes:
+    reply: dict[str, Any] = {"ok": ok, "reason": reason[:MAX_REASON_LENGTH]}
+    if invitation is not None:
+        reply["bulk"] = invitation.encode()
+    return wire.pack(reply)
 
 
-def decode_reply(data: bytes) -> tuple[bool, str]:
-    body = wire.expect_map(wire.unpack(data, _REPLY_LIMITS), _REPLY_KEYS, "blob reply")
+def decode_reply(data: bytes) -> tuple[bool, str, Invitation | None]:
+    body = wire.unpack(data, _REPLY_LIMITS)
+    keys = _INVITING_REPLY_KEYS if isinstance(body, dict) and "bulk" in body else _REPLY_KEYS
+    body = wire.expect_map(body, keys, "blob reply")
     ok = wire.expect(body["ok"], bool, "reply.ok")
-    return ok, wire.expect(body["reason"], str, "reply.reason")[:MAX_REASON_LENGTH]
+    reason = wire.expect(body["reason"], str, "reply.reason")[:MAX_REASON_LENGTH]
+    invitation = Invitation.decode(body["bulk"]) if "bulk" in body else None
+    return ok, reason, invitation
 
 
-async def _expect_ok(stream: ByteStream, stage: str, pace: Pace) -> None:
+def encode_via(tls: bool) -> bytes:
+    return wire.pack({"via": VIA_TLS if tls else VIA_STREAM})
+
+
+def decode_via(data: bytes) -> bool:
+    """True if the body comes over the invited TLS connection."""
+    body = wire.expect_map(wire.unpack(data, _REPLY_LIMITS), {"via"}, "blob via")
+    via: str = wire.expect(body["via"], str, "via.via")
+    if via not in (VIA_TLS, VIA_STREAM):
+        raise RemoteProtocolError(f"blob via: unknown path {via[:20]!r}")
+    return via == VIA_TLS
+
+
+async def _expect_ok(stream: ByteStream, stage: str, pace: Pace) -> Invitation | None:
+    """The peer's ok (with its invitation to the bulk path, if any); ``BlobRejected`` if
+    it refused."""
     try:
-        ok, reason = decode_reply(await receive_frame(stream, MAX_CONTROL_FRAME, pace))
+        ok, reason, invitation = decode_reply(await receive_frame(stream, MAX_CONTROL_FRAME, pace))
     except RemoteProtocolError as exc:
         raise BlobRejected(f"peer {stage} with a malformed reply: {exc}") from exc
     if not ok:
         raise BlobRejected(f"peer {stage}: {reason}")
+    return invitation
 
 
 async def send_blob(
@@ -160,15 +194,66 @@ async def send_blob(
     chunk_size: int = 1 << 20,
     pace: Pace = DEFAULT_PACE,
     wall_clock: Callable[[], float] = time.time,
+    bulk: BulkPath | None = None,
+    sha256: bytes | None = None,
 ) -> None:
     """Offer, send and get ``data`` confirmed; raises ``NetworkError`` if not delivered.
-    ``wall_clock`` dates the signed offer."""
-    body = {"sha256": hashlib.sha256(data).digest(), "size": len(data), "kind": kind, "meta": meta}
+    ``wall_clock`` dates the signed offer. With ``bulk``, the body takes the receiver's
+    TLS bulk path when it invites us to and its port answers. ``sha256``: the digest of
+    ``data`` when the caller has it already (a model pushed to several peers)."""
+    digest = sha256 if sha256 is not None else await _sha256(data)
+    body = {"sha256": digest, "size": len(data), "kind": kind, "meta": meta}
     offer = wire.seal(identity, OFFER_TYPE, body, seq=seq, timestamp=wall_clock())
     await send_frame(stream, offer)
-    await _expect_ok(stream, "refused the offer", pace)
-    await send_paced(stream, data, chunk_size, pace)
-    await _expect_ok(stream, "rejected the blob", VERDICT_PACE)
+    invitation = await _expect_ok(stream, "refused the offer", pace)
+    tls = None
+    try:
+        if invitation is None:
+            await send_paced(stream, data, chunk_size, pace)
+        else:
+            tls = await _send_invited(stream, data, invitation, chunk_size, pace, bulk)
+        await _expect_ok(stream, "rejected the blob", VERDICT_PACE)
+    finally:
+        if tls is not None:  # kept open until the verdict: the body has surely been read
+            close_connection(tls)
+
+
+async def _sha256(data: bytes) -> bytes:
+    """The digest of ``data``, off the event loop when it is large (0.1 s per 100 MB)."""
+    if len(data) < BULK_MIN_SIZE:
+        return hashlib.sha256(data).digest()
+    return await trio.to_thread.run_sync(lambda: hashlib.sha256(data).digest())
+
+
+async def _send_invited(
+    stream: Stream,
+    data: bytes,
+    invitation: Invitation,
+    chunk_size: int,
+    pace: Pace,
+    bulk: BulkPath | None,
+) -> ssl.SSLSocket | None:
+    """Send the body over the invited TLS connection (returned, for the caller to close),
+    or over ``stream`` if we cannot reach it or have no bulk path (None)."""
+    ip, peer = stream.remote_ip, stream.remote_peer_id
+    tls = None
+    if bulk is not None and ip is not None and bulk.reachable(peer, trio.current_time()):
+        try:
+            tls = await bulk.connect(peer, ip, invitation, trio.current_time())
+        except RemoteProtocolError as exc:
+            raise BlobRejected(f"not sent: {exc}") from exc
+        if tls is None:
+            bulk.fallbacks += 1
+    await send_frame(stream, encode_via(tls is not None))
+    if bulk is None or tls is None:
+        await send_paced(stream, data, chunk_size, pace)
+        return None
+    try:
+        await bulk.send_body(tls, data, pace)
+    except BaseException:
+        close_connection(tls)
+        raise
+    return tls
 
 
 async def _tell_refusal(stream: Stream, reason: str) -> None:
@@ -183,11 +268,15 @@ Admit = Callable[[BlobOffer, str], AbstractContextManager[Any]]
 
 
 def serve_every_blob(
-    host: Host, max_size: int, accept: Callable[[ReceivedBlob], Awaitable[None]] | None = None
+    host: Host,
+    max_size: int,
+    accept: Callable[[ReceivedBlob], Awaitable[None]] | None = None,
+    bulk: BulkPath | None = None,
 ) -> None:
     """Have ``host`` take every blob of at most ``max_size`` bytes from anyone, with no
     admission budget (benchmarks and tests; the daemon admits with its budgets).
-    ``accept`` sees each blob received."""
+    ``accept`` sees each blob received; ``bulk`` (served by the caller) takes large
+    bodies."""
 
     async def ignore(item: ReceivedBlob) -> None:
         del item
@@ -199,6 +288,7 @@ def serve_every_blob(
             replay_guard=wire.ReplayGuard(),
             admit=lambda offer, sender: nullcontext(),
             accept=accept or ignore,
+            bulk=bulk,
         )
 
     host.set_handler(PROTOCOL, handler)
@@ -213,8 +303,9 @@ async def receive_blob(
     accept: Callable[[ReceivedBlob], Awaitable[None]],
     pace: Pace = DEFAULT_PACE,
     wall_clock: Callable[[], float] = time.time,
+    bulk: BulkPath | None = None,
 ) -> ReceivedBlob | None:
-    """Serve one incoming blob.
+    """Serve one incoming blob (inviting a large body onto ``bulk``, if given).
 
     ``admit(offer, sender_id)`` decides on the offer before the body is read: it returns a
     context manager held while the body is in memory (a budget reservation), or raises
@@ -237,11 +328,23 @@ async def receive_blob(
         except RemoteProtocolError as exc:
             await _tell_refusal(stream, str(exc))
             raise
-        await send_frame(stream, encode_reply(True))
-        data = await receive_exactly(stream, offer.size, pace)
+        invitation, connection = None, None
+        if bulk is not None and offer.size >= BULK_MIN_SIZE and not stream.relayed:
+            invitation = bulk.invite()
+            connection = holding.enter_context(bulk.expecting(invitation))
+        await send_frame(stream, encode_reply(True, invitation=invitation))
+        if (
+            bulk is not None
+            and connection is not None
+            and decode_via(await receive_frame(stream, MAX_CONTROL_FRAME, pace))
+        ):
+            data, digest = await bulk.receive_body(connection, offer.size, pace)
+        else:
+            data = await receive_exactly(stream, offer.size, pace)
+            digest = await _sha256(data)
         blob = ReceivedBlob(stream.remote_peer_id, offer, data)
         try:
-            if hashlib.sha256(data).digest() != offer.sha256:
+            if digest != offer.sha256:
                 raise RemoteProtocolError(
                     "sha256 of the received bytes does not match the offer", Offence.FORGED
                 )
@@ -266,6 +369,8 @@ async def push_blob(
     meta: dict[str, Any],
     chunk_size: int = 1 << 20,
     wall_clock: Callable[[], float] = time.time,
+    bulk: BulkPath | None = None,
+    sha256: bytes | None = None,
 ) -> None:
     """Open a stream, send the blob and close the stream (wrap in ``trio.fail_after``)."""
     stream = await open_stream()
@@ -279,6 +384,8 @@ async def push_blob(
             meta=meta,
             chunk_size=chunk_size,
             wall_clock=wall_clock,
+            bulk=bulk,
+            sha256=sha256,
         )
     finally:
         await stream.close()
@@ -294,6 +401,8 @@ async def deliver(
     meta: dict[str, Any],
     config: NodeConfig,
     wall_clock: Callable[[], float] = time.time,
+    bulk: BulkPath | None = None,
+    sha256: bytes | None = None,
 ) -> str | None:
     """Push ``data`` to ``peer_id`` within ``config.blob_timeout`` s, in
     ``config.blob_chunk_size`` writes; None once acknowledged, else why not.
@@ -316,6 +425,8 @@ async def deliver(
                 meta=meta,
                 chunk_size=config.blob_chunk_size,
                 wall_clock=wall_clock,
+                bulk=bulk,
+                sha256=sha256,
             )
     except NetworkError as exc:
         return str(exc)

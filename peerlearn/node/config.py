@@ -72,6 +72,11 @@ class NodeConfig:
     blob_timeout: float = 300.0
     """Seconds allowed for one blob transfer (offer to acknowledgement)."""
 
+    bulk_port: int = 0
+    """TCP port of the TLS path models of 1 MiB or more travel on, beside libp2p (0: any
+    free port; -1: off, every model takes the slower libp2p stream). Behind a NAT, forward
+    it as well as the libp2p port, or models fall back to the libp2p stream."""
+
     log_level: str = "info"
     """debug, info, warning or error."""
 
@@ -240,6 +245,8 @@ def _validate(config: NodeConfig) -> NodeConfig:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
     if not config.max_blob_size <= config.blob_memory_per_peer <= config.blob_memory:
         raise ConfigError("need max_blob_size <= blob_memory_per_peer <= blob_memory")
+    if not -1 <= config.bulk_port <= 65535:
+        raise ConfigError(f"bulk_port must be -1 (off) or 0-65535, got {config.bulk_port}")
     if config.max_update_ratio < 0:
         raise ConfigError(f"max_update_ratio must not be negative, got {config.max_update_ratio}")
     admission_rule(config)

@@ -117,6 +117,7 @@ class Daemon:
             grace=config.stream_idle_timeout,
         )
         self.blob_budget = blob.BlobBudget(config.blob_memory, config.blob_memory_per_peer)
+        self.bulk = runtime.bulk_path(config)
         self.received_bytes = _folder_bytes(data_dir.received_dir)
         self.swarm: SwarmService | None = None
         self.learner: Learner | None = None
@@ -155,6 +156,7 @@ class Daemon:
                     runtime.wall_clock,
                     runtime.offload,
                     task,
+                    self.bulk,
                 )
 
         elif admission.mode is AdmissionMode.ALLOWLIST:
@@ -200,6 +202,7 @@ class Daemon:
                     accept=self._accept_blob,
                     pace=self.pace,
                     wall_clock=self.runtime.wall_clock,
+                    bulk=self.bulk,
                 )
         except trio.TooSlowError:
             self.counters.updates_rejected += 1
@@ -309,6 +312,7 @@ class Daemon:
                 meta=meta,
                 config=self.config,
                 wall_clock=self.runtime.wall_clock,
+                bulk=self.bulk,
             )
             if error is not None:
                 logger.warning("%s to %s not delivered: %s", kind, peer_id, error)
@@ -448,6 +452,7 @@ class Daemon:
             "swarm_state": self.swarm.status() if self.swarm is not None else None,
             "learning": self.learner.status() if self.learner is not None else None,
             "nat": self.nat.status() if self.nat is not None else None,
+            "bulk": self.bulk.status() if self.bulk is not None else None,
         }
 
     async def peers(self) -> list[dict[str, Any]]:
@@ -582,7 +587,8 @@ async def run_daemon(
                         task=task,
                         runtime=runtime,
                     )
-
+                    if daemon.bulk is not None:
+                        await nursery.start(daemon.bulk.serve)
                     if handle_signals:
                         nursery.start_soon(_watch_signals, stop, shutdown)
                     nursery.start_soon(_watch_loop_lag, daemon.counters)

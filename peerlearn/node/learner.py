@@ -39,6 +39,7 @@ from peerlearn.learning.task import (
 )
 from peerlearn.learning.task_model import TaskModel
 from peerlearn.node import blob
+from peerlearn.node.bulk_tls import BulkPath
 from peerlearn.node.checkpoints import CheckpointStore
 from peerlearn.node.config import MODEL_ATTACKS, NodeConfig, parse_shard
 from peerlearn.node.host_api import Host
@@ -99,10 +100,12 @@ class Learner:
         wall_clock: Callable[[], float] = time.time,
         offload: Offload = in_thread,
         task: TaskFactory | str | None = None,
+        bulk: BulkPath | None = None,
     ) -> None:
         """``sequence`` and ``replay_guard`` are the node's own: one per identity;
         ``offload`` runs training, merges, evaluation, checkpoints and decoding; ``task`` (a
-        factory or a name) builds the task instead of ``config.task`` (the embedding API)."""
+        factory or a name) builds the task instead of ``config.task`` (the embedding API);
+        ``bulk`` carries large models (the libp2p stream if None)."""
         self.config = config
         self.swarm = swarm
         self.me = host.identity.public_key
@@ -133,7 +136,7 @@ class Learner:
         self._finish_lock = trio.Lock()
         self.phase = "waiting for members"
         self.transport = LearningTransport(
-            config, host, swarm.pace, sequence, replay_guard, on_bytes, wall_clock, offload
+            config, host, swarm.pace, sequence, replay_guard, on_bytes, wall_clock, offload, bulk
         )
         self._model_bytes = len(state_dict_to_bytes(self.model))
         self.checkpoints = CheckpointStore(data_dir / CHECKPOINT_FILE)
@@ -222,10 +225,9 @@ class Learner:
             await self.offload(self._save_checkpoint, round_, model, metrics)
             score = self.learning.score(metrics)
             self.round, self.model, self.metrics, self.accuracy = round_, model, metrics, score
-            encoded = await self.transport.encoded(model)
-            digest = await self.offload(lambda: hashlib.sha256(encoded).hexdigest())
+            _, digest = await self.transport.encoded(model)
             self.swarm.write("round", {"round": round_})
-            self.swarm.write("model", {"version": round_, "sha256": digest})
+            self.swarm.write("model", {"version": round_, "sha256": digest.hex()})
             self.swarm.write("metrics", {"accuracy": round(score, 4), "round": round_})
         logger.info("round %d: %s %.3f", round_, self.learning.task.metric, score)
 

@@ -1,6 +1,6 @@
 """How the learning drivers reach peers: models as blobs, MoDeST's small messages as envelopes.
 
-* models (any algorithm): safetensors bytes over ``/peerlearn/blob/1`` (``node.blob``), the
+* models (any algorithm): safetensors bytes over ``/peerlearn/blob/2`` (``node.blob``), the
   round's metadata inside the signed offer;
 * MoDeST's small messages (ping, pong, ack, membership): signed envelopes of type
   ``modest``, replay-checked, over ``/peerlearn/msg/2``: one stream per peer carries them
@@ -15,6 +15,7 @@ nothing about learning.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from peerlearn.errors import NetworkError, RemoteProtocolError
 from peerlearn.identity import Identity, peer_id_from_public_key
 from peerlearn.learning.aggregate import StateDict
 from peerlearn.node import blob
+from peerlearn.node.bulk_tls import BulkPath
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.framing import Pace, receive_next_frame, send_frame
 from peerlearn.node.host_api import Host, Stream
@@ -73,9 +75,10 @@ class LearningTransport:
         on_bytes: Callable[[int, int], None],
         wall_clock: Callable[[], float],
         offload: Offload,
+        bulk: BulkPath | None = None,
     ) -> None:
         """``wall_clock``: the time signed into envelopes and checked against replays;
-        ``offload`` runs the encoding of models."""
+        ``offload`` runs the encoding of models; ``bulk`` carries large models."""
         self.config = config
         self.host = host
         self.identity: Identity = host.identity
@@ -85,11 +88,12 @@ class LearningTransport:
         self.on_bytes = on_bytes
         self.wall_clock = wall_clock
         self.offload = offload
+        self.bulk = bulk
         self.models_sent = 0
         self.models_received = 0
         self.on_message: SmallMessageHandler | None = None
         self._encoding = trio.Lock()
-        self._last_encoded: tuple[StateDict, bytes] | None = None
+        self._last_encoded: tuple[StateDict, bytes, bytes] | None = None
         self._outboxes: dict[str, _Outbox] = {}
         host.set_handler(MSG_PROTOCOL, self._serve_messages)
 
@@ -98,7 +102,7 @@ class LearningTransport:
     ) -> bool:
         """Send a model to one peer over the blob protocol; False (logged) if not delivered."""
         peer_id = peer_id_from_public_key(peer_pk)
-        payload = await self.encoded(model)
+        payload, digest = await self.encoded(model)
         error = await blob.deliver(
             self.host,
             self.sequence,
@@ -108,6 +112,8 @@ class LearningTransport:
             meta=meta,
             config=self.config,
             wall_clock=self.wall_clock,
+            bulk=self.bulk,
+            sha256=digest,
         )
         if error is not None:
             logger.info("model to %s not delivered: %s", peer_id, error)
@@ -116,16 +122,23 @@ class LearningTransport:
         self.on_bytes(len(payload), 0)
         return True
 
-    async def encoded(self, model: StateDict) -> bytes:
-        """``model`` as safetensors bytes, encoded once (off the event loop) however many
-        peers it goes to: a round's model is pushed to several peers and announced too."""
+    async def encoded(self, model: StateDict) -> tuple[bytes, bytes]:
+        """``model`` as safetensors bytes and their sha256, computed once (off the event
+        loop) however many peers it goes to: a round's model is pushed to several peers
+        and announced too."""
         async with self._encoding:
             last = self._last_encoded
             if last is not None and last[0] is model:
-                return last[1]
-            payload = await self.offload(state_dict_to_bytes, model)
-            self._last_encoded = (model, payload)  # the model held: its identity stays valid
-            return payload
+                return last[1], last[2]
+
+            def encode() -> tuple[bytes, bytes]:
+                payload = state_dict_to_bytes(model)
+                return payload, hashlib.sha256(payload).digest()
+
+            payload, digest = await self.offload(encode)
+            # the model held: its identity stays valid
+            self._last_encoded = (model, payload, digest)
+            return payload, digest
 
     def model_received(self, size: int) -> None:
         self.models_received += 1

@@ -5,7 +5,8 @@ with ``MockClock`` runs the daemon in virtual time. Three more things are inject
 
 * ``open_host``: the libp2p host on real sockets by default; tests pass an in-process one;
 * ``wall_clock``: the time signed into messages and records and checked on arrival;
-* ``offload``: where CPU-heavy or blocking work runs (``peerlearn.node.offload``).
+* ``offload``: where CPU-heavy or blocking work runs (``peerlearn.node.offload``);
+* ``bulk_path``: the TLS path for large models on real sockets, or None (in-process hosts).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
+from peerlearn.errors import ConfigError
 from peerlearn.identity import Identity
-from peerlearn.node.config import NodeConfig
+from peerlearn.node.bulk_tls import BulkPath
+from peerlearn.node.config import NodeConfig, parse_listen_address
 from peerlearn.node.host import RelaySettings, all_loopback, open_host
 from peerlearn.node.host_api import Host, PeerGate
 from peerlearn.node.offload import Offload, in_thread
@@ -52,6 +55,22 @@ def open_libp2p_host(
     )
 
 
+def open_bulk_path(config: NodeConfig) -> BulkPath | None:
+    """The TLS bulk path on the IP the node listens on (every interface if it listens on
+    several), unless ``bulk_port`` is -1."""
+    if config.bulk_port < 0:
+        return None
+    ips = {parse_listen_address(address)[0] for address in config.listen}
+    ip = ips.pop() if len(ips) == 1 else "0.0.0.0"
+    try:
+        return BulkPath(ip, config.bulk_port)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on bulk_port {config.bulk_port} at {ip}: {exc.strerror} "
+            "(choose another port, 0 for any, or -1 to turn the bulk path off)"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The daemon's surroundings; the defaults are a real node's."""
@@ -59,3 +78,4 @@ class Runtime:
     open_host: OpenHost = open_libp2p_host
     wall_clock: Callable[[], float] = time.time
     offload: Offload = in_thread
+    bulk_path: Callable[[NodeConfig], BulkPath | None] = open_bulk_path

@@ -136,12 +136,15 @@ async def offer(
     payload: bytes | None = None,
 ) -> tuple[dict[str, Any], Stream]:
     """Send a blob offer with any ``body`` (signed by us) and return the reply to it, and the
-    stream (to send a body on, or not)."""
+    stream (to send a body on, or not). ``payload`` goes on the stream (after saying so
+    when the peer invited us onto its bulk path)."""
     stream = await host.open_stream(peer_id, blob.PROTOCOL)
     envelope = wire.seal(host.identity, blob.OFFER_TYPE, body, seq=seq, timestamp=time.time())
     await send_frame(stream, envelope)
     reply = wire.unpack(await receive_frame(stream, blob.MAX_CONTROL_FRAME))
     if payload is not None and reply.get("ok"):
+        if "bulk" in reply:
+            await send_frame(stream, blob.encode_via(tls=False))
         await stream.send_all(payload)
     return reply, stream
 

@@ -35,6 +35,7 @@ from peerlearn.learning.task import TaskContext
 from peerlearn.learning.task_model import TaskModel
 from peerlearn.learning.tasks.digits import DigitsTask
 from peerlearn.node import blob
+from peerlearn.node.bulk_tls import Invitation
 from peerlearn.node.checkpoints import CheckpointError, CheckpointStore
 from peerlearn.node.control import decode_request
 from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
@@ -72,6 +73,16 @@ def test_blob_offer_signed_by_a_hostile_peer(body: Any) -> None:
 @given(mutated(blob.encode_reply(False, "busy")))
 def test_blob_reply(data: bytes) -> None:
     only((RemoteProtocolError,), blob.decode_reply, data)
+
+
+@given(mutated(blob.encode_reply(True, invitation=Invitation(4001, bytes(32), bytes(32)))))
+def test_blob_reply_inviting_to_the_bulk_path(data: bytes) -> None:
+    only((RemoteProtocolError,), blob.decode_reply, data)
+
+
+@given(mutated(blob.encode_via(True)))
+def test_blob_via(data: bytes) -> None:
+    only((RemoteProtocolError,), blob.decode_via, data)
 
 
 VALID_BATCH = entries_to_wire([MEMBER, sign_entry(ALICE, SWARM, "round", 6, {"round": 3})])
@@ -190,10 +201,16 @@ def test_dht_record(data: bytes) -> None:
 
 @pytest.mark.parametrize(
     "mixed",
-    [{"op": "status", b"args": {}}, {"ok": True, b"reason": ""}, {"t": "hello", b"member": 1}],
+    [
+        {"op": "status", b"args": {}},
+        {"ok": True, b"reason": ""},
+        {"ok": True, "reason": "", b"bulk": {}},
+        {"t": "hello", b"member": 1},
+        {"via": "tls", b"x": 1},
+    ],
 )
 def test_maps_with_mixed_key_types_are_a_remote_error_not_a_type_error(mixed: Any) -> None:
     data = wire.pack(mixed)
-    for decode in (decode_request, blob.decode_reply, sync.decode_frame):
+    for decode in (decode_request, blob.decode_reply, blob.decode_via, sync.decode_frame):
         with pytest.raises(RemoteProtocolError):
             decode(data)
