@@ -4,7 +4,8 @@ Each of ``--nodes`` processes runs a host on 127.0.0.1 and, every ``--interval``
 ``--size-mb`` of bytes over ``/peerlearn/blob/2`` to ``--peers`` random others (one push per
 destination at a time, as the daemon does), each body on the libp2p stream (no bulk path).
 With ``--cut-after S``, pushes of the first half are cancelled after S seconds, mid-write
-most of the time; the second half then shows whether the connections survived that. Prints, per half, pushes delivered and failed, and the slowest.
+most of the time; the second half then shows whether the connections survived that.
+Prints, per half, pushes delivered and failed, and the slowest.
 
     python bench/push_storm.py [--nodes 10] [--peers 4] [--size-mb 2] [--interval 0.5]
                                [--seconds 40] [--cut-after 1.0]
