@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 
@@ -173,6 +174,37 @@ def test_a_sender_that_stalls_on_the_bulk_path_is_cut_off_in_seconds() -> None:
                     await bulk.receive_body(connection, 2000, pace)
                 assert stalled.is_set()
                 assert trio.current_time() - started < 5
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_sender_that_trickles_on_the_bulk_path_is_cut_off_by_the_rate() -> None:
+    async def main() -> None:
+        bulk = BulkPath("127.0.0.1")
+        invitation = bulk.invite()
+        pace = Pace(idle_timeout=5.0, min_rate=100_000.0, grace=0.5)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bulk.serve)
+            with bulk.expecting(invitation) as connection:
+                gave_up = trio.Event()
+
+                def trickling_sender() -> None:  # token, then a byte every 0.1 s
+                    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                    raw = socket.create_connection(("127.0.0.1", bulk.port), timeout=10)
+                    with context.wrap_socket(raw) as tls, suppress(OSError):
+                        tls.sendall(invitation.token)
+                        while not trio.from_thread.run_sync(gave_up.is_set):
+                            tls.sendall(b"x")
+                            time.sleep(0.1)
+
+                nursery.start_soon(trio.to_thread.run_sync, trickling_sender)
+                started = trio.current_time()
+                with pytest.raises(TransferTooSlowError, match="below the minimum"):
+                    await bulk.receive_body(connection, 10_000, pace)
+                gave_up.set()
+                assert trio.current_time() - started < 3
             nursery.cancel_scope.cancel()
 
     run(main)

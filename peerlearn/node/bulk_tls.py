@@ -194,13 +194,13 @@ async def _blocking_socket(stream: trio.SocketStream) -> socket.socket:
     return sock
 
 
-def _check_rate(pace: Pace, started: float, done: int, total: int, what: str) -> None:
-    """``pace``'s minimum rate (its idle timeout is the socket's timeout)."""
-    elapsed = time.monotonic() - started
-    if elapsed > pace.grace and done / elapsed < pace.min_rate:
+def _keep_pace(pace: Pace, started: float, done: int, total: int, what: str) -> None:
+    """``TransferTooSlowError`` if ``done`` bytes by now fall behind ``pace``'s rate (a
+    silent peer is caught by the socket's timeout, ``pace.idle_timeout``)."""
+    now = time.monotonic()
+    if now >= pace.deadline(started, done, now):
         raise TransferTooSlowError(
-            f"{what} after {done} of {total} bytes: {done / elapsed:.0f} B/s is below the "
-            f"minimum of {pace.min_rate:.0f} B/s"
+            f"{what} after {done} of {total} bytes: {pace.why(started, done, now, now)}"
         )
 
 
@@ -328,7 +328,7 @@ class BulkPath:
                 if done - hashed >= IO_SIZE or done == size:
                     digest.update(view[hashed:done])
                     hashed = done
-                    _check_rate(pace, started, done, size, "bulk body")
+                _keep_pace(pace, started, done, size, "bulk body")
             return bytes(buffer), digest.digest()
 
         try:
@@ -349,7 +349,9 @@ class BulkPath:
         failed = self._unreachable.get(peer_id)
         if failed is not None and now - failed < CONNECT_RETRY_AFTER:
             return False
-        self._unreachable.pop(peer_id, None)
+        self._unreachable = {
+            p: t for p, t in self._unreachable.items() if now - t < CONNECT_RETRY_AFTER
+        }
         return True
 
     async def connect(
@@ -404,9 +406,11 @@ class BulkPath:
         def send() -> None:
             tls.settimeout(pace.idle_timeout)
             started = time.monotonic()
-            for done in range(0, len(data), IO_SIZE):
-                tls.sendall(view[done : done + IO_SIZE])
-                _check_rate(pace, started, done, len(data), "peer reading the bulk body")
+            for start in range(0, len(data), IO_SIZE):
+                chunk = view[start : start + IO_SIZE]
+                tls.sendall(chunk)
+                done = start + len(chunk)
+                _keep_pace(pace, started, done, len(data), "peer reading the bulk body")
 
         try:
             await _in_thread(send, tls.fileno(), self._threads)
