@@ -114,14 +114,16 @@ def test_a_bulk_port_with_another_certificate_gets_nothing() -> None:
     run(main)
 
 
-def _tls_client(port: int, first: bytes) -> None:
-    """Connect to a bulk port over TLS, send ``first`` and wait for the port to close."""
+def _tls_to(port: int) -> ssl.SSLSocket:
+    """A TLS connection to a bulk port on 127.0.0.1, as any peer could open (no pin)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        context.wrap_socket(raw) as tls,
-    ):
+    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+
+
+def _tls_client(port: int, first: bytes) -> None:
+    """Connect to a bulk port over TLS, send ``first`` and wait for the port to close."""
+    with _tls_to(port) as tls:
         tls.sendall(first)
         with suppress(ssl.SSLError, ConnectionError):
             assert tls.recv(1) == b""
@@ -160,10 +162,7 @@ def test_a_sender_that_stalls_on_the_bulk_path_is_cut_off_in_seconds() -> None:
                 stalled = trio.Event()
 
                 def stalling_sender() -> None:  # token, half the body, then silence
-                    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-                    raw = socket.create_connection(("127.0.0.1", bulk.port), timeout=10)
-                    with context.wrap_socket(raw) as tls:
+                    with _tls_to(bulk.port) as tls:
                         tls.sendall(invitation.token + bytes(1000))
                         trio.from_thread.run_sync(stalled.set)
                         tls.recv(1)  # until the receiver gives up
@@ -190,10 +189,7 @@ def test_a_sender_that_trickles_on_the_bulk_path_is_cut_off_by_the_rate() -> Non
                 gave_up = trio.Event()
 
                 def trickling_sender() -> None:  # token, then a byte every 0.1 s
-                    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-                    raw = socket.create_connection(("127.0.0.1", bulk.port), timeout=10)
-                    with context.wrap_socket(raw) as tls, suppress(OSError):
+                    with _tls_to(bulk.port) as tls, suppress(OSError):
                         tls.sendall(invitation.token)
                         while not trio.from_thread.run_sync(gave_up.is_set):
                             tls.sendall(b"x")
