@@ -38,9 +38,20 @@ test: lint
 fuzz: $(STAMP)
 	PEERLEARN_FUZZ=1 $(PY) -m pytest -q tests/adversarial/test_decoders.py
 
-bench: $(STAMP)
+# hivemind, for the side-by-side runs of bench/exchange.py, in a venv of its own (protobuf 7).
+HIVEMIND_VENV := .venv-hivemind
+HIVEMIND_STAMP := $(HIVEMIND_VENV)/.installed
+
+$(HIVEMIND_STAMP): bench/hivemind-requirements.txt
+	test -x $(HIVEMIND_VENV)/bin/python || $(PYTHON) -m venv $(HIVEMIND_VENV)
+	$(HIVEMIND_VENV)/bin/python -m pip install --quiet torch==2.13.0 $(TORCH_FROM)
+	$(HIVEMIND_VENV)/bin/python -m pip install --quiet -r bench/hivemind-requirements.txt
+	touch $(HIVEMIND_STAMP)
+
+bench: $(STAMP) $(HIVEMIND_STAMP)
 	$(PY) bench/stream_throughput.py
 	$(PY) bench/merge_cost.py
+	$(PY) bench/exchange.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(HIVEMIND_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

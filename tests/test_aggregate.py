@@ -3,9 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peerlearn.errors import LocalProtocolError
+from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.learning import aggregate, robust
 from peerlearn.learning.aggregate import population_variance, vca_merge, weighted_mean
+from peerlearn.learning.hygiene import check_finite
 
 
 def xavier(generator: torch.Generator, fan_out: int = 10, fan_in: int = 500) -> torch.Tensor:
@@ -102,3 +103,22 @@ def test_krum_picks_the_central_model_and_clamps_f() -> None:
 def test_unknown_rule_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError, match="unknown aggregation rule"):
         robust.create_rule("average-ish")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_variance_matches_a_float64_reference_in_every_float_dtype(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    values = (torch.randn(1_000_000, generator=g) * 3 + 1).to(dtype)
+    reference = float(values.double().var(unbiased=False))
+    assert population_variance(values) == pytest.approx(reference, rel=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_check_finds_one_bad_value_and_keeps_huge_finite_models(dtype: torch.dtype) -> None:
+    huge = torch.full((1000,), torch.finfo(dtype).max / 2, dtype=dtype)  # its sum overflows
+    check_finite({"w": huge})
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        model = torch.zeros(1000, dtype=dtype)
+        model[517] = bad
+        with pytest.raises(RemoteProtocolError, match="NaN or infinite"):
+            check_finite({"w": model})

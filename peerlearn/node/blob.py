@@ -201,7 +201,7 @@ async def send_blob(
     ``wall_clock`` dates the signed offer. With ``bulk``, the body takes the receiver's
     TLS bulk path when it invites us to and its port answers. ``sha256``: the digest of
     ``data`` when the caller has it already (a model pushed to several peers)."""
-    digest = sha256 if sha256 is not None else await _sha256(data)
+    digest = sha256 if sha256 is not None else await digest_of(data)
     body = {"sha256": digest, "size": len(data), "kind": kind, "meta": meta}
     offer = wire.seal(identity, OFFER_TYPE, body, seq=seq, timestamp=wall_clock())
     await send_frame(stream, offer)
@@ -218,7 +218,7 @@ async def send_blob(
             close_connection(tls)
 
 
-async def _sha256(data: bytes) -> bytes:
+async def digest_of(data: bytes) -> bytes:
     """The digest of ``data``, off the event loop when it is large (0.1 s per 100 MB)."""
     if len(data) < BULK_MIN_SIZE:
         return hashlib.sha256(data).digest()
@@ -341,7 +341,7 @@ async def receive_blob(
             data, digest = await bulk.receive_body(connection, offer.size, pace)
         else:
             data = await receive_exactly(stream, offer.size, pace)
-            digest = await _sha256(data)
+            digest = await digest_of(data)
         blob = ReceivedBlob(stream.remote_peer_id, offer, data)
         try:
             if digest != offer.sha256:

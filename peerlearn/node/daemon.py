@@ -300,6 +300,7 @@ class Daemon:
         if not peers:
             raise LocalProtocolError("no connected peers to send to")
         results: list[dict[str, Any]] = []
+        sha256 = await blob.digest_of(data)  # once for every peer
 
         async def push(peer_id: str) -> None:
             started = trio.current_time()
@@ -313,6 +314,7 @@ class Daemon:
                 config=self.config,
                 wall_clock=self.runtime.wall_clock,
                 bulk=self.bulk,
+                sha256=sha256,
             )
             if error is not None:
                 logger.warning("%s to %s not delivered: %s", kind, peer_id, error)

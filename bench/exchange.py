@@ -1,0 +1,403 @@
+"""peerlearn and hivemind side by side: one model A->B, and groups of peers averaging models.
+
+Every peer is a process of its own. Cases run one after another in one run, each system in
+turn (peerlearn, then hivemind, then plain TCP for A->B), and the table gives ratios:
+
+- **A->B**, on 127.0.0.1: one model sent from A to B and acknowledged, for each size, as
+  a fraction of a blocking TCP socket's throughput (the median of ``--repeats``).
+  peerlearn: ``share_model`` of the embedding API (safetensors, blob/2, TLS bulk path).
+  hivemind: its tensor serialization over a stream of its p2p daemon.
+- **Averaging**: ``--peers`` peers average a model of ``--sizes`` MB, ``--rounds`` rounds.
+  peerlearn: every peer shares its model with every other (``share_model``) and merges what
+  it received (``merge``, VCA); hivemind: ``DecentralizedAverager.step()`` (butterfly
+  all-reduce). Each round starts at a barrier; its time is the slowest peer's. Bytes are
+  what each peer's network card sent, CPU seconds those of the peer's processes (hivemind's
+  averager and p2p daemon included), memory the peak RSS over the idle one. When run as root,
+  each peer lives in a network namespace of its own (198.18.0.0/24, removed at the end), so
+  that its bytes can be counted; otherwise on 127.0.0.1, without the bytes.
+
+hivemind runs in an interpreter of its own (it needs protobuf 7, libp2p 0.8.1 protobuf 6):
+``make bench`` builds ``.venv-hivemind``; ``--hivemind-python`` points elsewhere, and
+without one the hivemind columns say "-".
+
+    python bench/exchange.py [--sizes-ab 1 16 100 500] [--peers 4 8] [--sizes 16 100]
+                             [--rounds 10] [--repeats 3] [--only ab|average] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from exchange_common import Folder, PeakRss, Rounds, model_shapes, rss_bytes, write_result
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_HIVEMIND = HERE.parent / ".venv-hivemind" / "bin" / "python"
+ROUND_TIMEOUT = 300.0  # seconds before a round counts as stalled
+MB = 1_000_000
+
+
+# --- workers (each in its own process) -----------------------------------------------------
+
+
+def tcp_worker(spec: dict[str, Any]) -> None:
+    """A->B over a blocking socket: worker 1 receives, worker 0 sends."""
+    folder = Folder(spec["folder"], spec["index"], 2)
+    size, rounds = spec["size"], Rounds()
+    if spec["index"] == 1:
+        with socket.create_server((spec["ip"], 0)) as server:
+            folder.publish("addr", str(server.getsockname()[1]))
+            buffer = memoryview(bytearray(1 << 20))
+            for _ in range(spec["rounds"]):
+                connection, _ = server.accept()
+                with connection:
+                    left = size
+                    while left:
+                        left -= connection.recv_into(buffer, min(left, len(buffer)))
+                    connection.sendall(b"ok")
+        write_result(folder, {})
+        return
+    folder.wait_for("addr", [1])
+    port = int(folder.read("addr", 1))
+    data = os.urandom(size)
+    for _ in range(spec["rounds"]):
+        with rounds.measure(), socket.create_connection((spec["ip"], port)) as connection:
+            connection.sendall(data)
+            if connection.recv(2) != b"ok":
+                raise RuntimeError("the TCP receiver did not acknowledge")
+    write_result(folder, {"rounds": rounds.records})
+
+
+def peerlearn_worker(spec: dict[str, Any]) -> None:
+    """A->B (worker 0 shares with worker 1) or all-to-all averaging, over the embedding API."""
+    import torch
+    import trio
+
+    from peerlearn import NodeConfig, open_node
+
+    folder = Folder(spec["folder"], spec["index"], spec["workers"])
+    index, workers, size = spec["index"], spec["workers"], spec["size"]
+    generator = torch.Generator().manual_seed(index)
+    model = {
+        f"layer{i}": torch.randn(n, generator=generator) for i, n in enumerate(model_shapes(size))
+    }
+    config = NodeConfig(
+        data_dir=Path(spec["folder"]) / f"node{index}",
+        listen=(f"/ip4/{spec['ip']}/tcp/0",),
+        swarm="bench",
+        mdns=False,
+        nat_traversal=False,
+        log_level="warning",
+        max_blob_size=max(512 * 2**20, size + 2**20),
+        blob_memory=max(1024 * 2**20, 2 * workers * size),
+        blob_memory_per_peer=max(512 * 2**20, 2 * size),
+    )
+
+    async def barrier(name: str) -> None:
+        await trio.to_thread.run_sync(folder.barrier, name)
+
+    async def main() -> dict[str, Any]:
+        async with open_node(config) as node:
+            folder.publish("addr", (await node.addrs())[0])
+            await trio.to_thread.run_sync(folder.wait_for, "addr", range(workers))
+            for other in range(index):
+                await node.connect(folder.read("addr", other))
+            with trio.fail_after(60):
+                while len(await node.peers()) < workers - 1:  # noqa: ASYNC110 - polls the node
+                    await trio.sleep(0.05)
+            await barrier("ready")
+            if spec["mode"] == "ab":
+                return await (a_to_b_sender(node) if index == 0 else a_to_b_receiver(node))
+            return await average(node)
+
+    async def a_to_b_sender(node: Any) -> dict[str, Any]:
+        rounds = Rounds()
+        for r in range(spec["rounds"]):
+            await barrier(f"round{r}")
+            with rounds.measure():
+                deliveries = await node.share_model(model, round=r)
+            if not all(d.ok for d in deliveries):
+                raise RuntimeError(f"A->B not delivered: {deliveries}")
+        await barrier("done")
+        return {"rounds": rounds.records}
+
+    async def a_to_b_receiver(node: Any) -> dict[str, Any]:
+        for r in range(spec["rounds"]):
+            await barrier(f"round{r}")
+            await node.receive()
+        await barrier("done")
+        return {}
+
+    async def share(node: Any, model: Any, r: int, out: list[Any]) -> None:
+        out.extend(await node.share_model(model, round=r))
+
+    async def average(node: Any) -> dict[str, Any]:
+        nonlocal model
+        rounds, early = Rounds(spec["interface"]), []
+        baseline = rss_bytes()
+        with PeakRss() as peak:
+            for r in range(spec["rounds"]):
+                await barrier(f"round{r}")
+                with rounds.measure() as meter:
+                    updates = [u for u in early if u.round == r]
+                    early = [u for u in early if u.round != r]
+                    delivered: list[Any] = []
+                    with trio.move_on_after(ROUND_TIMEOUT):
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(share, node, model, r, delivered)
+                            while len(updates) < workers - 1:
+                                update = await node.receive()
+                                (updates if update.round == r else early).append(update)
+                    model = node.merge(model, updates)
+                    meter.extra["delivered"] = sum(d.ok for d in delivered)
+                    meter.extra["received"] = len(updates)
+        return {"rounds": rounds.records, "baseline_rss": baseline, "peak_rss": peak.peak}
+
+    write_result(folder, trio.run(main))
+
+
+WORKERS = {"tcp": tcp_worker, "peerlearn": peerlearn_worker}
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+class Network:
+    """Where peers run: namespaces of a lab on one bridge (as root), else 127.0.0.1."""
+
+    def __init__(self, peers: int, use_lab: bool) -> None:
+        self.lab: Any = None
+        if use_lab:
+            from peerlearn.nat.lab import NatLab, lab_unavailable_reason
+
+            if lab_unavailable_reason() is None:
+                self.lab = NatLab(prefix=f"plx{os.getpid() % 100000}")
+                for i in range(peers):
+                    host = self.lab.add_public(f"peer{i}")
+                    # a default route, without which hivemind's p2p daemon finds no address
+                    subprocess.run(
+                        ["ip", "-n", host.namespace, "route", "add", "default", "dev", "eth0"],
+                        check=True,
+                    )
+
+    def ip(self, index: int) -> str:
+        return self.lab.hosts[index].ip if self.lab else "127.0.0.1"
+
+    def command(self, index: int, argv: list[str]) -> list[str]:
+        return self.lab.hosts[index].command(*argv) if self.lab else argv
+
+    def close(self) -> None:
+        if self.lab:
+            self.lab.close()
+
+
+def run_case(
+    system: str, mode: str, workers: int, size: int, rounds: int, network: Network, python: str
+) -> list[dict[str, Any]] | str:
+    """Start ``workers`` processes of ``system``; their results, or why they failed."""
+    folder = tempfile.mkdtemp(prefix=f"exchange-{system}-")
+    script = HERE / ("exchange_hivemind.py" if system == "hivemind" else "exchange.py")
+    processes = []
+    try:
+        for index in range(workers):
+            spec = {
+                "system": system,
+                "mode": mode,
+                "index": index,
+                "workers": workers,
+                "size": size,
+                "rounds": rounds,
+                "folder": folder,
+                "ip": network.ip(index),
+                "interface": "eth0" if network.lab else None,
+            }
+            argv = network.command(index, [python, str(script), "--worker", json.dumps(spec)])
+            log = open(Path(folder) / f"log.{index}", "w")  # noqa: SIM115 - closed with the run
+            processes.append(
+                subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+        deadline = time.monotonic() + 120 + rounds * ROUND_TIMEOUT
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in processes):
+                break
+            time.sleep(0.1)
+        failed = [i for i, p in enumerate(processes) if p.poll() != 0]
+        if failed:
+            tail = (Path(folder) / f"log.{failed[0]}").read_text().strip().splitlines()[-3:]
+            return f"worker {failed[0]} failed: {' | '.join(tail)}"
+        return [json.loads((Path(folder) / f"result.{i}").read_text()) for i in range(workers)]
+    finally:
+        for p in processes:  # and what they started (hivemind's averager, DHT, p2p daemon)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def a_to_b(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    network = Network(2, use_lab=False)
+    for size_mb in args.sizes_ab:
+        size, row = int(size_mb * MB), {"size_mb": size_mb}
+        for system in ("peerlearn", "hivemind", "tcp"):
+            if system not in pythons:
+                continue
+            results = run_case(system, "ab", 2, size, args.repeats, network, pythons[system])
+            if isinstance(results, str):
+                row[system] = results
+                continue
+            seconds = statistics.median(r["seconds"] for r in results[0]["rounds"])
+            row[system] = size / seconds / MB  # MB/s
+        rows.append(row)
+        print(ab_line(row), flush=True)
+    return rows
+
+
+def averaging(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    for peers in args.peers:
+        network = Network(peers, use_lab=not args.loopback)
+        try:
+            for size_mb in args.sizes:
+                size, row = int(size_mb * MB), {"peers": peers, "size_mb": size_mb}
+                for system in ("peerlearn", "hivemind"):
+                    if system not in pythons:
+                        continue
+                    results = run_case(
+                        system, "average", peers, size, args.rounds, network, pythons[system]
+                    )
+                    row[system] = results if isinstance(results, str) else summarize(results)
+                rows.append(row)
+                print(average_line(row), flush=True)
+        finally:
+            network.close()
+    return rows
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per round, the slowest peer's time; per peer, its mean bytes and CPU per round."""
+    rounds = len(results[0]["rounds"])
+    times = [max(r["rounds"][i]["seconds"] for r in results) for i in range(rounds)]
+    sent = [x["sent_bytes"] for r in results for x in r["rounds"]]
+
+    def peers_in(record: dict[str, Any]) -> int:  # hivemind's group, or 1 + models received
+        return int(record.get("group", record.get("received", 0) + 1))
+
+    return {
+        "round_s": statistics.median(times),
+        "slowest_round_s": max(times),
+        "rounds_complete": sum(
+            all(peers_in(r["rounds"][i]) == len(results) for r in results) for i in range(rounds)
+        ),
+        "rounds": rounds,
+        "sent_mb": None if None in sent else statistics.mean(sent) / MB,
+        "cpu_s": statistics.mean(x["cpu_seconds"] for r in results for x in r["rounds"]),
+        "rss_over_idle_mb": max(r["peak_rss"] - r["baseline_rss"] for r in results) / MB,
+    }
+
+
+def ratio(ours: Any, theirs: Any) -> str:
+    if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs:
+        return f"{ours / theirs:.2f}"
+    return "-"
+
+
+def ab_line(row: dict[str, Any]) -> str:
+    def cell(system: str) -> str:
+        value = row.get(system)
+        return f"{value:.0f} MB/s" if isinstance(value, float) else (value or "-")
+
+    ours, theirs, tcp = row.get("peerlearn"), row.get("hivemind"), row.get("tcp")
+    return (
+        f"| {row['size_mb']} MB | {cell('peerlearn')} ({ratio(ours, tcp)}x)"
+        f" | {cell('hivemind')} ({ratio(theirs, tcp)}x) | {cell('tcp')} |"
+    )
+
+
+def average_line(row: dict[str, Any]) -> str:
+    ours, theirs = row.get("peerlearn"), row.get("hivemind")
+
+    def cell(result: Any, key: str, unit: str) -> str:
+        if isinstance(result, str):
+            return result
+        if not isinstance(result, dict) or result.get(key) is None:
+            return "-"
+        return f"{result[key]:.2f}{unit}"
+
+    def get(result: Any, key: str) -> Any:
+        return result.get(key) if isinstance(result, dict) else None
+
+    complete = " / ".join(
+        f"{r['rounds_complete']}/{r['rounds']}" if isinstance(r, dict) else "-"
+        for r in (ours, theirs)
+    )
+    return (
+        f"| {row['peers']} x {row['size_mb']} MB"
+        f" | {cell(ours, 'round_s', ' s')} | {cell(theirs, 'round_s', ' s')}"
+        f" | {ratio(get(ours, 'round_s'), get(theirs, 'round_s'))}"
+        f" | {cell(ours, 'slowest_round_s', ' s')} / {cell(theirs, 'slowest_round_s', ' s')}"
+        f" | {complete}"
+        f" | {cell(ours, 'sent_mb', '')} / {cell(theirs, 'sent_mb', '')}"
+        f" ({ratio(get(ours, 'sent_mb'), get(theirs, 'sent_mb'))})"
+        f" | {cell(ours, 'cpu_s', '')} / {cell(theirs, 'cpu_s', '')}"
+        f" ({ratio(get(ours, 'cpu_s'), get(theirs, 'cpu_s'))})"
+        f" | {cell(ours, 'rss_over_idle_mb', '')} / {cell(theirs, 'rss_over_idle_mb', '')} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes-ab", type=float, nargs="+", default=[1, 16, 100, 500])
+    parser.add_argument("--peers", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[16, 100])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["ab", "average"])
+    parser.add_argument("--loopback", action="store_true", help="averaging on 127.0.0.1 too")
+    parser.add_argument("--hivemind-python", default=str(DEFAULT_HIVEMIND))
+    parser.add_argument("--json", type=Path, help="write every measurement to this file")
+    args = parser.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        WORKERS[spec["system"]](spec)
+        return
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # the lab is removed then
+    pythons = {"peerlearn": sys.executable, "tcp": sys.executable}
+    if Path(args.hivemind_python).exists():
+        pythons["hivemind"] = args.hivemind_python
+    else:
+        print(f"hivemind: no interpreter at {args.hivemind_python} (make bench builds one)")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
+    report: dict[str, Any] = {}
+    if args.only in (None, "ab"):
+        print("\n| A->B | peerlearn | hivemind | blocking TCP |\n|---|---|---|---|")
+        report["a_to_b"] = a_to_b(args, pythons)
+    if args.only in (None, "average"):
+        print(
+            "\n| peers x model | round peerlearn | round hivemind | ratio | slowest round "
+            "| full rounds | MB sent per peer per round (ratio) | CPU-s per peer per round "
+            "(ratio) | MB RSS over idle |\n|---|---|---|---|---|---|---|---|---|"
+        )
+        report["averaging"] = averaging(args, pythons)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
