@@ -152,6 +152,13 @@ def peerlearn_worker(spec: dict[str, Any]) -> None:
             for r in range(spec["rounds"]):
                 await barrier(f"round{r}")
                 with rounds.measure() as meter:
+                    if spec["system"] == "peerlearn":
+                        with trio.move_on_after(ROUND_TIMEOUT):
+                            result = await node.average(model, round=r, timeout=ROUND_TIMEOUT)
+                            model = result.model
+                            full = result.reduced_with == workers and not result.fallback_parts
+                            meter.extra["group"] = workers if full else result.reduced_with
+                        continue
                     updates = [u for u in early if u.round == r]
                     early = [u for u in early if u.round != r]
                     delivered: list[Any] = []
@@ -169,7 +176,7 @@ def peerlearn_worker(spec: dict[str, Any]) -> None:
     write_result(folder, trio.run(main))
 
 
-WORKERS = {"tcp": tcp_worker, "peerlearn": peerlearn_worker}
+WORKERS = {"tcp": tcp_worker, "peerlearn": peerlearn_worker, "peerlearn-a2a": peerlearn_worker}
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -273,7 +280,7 @@ def averaging(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[st
         try:
             for size_mb in args.sizes:
                 size, row = int(size_mb * MB), {"peers": peers, "size_mb": size_mb}
-                for system in ("peerlearn", "hivemind"):
+                for system in AVERAGING:
                     if system not in pythons:
                         continue
                     results = run_case(
@@ -327,35 +334,40 @@ def ab_line(row: dict[str, Any]) -> str:
     )
 
 
+AVERAGING = {
+    "peerlearn": "peerlearn all-reduce (average)",
+    "peerlearn-a2a": "peerlearn all-to-all (share_model + merge)",
+    "hivemind": "hivemind DecentralizedAverager.step",
+}
+
+
 def average_line(row: dict[str, Any]) -> str:
-    ours, theirs = row.get("peerlearn"), row.get("hivemind")
-
-    def cell(result: Any, key: str, unit: str) -> str:
+    """One line per system: its numbers, then its ratios to hivemind's."""
+    hivemind = row.get("hivemind")
+    lines = []
+    for system, label in AVERAGING.items():
+        result = row.get(system)
+        if result is None:
+            continue
+        case = f"| {row['peers']} x {row['size_mb']:g} MB | {label}"
         if isinstance(result, str):
-            return result
-        if not isinstance(result, dict) or result.get(key) is None:
-            return "-"
-        return f"{result[key]:.2f}{unit}"
+            lines.append(f"{case} | {result} |" + " |" * 7)
+            continue
 
-    def get(result: Any, key: str) -> Any:
-        return result.get(key) if isinstance(result, dict) else None
+        def number(key: str, result: dict[str, Any] = result) -> str:
+            return "-" if result.get(key) is None else f"{result[key]:.2f}"
 
-    complete = " / ".join(
-        f"{r['rounds_complete']}/{r['rounds']}" if isinstance(r, dict) else "-"
-        for r in (ours, theirs)
-    )
-    return (
-        f"| {row['peers']} x {row['size_mb']} MB"
-        f" | {cell(ours, 'round_s', ' s')} | {cell(theirs, 'round_s', ' s')}"
-        f" | {ratio(get(ours, 'round_s'), get(theirs, 'round_s'))}"
-        f" | {cell(ours, 'slowest_round_s', ' s')} / {cell(theirs, 'slowest_round_s', ' s')}"
-        f" | {complete}"
-        f" | {cell(ours, 'sent_mb', '')} / {cell(theirs, 'sent_mb', '')}"
-        f" ({ratio(get(ours, 'sent_mb'), get(theirs, 'sent_mb'))})"
-        f" | {cell(ours, 'cpu_s', '')} / {cell(theirs, 'cpu_s', '')}"
-        f" ({ratio(get(ours, 'cpu_s'), get(theirs, 'cpu_s'))})"
-        f" | {cell(ours, 'rss_over_idle_mb', '')} / {cell(theirs, 'rss_over_idle_mb', '')} |"
-    )
+        def versus(key: str, result: dict[str, Any] = result) -> str:
+            theirs = hivemind.get(key) if isinstance(hivemind, dict) else None
+            return ratio(result.get(key), theirs)
+
+        lines.append(
+            f"{case} | {number('round_s')} s | {number('slowest_round_s')} s"
+            f" | {result['rounds_complete']}/{result['rounds']} | {number('sent_mb')}"
+            f" | {number('cpu_s')} | {number('rss_over_idle_mb')}"
+            f" | {versus('round_s')} | {versus('sent_mb')} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -377,7 +389,7 @@ def main() -> None:
         return
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # the lab is removed then
-    pythons = {"peerlearn": sys.executable, "tcp": sys.executable}
+    pythons = {"peerlearn": sys.executable, "peerlearn-a2a": sys.executable, "tcp": sys.executable}
     if Path(args.hivemind_python).exists():
         pythons["hivemind"] = args.hivemind_python
     else:
@@ -390,9 +402,9 @@ def main() -> None:
         report["a_to_b"] = a_to_b(args, pythons)
     if args.only in (None, "average"):
         print(
-            "\n| peers x model | round peerlearn | round hivemind | ratio | slowest round "
-            "| full rounds | MB sent per peer per round (ratio) | CPU-s per peer per round "
-            "(ratio) | MB RSS over idle |\n|---|---|---|---|---|---|---|---|---|"
+            "\n| peers x model | exchange | round (median) | slowest round | full rounds "
+            "| MB sent per peer per round | CPU-s per peer per round | MB RSS over idle "
+            "| round vs hivemind | bytes vs hivemind |\n|---|---|---|---|---|---|---|---|---|---|"
         )
         report["averaging"] = averaging(args, pythons)
     if args.json:

@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EMBEDDED = ("AsyncNode", "AsyncioNode", "Delivery", "Node", "TrioNode", "Update", "open_node")
+_EMBEDDED = (
+    "AsyncNode",
+    "AsyncioNode",
+    "Averaged",
+    "Delivery",
+    "Node",
+    "TrioNode",
+    "Update",
+    "open_node",
+)
 _TASK = ("Task", "TaskContext", "TaskError", "TaskOptions", "Training", "create_task")
 _TASK_MODEL = ("TaskModel",)
 _ROLLOUTS = ("Rollout", "RolloutPool", "clipped_policy_loss", "pack_rollouts")
@@ -35,6 +44,7 @@ if TYPE_CHECKING:
     from peerlearn.node.config import NodeConfig as NodeConfig
     from peerlearn.node.embedded import AsyncioNode as AsyncioNode
     from peerlearn.node.embedded import AsyncNode as AsyncNode
+    from peerlearn.node.embedded import Averaged as Averaged
     from peerlearn.node.embedded import Delivery as Delivery
     from peerlearn.node.embedded import Node as Node
     from peerlearn.node.embedded import TrioNode as TrioNode

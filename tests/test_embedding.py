@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ import trio
 
 from peerlearn import Node, NodeConfig, open_node
 from peerlearn.errors import LocalProtocolError
-from peerlearn.learning.aggregate import vca_merge
+from peerlearn.learning import parts
+from peerlearn.learning.aggregate import population_variance, vca_merge
 
 pytestmark = pytest.mark.integration
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
@@ -102,3 +105,58 @@ def test_sharing_with_nobody_is_an_error_not_a_silent_drop(tmp_path: Path) -> No
         pytest.raises(LocalProtocolError, match="no connected peers"),
     ):
         alone.share({"x": 1})
+
+
+def averaged_models(tmp_path: Path, algo: str, silent: int | None = None) -> list[Any]:
+    """Four trio nodes average their models by all-reduce; ``silent`` never calls average."""
+    from contextlib import AsyncExitStack
+
+    async def main() -> list[Any]:
+        with trio.fail_after(TIMEOUT):
+            async with AsyncExitStack() as stack:
+                nodes = []
+                for i in range(4):
+                    cfg = dataclasses.replace(config(tmp_path, f"n{i}"), algo=algo)
+                    nodes.append(await stack.enter_async_context(open_node(cfg)))
+                for i, node in enumerate(nodes):
+                    for other in nodes[:i]:
+                        await node.connect((await other.addrs())[0])
+                results: list[Any] = [None] * 4
+
+                async def average(i: int) -> None:
+                    results[i] = await nodes[i].average(model(i), round=0, timeout=6)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(4):
+                        if i != silent:
+                            nursery.start_soon(average, i)
+                return [*results, nodes[silent].peer_id if silent is not None else None]
+
+    return trio.run(main)
+
+
+def test_all_reduce_gives_every_member_the_group_mean(tmp_path: Path) -> None:
+    results = averaged_models(tmp_path, "gossip")[:4]
+    mean = {k: sum(model(i)[k] for i in range(4)) / 4 for k in model(0)}
+    for result in results:
+        assert (len(result.group), result.reduced_with, result.fallback_parts) == (4, 4, [])
+        assert all(torch.allclose(result.model[k], mean[k], atol=1e-6) for k in mean)
+
+
+def test_all_reduce_with_vca_keeps_the_members_mean_variance(tmp_path: Path) -> None:
+    results = averaged_models(tmp_path, "gossip-vca")[:4]
+    target = sum(population_variance(model(i)["weight"]) for i in range(4)) / 4
+    for result in results:
+        assert population_variance(result.model["weight"]) == pytest.approx(target, rel=1e-5)
+        assert torch.equal(result.model["weight"], results[0].model["weight"])
+
+
+def test_all_reduce_falls_back_to_own_values_when_a_member_is_silent(tmp_path: Path) -> None:
+    *results, silent = averaged_models(tmp_path, "gossip", silent=3)
+    for i, result in enumerate(results[:3]):
+        missing = result.group.index(silent)
+        assert result.reduced_with == 3  # the silent member's part never came
+        assert result.fallback_parts == [missing]  # nor its average of its part
+        own = parts.cut(parts.flat_vectors(model(i)), missing, 4)
+        got = parts.cut(parts.flat_vectors(result.model), missing, 4)
+        assert all(torch.equal(got[k], own[k]) for k in own)  # that part stays ours

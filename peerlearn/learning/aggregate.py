@@ -14,7 +14,7 @@ without stacking or float64 copies of the models.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -101,15 +101,26 @@ def correct_variance(
 ) -> StateDict:
     """Rescale each correctable tensor of ``merged`` to the mean variance of ``inputs``."""
     _check_layout([merged, *inputs])
+    targets = {
+        name: sum(population_variance(s[name]) for s in inputs) / len(inputs)
+        for name, tensor in merged.items()
+        if is_variance_corrected(name, tensor)
+    }
+    return rescale_variance(merged, targets, epsilon=epsilon)
+
+
+def rescale_variance(
+    merged: StateDict, targets: Mapping[str, float], *, epsilon: float = VCA_EPSILON
+) -> StateDict:
+    """Rescale each tensor named in ``targets`` about its mean to that element variance."""
     out: StateDict = {}
     for name, tensor in merged.items():
-        if not is_variance_corrected(name, tensor):
+        if name not in targets:
             out[name] = tensor
             continue
-        target = sum(population_variance(s[name]) for s in inputs) / len(inputs)
         values = tensor.to(_sum_dtype(tensor.dtype))
         current, mean = _variance_mean(values)
-        scale = math.sqrt((target + epsilon) / (current + epsilon))
+        scale = math.sqrt((targets[name] + epsilon) / (current + epsilon))
         out[name] = values.sub(mean).mul_(scale).add_(mean).to(tensor.dtype)
     return out
 

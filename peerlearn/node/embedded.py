@@ -36,10 +36,12 @@ import trio
 
 from peerlearn import wire
 from peerlearn.errors import LocalProtocolError, PeerlearnError, RemoteProtocolError, unwrap_group
+from peerlearn.gossip.butterfly import PartMessage
 from peerlearn.learning import aggregate, robust
 from peerlearn.learning.hygiene import check_finite, check_received
 from peerlearn.learning.task import TaskFactory
-from peerlearn.node import blob
+from peerlearn.node import allreduce, blob
+from peerlearn.node.allreduce import Averaged
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import PAYLOAD_KIND, Daemon, run_daemon
 from peerlearn.node.learning_transport import MODEL_KIND
@@ -76,6 +78,18 @@ class Delivery:
     ok: bool
     error: str | None = None
     seconds: float | None = None
+
+
+def _to_part(received: blob.ReceivedBlob, max_size: int) -> allreduce.Received | None:
+    """An all-reduce part, None for anything else (malformed part metadata is an error)."""
+    message = PartMessage.from_meta(received.offer.meta)
+    if message is None:
+        return None
+    if received.offer.kind != MODEL_KIND:
+        raise RemoteProtocolError("an all-reduce part must be tensors")
+    tensors = state_dict_from_bytes(received.data, max_size)
+    check_finite(tensors)
+    return allreduce.Received(received.sender_id, message, tensors)
 
 
 def _to_update(received: blob.ReceivedBlob, max_size: int) -> Update:
@@ -128,6 +142,15 @@ class EmbeddedNode(Protocol):
 
     def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict: ...
 
+    async def average(
+        self,
+        model: StateDict,
+        *,
+        round: int,
+        peers: Sequence[str] | None = None,
+        timeout: float = 60.0,  # noqa: ASYNC109
+    ) -> Averaged: ...
+
     async def receive(self) -> Update: ...
 
     def updates(self) -> AsyncIterator[Update]: ...
@@ -136,8 +159,9 @@ class EmbeddedNode(Protocol):
 class AsyncNode:
     """A running embedded node, used from the trio loop it runs in."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, box: allreduce.PartsBox) -> None:
         self._daemon = daemon
+        self._parts = box
         self.rejected_updates = 0
         config = daemon.config
         self._rule = robust.create_rule(
@@ -229,6 +253,42 @@ class AsyncNode:
             variance_correction=self._daemon.config.algo == "gossip-vca",
         )
 
+    async def average(
+        self,
+        model: StateDict,
+        *,
+        round: int,
+        peers: Sequence[str] | None = None,
+        timeout: float = 60.0,  # noqa: ASYNC109 - the all-reduce's two phases share it
+    ) -> Averaged:
+        """Average ``model`` with ``peers`` (default: all connected) by butterfly all-reduce:
+        each member sends 2(n-1)/n of a model instead of n-1 models, and every member ends
+        with the group's model. Every member must call it for the same ``round`` with the
+        same group. The configured filter runs part by part (mean, median, trimmed; the
+        others need whole models: use ``share_model`` and ``merge``), then VCA if configured.
+        Parts missing after ``timeout`` seconds fall back to ours; ``Averaged`` says which."""
+        config = self._daemon.config
+        allreduce.check_rule(config.filter)
+        group = list(peers) if peers is not None else self._daemon.connected_peer_ids()
+        check_finite(model)
+
+        def rejected(sender: str, error: RemoteProtocolError) -> None:
+            self.rejected_updates += 1
+            logger.warning("not averaging the part from %s: %s", sender, error)
+
+        return await allreduce.average(
+            self._daemon,
+            self._parts,
+            model,
+            round_=round,
+            peers=group,
+            rule=self._rule,
+            variance_correction=config.algo == "gossip-vca",
+            max_update_ratio=config.max_update_ratio,
+            timeout=timeout,
+            rejected=rejected,
+        )
+
 
 class _Inbox:
     """Updates waiting for a trio application; those it has no room for are dropped and
@@ -251,8 +311,8 @@ class _Inbox:
 class TrioNode(AsyncNode):
     """The trio flavour: ``async for update in node.updates()``."""
 
-    def __init__(self, daemon: Daemon, inbox: _Inbox) -> None:
-        super().__init__(daemon)
+    def __init__(self, daemon: Daemon, box: allreduce.PartsBox, inbox: _Inbox) -> None:
+        super().__init__(daemon, box)
         self._inbox = inbox
 
     @property
@@ -270,13 +330,19 @@ class TrioNode(AsyncNode):
 @asynccontextmanager
 async def _running_daemon(
     config: NodeConfig, deliver: Callable[[Update], None], task: TaskFactory | str | None
-) -> AsyncIterator[Daemon]:
+) -> AsyncIterator[tuple[Daemon, allreduce.PartsBox]]:
     """A daemon that hands what peers push to ``deliver`` (decoding errors become
     ``RemoteProtocolError``: the blob is rejected to its sender). With ``task``, the built-in
     learner trains it in the swarm (``status()["learning"]``) and takes the models."""
 
+    box = allreduce.PartsBox()
+
     def on_update(received: blob.ReceivedBlob) -> None:
-        deliver(_to_update(received, config.max_blob_size))
+        part = _to_part(received, config.max_blob_size)
+        if part is not None:
+            box.deliver(part)
+        else:
+            deliver(_to_update(received, config.max_blob_size))
 
     try:
         async with trio.open_nursery() as nursery:
@@ -291,7 +357,7 @@ async def _running_daemon(
                 )
             )
             try:
-                yield daemon
+                yield daemon, box
             finally:
                 daemon.stop.set()
     except BaseExceptionGroup as group:
@@ -306,8 +372,8 @@ async def _open_trio_node(
     config: NodeConfig, task: TaskFactory | str | None
 ) -> AsyncIterator[TrioNode]:
     inbox = _Inbox()
-    async with _running_daemon(config, inbox.deliver, task) as daemon:
-        yield TrioNode(daemon, inbox)
+    async with _running_daemon(config, inbox.deliver, task) as (daemon, box):
+        yield TrioNode(daemon, box, inbox)
 
 
 class _TrioThread:
@@ -336,8 +402,8 @@ class _TrioThread:
         async def main() -> None:
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()
-            async with _running_daemon(config, self._deliver, self._task) as daemon:
-                self.node = AsyncNode(daemon)
+            async with _running_daemon(config, self._deliver, self._task) as (daemon, box):
+                self.node = AsyncNode(daemon, box)
                 self._ready.set()
                 await self._stop.wait()
 
@@ -456,6 +522,16 @@ class Node:
     def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict:
         return self._node.merge(own, updates)
 
+    def average(
+        self,
+        model: StateDict,
+        *,
+        round: int,
+        peers: Sequence[str] | None = None,
+        timeout: float = 60.0,
+    ) -> Averaged:
+        return self._call(self._node.average, model, round=round, peers=peers, timeout=timeout)
+
     def receive(self, timeout: float | None = None) -> Update | None:
         """The next update, or None after ``timeout`` seconds."""
         try:
@@ -552,6 +628,18 @@ class AsyncioNode:
     def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict:
         return self._sync.merge(own, updates)
 
+    async def average(
+        self,
+        model: StateDict,
+        *,
+        round: int,
+        peers: Sequence[str] | None = None,
+        timeout: float = 60.0,  # noqa: ASYNC109 - the all-reduce's two phases share it
+    ) -> Averaged:
+        return await asyncio.to_thread(
+            lambda: self._sync.average(model, round=round, peers=peers, timeout=timeout)
+        )
+
     async def receive(self) -> Update:
         return await self._queue.get()
 
@@ -587,6 +675,7 @@ async def open_node(
 __all__ = [
     "AsyncNode",
     "AsyncioNode",
+    "Averaged",
     "Delivery",
     "EmbeddedNode",
     "Node",

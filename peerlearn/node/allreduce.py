@@ -1,0 +1,226 @@
+"""The butterfly all-reduce driver: moves the parts ``gossip.butterfly`` plans over direct,
+acknowledged blob streams and does their torch work (``learning.parts``).
+
+Rules that work coordinate by coordinate (mean, median, trimmed mean) run on each part at
+its reducer. Krum, centered clipping and Bristle compare whole models, so they cannot: with
+them, share whole models (``share_model`` + ``merge``). With VCA, each reduce part carries
+its sender's per-tensor variances, and the average is rescaled to their mean (ours included).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from peerlearn.errors import LocalProtocolError, RemoteProtocolError
+from peerlearn.gossip.butterfly import Butterfly, PartMessage, Phase
+from peerlearn.learning import parts
+from peerlearn.learning.aggregate import StateDict, is_variance_corrected, rescale_variance
+from peerlearn.learning.hygiene import check_layout, check_update_norm
+from peerlearn.learning.robust import Rule
+from peerlearn.node.daemon import Daemon
+from peerlearn.node.learning_transport import MODEL_KIND
+from peerlearn.tensors import state_dict_to_bytes
+
+logger = logging.getLogger(__name__)
+
+PART_ROUNDS = 4  # rounds whose parts are kept before ``average`` asks for them
+PART_RULES = ("none", "mean", "median", "trimmed")  # filters that work part by part
+VARIANCES = "vca.variances"  # the reduce part's entry with its sender's tensor variances
+
+
+@dataclass(frozen=True)
+class Averaged:
+    """The outcome of ``average``: the group's model and what went missing."""
+
+    model: StateDict = field(repr=False)
+    group: list[str]  # the members, sorted
+    reduced_with: int  # members whose part of our share reached us (ourselves included)
+    fallback_parts: list[int]  # parts whose average never came: they keep our values
+    not_delivered: list[str]  # members we could not send a part to
+
+
+@dataclass(frozen=True)
+class Received:
+    """A part a peer sent: its sender, what its metadata says, its tensors."""
+
+    sender: str
+    message: PartMessage
+    tensors: StateDict
+
+
+class PartsBox:
+    """Parts peers sent, by round, until ``average`` takes them. Parts of rounds already
+    averaged, and of more than ``PART_ROUNDS`` rounds ahead at once, are dropped (counted)."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[int, list[Received]] = {}
+        self.changed = trio.Event()
+        self.floor = 0  # parts of earlier rounds are dropped
+        self.dropped = 0
+
+    def deliver(self, received: Received) -> None:
+        round_ = received.message.round
+        pending = self._rounds.get(round_)
+        full = pending is None and len(self._rounds) >= PART_ROUNDS
+        if round_ < self.floor or full or (pending is not None and len(pending) >= 2 * 256):
+            self.dropped += 1
+            logger.warning("all-reduce part from %s for round %d dropped", received.sender, round_)
+            return
+        self._rounds.setdefault(round_, []).append(received)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def take(self, round_: int) -> list[Received]:
+        return self._rounds.pop(round_, [])
+
+    def close_round(self, round_: int) -> None:
+        self.floor = max(self.floor, round_ + 1)
+        for old in [r for r in self._rounds if r <= round_]:
+            del self._rounds[old]
+
+
+@dataclass
+class AllReduce:
+    """One ``average`` call: its plan, the parts gathered so far and the model's vectors."""
+
+    daemon: Daemon
+    box: PartsBox
+    plan: Butterfly
+    vectors: parts.Vectors
+    rule: Rule
+    max_update_ratio: float
+    rejected: Callable[[str, RemoteProtocolError], None]
+    inputs: list[parts.Vectors] = field(default_factory=list)  # our part, from each member
+    variances: list[torch.Tensor] = field(default_factory=list)
+    gathered: dict[int, parts.Vectors] = field(default_factory=dict)
+    not_delivered: set[str] = field(default_factory=set)
+
+    def own_part(self, index: int) -> parts.Vectors:
+        return parts.cut(self.vectors, index, self.plan.size)
+
+    def absorb(self, received: Received) -> None:
+        """Check a part against ours and record it (a bad one is rejected, its sender scored)."""
+        message, tensors = received.message, dict(received.tensors)
+        try:
+            if message.of == self.plan.size and message.part < self.plan.size:
+                sent_variances = tensors.pop(VARIANCES, None)
+                reference = self.own_part(message.part)
+                check_layout(tensors, reference)
+                check_update_norm(tensors, reference, self.max_update_ratio)
+                if message.phase is Phase.REDUCE:
+                    self._check_variances(sent_variances)
+            if not self.plan.receive(received.sender, message):
+                return
+        except RemoteProtocolError as exc:
+            self.rejected(received.sender, exc)
+            return
+        if message.phase is Phase.REDUCE:
+            self.inputs.append(tensors)
+            if sent_variances is not None:
+                self.variances.append(sent_variances)
+        else:
+            self.gathered[message.part] = tensors
+
+    def _check_variances(self, sent: torch.Tensor | None) -> None:
+        if not self.variances:  # only when VCA is on is our own entry there
+            return
+        own = self.variances[0]
+        if sent is None or sent.shape != own.shape or sent.dtype != own.dtype:
+            raise RemoteProtocolError("its reduce part lacks the variances VCA needs")
+        if not bool(torch.isfinite(sent).all()) or bool((sent < 0).any()):
+            raise RemoteProtocolError("its reduce part carries invalid variances")
+
+    async def collect(self, done: Callable[[], bool], deadline: float) -> None:
+        """Absorb this round's parts as they come until ``done()`` or ``deadline``."""
+        with trio.move_on_at(deadline):
+            while True:
+                changed = self.box.changed
+                for received in self.box.take(self.plan.round):
+                    self.absorb(received)
+                if done():
+                    return
+                await changed.wait()
+
+    async def send(
+        self, peers: Sequence[str], phase: Phase, part: int, tensors: parts.Vectors
+    ) -> None:
+        data = await self.daemon.runtime.offload(state_dict_to_bytes, tensors)
+        meta = self.plan.message(phase, part).meta()
+        for result in await self.daemon.push_to_peers(data, MODEL_KIND, meta, list(peers)):
+            if not result["ok"]:
+                self.not_delivered.add(result["peer_id"])
+
+
+async def average(
+    daemon: Daemon,
+    box: PartsBox,
+    model: StateDict,
+    *,
+    round_: int,
+    peers: Sequence[str],
+    rule: Rule,
+    variance_correction: bool,
+    max_update_ratio: float,
+    timeout: float,  # noqa: ASYNC109 - two phases share it
+    rejected: Callable[[str, RemoteProtocolError], None],
+) -> Averaged:
+    """Butterfly all-reduce of ``model`` with ``peers`` in round ``round_`` (see
+    ``AsyncNode.average``). The reduce waits up to half of ``timeout``, the gather the rest."""
+    plan = Butterfly(peers, daemon.identity.peer_id, round_)
+    if round_ < box.floor:
+        raise LocalProtocolError(f"round {round_} was already averaged; use a later one")
+    started = trio.current_time()
+    vectors = await daemon.runtime.offload(parts.flat_vectors, model)
+    run = AllReduce(daemon, box, plan, vectors, rule, max_update_ratio, rejected)
+    own = run.own_part(plan.index)
+    run.inputs.append(own)
+    if variance_correction:
+        run.variances.append(parts.variances(model))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.cancel_scope.deadline = started + timeout  # our sends end then too
+            for peer, index in plan.reduce_sends():
+                tensors: dict[str, torch.Tensor] = dict(run.own_part(index))
+                if variance_correction:
+                    tensors[VARIANCES] = run.variances[0]
+                nursery.start_soon(run.send, [peer], Phase.REDUCE, index, tensors)
+            await run.collect(lambda: plan.reduce_done, started + timeout / 2)
+            plan.gather()
+            reduced = await daemon.runtime.offload(rule, own, run.inputs)
+            run.gathered[plan.index] = reduced
+            others = [peer for peer, _ in plan.gather_sends()]
+            nursery.start_soon(run.send, others, Phase.GATHER, plan.index, reduced)
+            await run.collect(lambda: plan.gather_done, started + timeout)
+    finally:
+        box.close_round(round_)
+    fallback = plan.finish() if plan.phase is Phase.GATHER else []
+    vector_parts = [
+        run.gathered[i] if i in run.gathered else run.own_part(i) for i in range(plan.size)
+    ]
+    merged = parts.rebuild(parts.join(vector_parts), model)
+    if variance_correction:
+        targets = torch.stack(run.variances).mean(dim=0).tolist()
+        names = [n for n, t in model.items() if is_variance_corrected(n, t)]
+        merged = rescale_variance(merged, dict(zip(names, targets, strict=True)))
+    return Averaged(
+        model=merged,
+        group=plan.group,
+        reduced_with=len(run.inputs),
+        fallback_parts=fallback,
+        not_delivered=sorted(run.not_delivered),
+    )
+
+
+def check_rule(filter_: str) -> None:
+    """``average`` needs a rule that works part by part."""
+    if filter_ not in PART_RULES:
+        raise LocalProtocolError(
+            f"filter {filter_!r} compares whole models, so average() cannot cut them into "
+            f"parts: share whole models (share_model, then merge), or use one of "
+            f"{', '.join(PART_RULES)}"
+        )

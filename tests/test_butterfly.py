@@ -1,0 +1,123 @@
+"""The butterfly all-reduce core: its plan, what it accepts from peers, its fallbacks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from peerlearn.errors import LocalProtocolError, RemoteProtocolError
+from peerlearn.gossip.butterfly import Butterfly, PartMessage, Phase, part_bounds
+from peerlearn.learning import parts
+
+GROUP = ["a", "b", "c", "d"]
+
+
+def test_each_member_reduces_one_part_and_sends_every_other_part_once() -> None:
+    plan = Butterfly(GROUP[1:], "a", 5)
+    assert (plan.group, plan.index, plan.size) == (GROUP, 0, 4)
+    assert plan.reduce_sends() == [("b", 1), ("c", 2), ("d", 3)]
+    assert plan.gather_sends() == [("b", 0), ("c", 0), ("d", 0)]
+    assert plan.message(Phase.REDUCE, 2).meta() == {
+        "round": 5, "butterfly": "reduce", "part": 2, "of": 4}  # fmt: skip
+
+
+def test_a_round_in_which_every_part_comes() -> None:
+    plan = Butterfly(GROUP, "b", 0)
+    for sender in ("a", "c", "d"):
+        assert plan.receive(sender, PartMessage(0, Phase.REDUCE, 1, 4))
+    assert plan.reduce_done
+    plan.gather()
+    for sender, part in (("a", 0), ("c", 2), ("d", 3)):
+        assert plan.receive(sender, PartMessage(0, Phase.GATHER, part, 4))
+    assert plan.gather_done
+    assert plan.finish() == []
+    assert plan.phase is Phase.DONE
+
+
+def test_missing_parts_fall_back_and_late_ones_are_counted_not_used() -> None:
+    plan = Butterfly(GROUP, "a", 0)
+    assert plan.receive("d", PartMessage(0, Phase.GATHER, 3, 4))  # before our reduce ended
+    plan.receive("b", PartMessage(0, Phase.REDUCE, 0, 4))
+    plan.gather()
+    assert not plan.receive("c", PartMessage(0, Phase.REDUCE, 0, 4))
+    assert (plan.reduced_from, plan.late) == (["b"], 1)
+    assert plan.finish() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("sender", "message", "error"),
+    [
+        ("b", PartMessage(1, Phase.REDUCE, 0, 4), "round 1"),
+        ("b", PartMessage(0, Phase.REDUCE, 0, 3), "of 3"),
+        ("e", PartMessage(0, Phase.REDUCE, 0, 4), "not in this all-reduce group"),
+        ("a", PartMessage(0, Phase.REDUCE, 0, 4), "not in this all-reduce group"),
+        ("b", PartMessage(0, Phase.REDUCE, 2, 4), "we reduce 0"),
+        ("b", PartMessage(0, Phase.GATHER, 2, 4), "reduces another"),
+    ],
+)
+def test_parts_that_do_not_fit_the_plan_are_protocol_errors(
+    sender: str, message: PartMessage, error: str
+) -> None:
+    with pytest.raises(RemoteProtocolError, match=error):
+        Butterfly(GROUP, "a", 0).receive(sender, message)
+
+
+def test_a_part_sent_twice_is_a_protocol_error() -> None:
+    plan = Butterfly(GROUP, "a", 0)
+    for message in (PartMessage(0, Phase.REDUCE, 0, 4), PartMessage(0, Phase.GATHER, 1, 4)):
+        plan.receive("b", message)
+        with pytest.raises(RemoteProtocolError, match="twice"):
+            plan.receive("b", message)
+
+
+def test_phases_go_in_order_and_groups_have_two_members_or_more() -> None:
+    plan = Butterfly(GROUP, "a", 0)
+    with pytest.raises(LocalProtocolError):
+        plan.finish()
+    plan.gather()
+    with pytest.raises(LocalProtocolError):
+        plan.gather()
+    with pytest.raises(LocalProtocolError):
+        Butterfly([], "a", 0)
+
+
+KEYS = st.sampled_from(["round", "butterfly", "part", "of", "x"])
+VALUES = st.one_of(st.integers(-3, 300), st.sampled_from(["reduce", "gather", "x"]), st.none())
+
+
+@given(st.dictionaries(KEYS, VALUES))
+def test_part_metadata_decodes_to_a_part_none_or_a_protocol_error(meta: dict[str, object]) -> None:
+    try:
+        message = PartMessage.from_meta(meta)
+    except RemoteProtocolError:
+        return
+    if message is None:
+        assert "butterfly" not in meta
+    else:
+        assert message.meta() == {k: meta[k] for k in ("round", "butterfly", "part", "of")}
+
+
+@given(st.integers(0, 10_000), st.integers(2, 256))
+def test_parts_cover_the_vector_in_order_with_sizes_within_one(elements: int, n: int) -> None:
+    bounds = part_bounds(elements, n)
+    assert (bounds[0][0], bounds[-1][1]) == (0, elements)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    sizes = {end - start for start, end in bounds}
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_model_cut_into_parts_and_joined_is_the_same_model() -> None:
+    model = {
+        "w": torch.randn(5, 7),
+        "half": torch.randn(11).to(torch.bfloat16),
+        "bn.running_mean": torch.randn(3),
+        "steps": torch.tensor(4),
+    }
+    vectors = parts.flat_vectors(model)
+    assert set(vectors) == {"float32", "bfloat16"}
+    rebuilt = parts.rebuild(parts.join([parts.cut(vectors, i, 3) for i in range(3)]), model)
+    assert all(torch.equal(rebuilt[k], model[k]) for k in model)
