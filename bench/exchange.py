@@ -8,20 +8,22 @@ turn (peerlearn, then hivemind, then plain TCP for A->B), and the table gives ra
   peerlearn: ``share_model`` of the embedding API (safetensors, blob/2, TLS bulk path).
   hivemind: its tensor serialization over a stream of its p2p daemon.
 - **Averaging**: ``--peers`` peers average a model of ``--sizes`` MB, ``--rounds`` rounds.
-  peerlearn: every peer shares its model with every other (``share_model``) and merges what
-  it received (``merge``, VCA); hivemind: ``DecentralizedAverager.step()`` (butterfly
-  all-reduce). Each round starts at a barrier; its time is the slowest peer's. Bytes are
-  what each peer's network card sent, CPU seconds those of the peer's processes (hivemind's
-  averager and p2p daemon included), memory the peak RSS over the idle one. When run as root,
-  each peer lives in a network namespace of its own (198.18.0.0/24, removed at the end), so
-  that its bytes can be counted; otherwise on 127.0.0.1, without the bytes.
+  peerlearn: ``average()`` of the embedding API (butterfly all-reduce; with
+  ``--all-to-all`` also every peer sharing its model with every other, ``share_model`` then
+  ``merge``), VCA on; hivemind: ``DecentralizedAverager.step()`` (butterfly all-reduce).
+  Each round starts at a barrier; its time is the slowest peer's. Bytes are what each
+  peer's network card sent, CPU seconds those of the peer's processes (hivemind's averager
+  and p2p daemon included), memory the peak RSS over the idle one. When run as root, each
+  peer lives in a network namespace of its own (198.18.0.0/24, removed at the end), so that
+  its bytes can be counted; otherwise on 127.0.0.1, without the bytes.
 
 hivemind runs in an interpreter of its own (it needs protobuf 7, libp2p 0.8.1 protobuf 6):
 ``make bench`` builds ``.venv-hivemind``; ``--hivemind-python`` points elsewhere, and
 without one the hivemind columns say "-".
 
     python bench/exchange.py [--sizes-ab 1 16 100 500] [--peers 4 8] [--sizes 16 100]
-                             [--rounds 10] [--repeats 3] [--only ab|average] [--json FILE]
+                             [--rounds 10] [--repeats 3] [--only ab|average] [--all-to-all]
+                             [--json FILE]
 """
 
 from __future__ import annotations
@@ -281,7 +283,7 @@ def averaging(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[st
             for size_mb in args.sizes:
                 size, row = int(size_mb * MB), {"peers": peers, "size_mb": size_mb}
                 for system in AVERAGING:
-                    if system not in pythons:
+                    if system not in pythons or (system == "peerlearn-a2a" and not args.all_to_all):
                         continue
                     results = run_case(
                         system, "average", peers, size, args.rounds, network, pythons[system]
@@ -380,6 +382,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["ab", "average"])
     parser.add_argument("--loopback", action="store_true", help="averaging on 127.0.0.1 too")
+    parser.add_argument(
+        "--all-to-all", action="store_true", help="also peerlearn's share_model + merge rounds"
+    )
     parser.add_argument("--hivemind-python", default=str(DEFAULT_HIVEMIND))
     parser.add_argument("--json", type=Path, help="write every measurement to this file")
     args = parser.parse_args()

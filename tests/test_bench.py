@@ -49,3 +49,17 @@ def test_merge_cost_bench_runs_at_a_tiny_size() -> None:
     out = run_bench("merge_cost.py", "--megabytes", "0.1", "--repeat", "1")
     assert "vca_merge of 3 into 1:" in out
     assert "received models' mean variance: 1.0000" in out  # VCA restored the variance
+
+
+def test_exchange_bench_runs_at_a_tiny_size() -> None:
+    """A->B and three peers' averaging rounds, both of peerlearn's exchanges, on loopback
+    (hivemind's columns need its own interpreter, which `make test` does not build)."""
+    out = run_bench(
+        "exchange.py",
+        *("--sizes-ab", "0.1", "--peers", "3", "--sizes", "0.1", "--rounds", "2"),
+        *("--repeats", "1", "--all-to-all", "--loopback", "--hivemind-python", "/nonexistent"),
+    )
+    assert "| 0.1 MB | " in out
+    rows = [line for line in out.splitlines() if line.startswith("| 3 x 0.1 MB")]
+    assert len(rows) == 2
+    assert all(" | 2/2 | " in row for row in rows)  # every round complete

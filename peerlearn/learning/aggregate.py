@@ -110,9 +110,14 @@ def correct_variance(
 
 
 def rescale_variance(
-    merged: StateDict, targets: Mapping[str, float], *, epsilon: float = VCA_EPSILON
+    merged: StateDict,
+    targets: Mapping[str, float],
+    *,
+    epsilon: float = VCA_EPSILON,
+    in_place: bool = False,
 ) -> StateDict:
-    """Rescale each tensor named in ``targets`` about its mean to that element variance."""
+    """Rescale each tensor named in ``targets`` about its mean to that element variance
+    (``in_place``: overwriting ``merged``'s tensors that sum in their own dtype)."""
     out: StateDict = {}
     for name, tensor in merged.items():
         if name not in targets:
@@ -121,7 +126,8 @@ def rescale_variance(
         values = tensor.to(_sum_dtype(tensor.dtype))
         current, mean = _variance_mean(values)
         scale = math.sqrt((targets[name] + epsilon) / (current + epsilon))
-        out[name] = values.sub(mean).mul_(scale).add_(mean).to(tensor.dtype)
+        centred = values.sub_(mean) if in_place and values is tensor else values.sub(mean)
+        out[name] = centred.mul_(scale).add_(mean).to(tensor.dtype)
     return out
 
 

@@ -8,7 +8,7 @@ views, so cutting copies nothing beyond the one flat copy of the model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -43,11 +43,6 @@ def cut(vectors: Vectors, index: int, count: int) -> Vectors:
         start, end = part_bounds(vector.numel(), count)[index]
         out[key] = vector[start:end]
     return out
-
-
-def join(parts: Sequence[Vectors]) -> Vectors:
-    """The vectors whose parts, in order, these are."""
-    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
 def rebuild(vectors: Vectors, like: Mapping[str, torch.Tensor]) -> StateDict:

@@ -199,14 +199,14 @@ async def average(
     finally:
         box.close_round(round_)
     fallback = plan.finish() if plan.phase is Phase.GATHER else []
-    vector_parts = [
-        run.gathered[i] if i in run.gathered else run.own_part(i) for i in range(plan.size)
-    ]
-    merged = parts.rebuild(parts.join(vector_parts), model)
+    for index, averaged in run.gathered.items():  # into our flat copy: no other model-sized copy
+        for key, tensor in run.own_part(index).items():
+            tensor.copy_(averaged[key])
+    merged = parts.rebuild(vectors, model)
     if variance_correction:
         targets = torch.stack(run.variances).mean(dim=0).tolist()
         names = [n for n, t in model.items() if is_variance_corrected(n, t)]
-        merged = rescale_variance(merged, dict(zip(names, targets, strict=True)))
+        merged = rescale_variance(merged, dict(zip(names, targets, strict=True)), in_place=True)
     return Averaged(
         model=merged,
         group=plan.group,
