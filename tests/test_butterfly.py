@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.gossip.butterfly import Butterfly, PartMessage, Phase, part_bounds
 from peerlearn.learning import parts
+from peerlearn.node.allreduce import PART_ROUNDS, PartsBox, Received
 
 GROUP = ["a", "b", "c", "d"]
 
@@ -123,3 +124,39 @@ def test_a_model_cut_into_parts_and_joined_is_the_same_model() -> None:
         assert torch.equal(torch.cat([parts.cut(vectors, i, 3)[key] for i in range(3)]), vector)
     rebuilt = parts.rebuild(vectors, model)
     assert all(torch.equal(rebuilt[k], model[k]) for k in model)
+
+
+def part(sender: str, round_: int, phase: Phase = Phase.REDUCE, nbytes: int = 400) -> Received:
+    return Received(sender, PartMessage(round_, phase, 0, 4), {"float32": torch.zeros(nbytes // 4)})
+
+
+def held(box: PartsBox, sender: str) -> set[int]:
+    return {k[0] for k in box._held if k[1] == sender}
+
+
+def test_a_peer_flooding_parts_only_fills_its_own_slots() -> None:
+    box = PartsBox(total=100_000, per_sender=100_000)
+    for round_ in range(100, 110):  # far-future rounds: only PART_ROUNDS kept
+        box.deliver(part("mallory", round_))
+    assert held(box, "mallory") == set(range(100, 100 + PART_ROUNDS))
+    box.deliver(part("mallory", 5))  # a nearer round pushes out its farthest
+    assert held(box, "mallory") == {5, *range(100, 100 + PART_ROUNDS - 1)}
+    for _ in range(3):
+        box.deliver(part("mallory", 5))  # one part per phase
+    box.deliver(part("alice", 5))
+    box.deliver(part("alice", 5, Phase.GATHER))
+    taken = {(r.sender, r.message.phase) for r in box.take(5)}
+    assert taken == {("mallory", Phase.REDUCE), ("alice", Phase.REDUCE), ("alice", Phase.GATHER)}
+    assert box.dropped == 6 + 1 + 3
+
+
+def test_parts_stay_within_their_byte_budgets_and_rounds_that_ended_take_none() -> None:
+    box = PartsBox(total=1_000, per_sender=800)
+    box.deliver(part("alice", 1))
+    box.deliver(part("alice", 2))
+    box.deliver(part("alice", 3))  # alice would hold 1,200 bytes
+    box.deliver(part("bob", 1))  # all would hold 1,200 bytes
+    assert (held(box, "alice"), held(box, "bob"), box.dropped) == ({1, 2}, set(), 2)
+    box.close_round(1)
+    box.deliver(part("bob", 1))
+    assert (box.take(1), box.dropped) == ([], 3)

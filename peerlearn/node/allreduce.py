@@ -28,7 +28,7 @@ from peerlearn.tensors import state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
 
-PART_ROUNDS = 4  # rounds whose parts are kept before ``average`` asks for them
+PART_ROUNDS = 4  # rounds of one sender's parts kept until ``average`` asks for them
 PART_RULES = ("none", "mean", "median", "trimmed")  # filters that work part by part
 VARIANCES = "vca.variances"  # the reduce part's entry with its sender's tensor variances
 
@@ -54,34 +54,65 @@ class Received:
 
 
 class PartsBox:
-    """Parts peers sent, by round, until ``average`` takes them. Parts of rounds already
-    averaged, and of more than ``PART_ROUNDS`` rounds ahead at once, are dropped (counted)."""
+    """Parts peers sent, by round, until ``average`` takes them, within a budget: parts of
+    rounds already averaged are dropped, and so is what goes beyond, per sender, one part
+    per phase in each of ``PART_ROUNDS`` rounds (its lowest rounds are kept) or
+    ``per_sender`` bytes, and ``total`` bytes in all. Drops are counted and logged, so a
+    peer flooding parts only loses its own."""
 
-    def __init__(self) -> None:
-        self._rounds: dict[int, list[Received]] = {}
+    def __init__(self, total: int, per_sender: int) -> None:
+        self.total, self.per_sender = total, per_sender
+        self._held: dict[tuple[int, str, Phase], Received] = {}  # (round, sender, phase)
         self.changed = trio.Event()
         self.floor = 0  # parts of earlier rounds are dropped
         self.dropped = 0
 
+    @staticmethod
+    def _size(received: Received) -> int:
+        return sum(t.nbytes for t in received.tensors.values())
+
+    def _drop(self, received: Received, why: str) -> None:
+        self.dropped += 1
+        logger.warning(
+            "all-reduce part from %s for round %d dropped: %s",
+            received.sender,
+            received.message.round,
+            why,
+        )
+
     def deliver(self, received: Received) -> None:
-        round_ = received.message.round
-        pending = self._rounds.get(round_)
-        full = pending is None and len(self._rounds) >= PART_ROUNDS
-        if round_ < self.floor or full or (pending is not None and len(pending) >= 2 * 256):
-            self.dropped += 1
-            logger.warning("all-reduce part from %s for round %d dropped", received.sender, round_)
-            return
-        self._rounds.setdefault(round_, []).append(received)
+        sender, message = received.sender, received.message
+        key = (message.round, sender, message.phase)
+        if message.round < self.floor:
+            return self._drop(received, "that round is over")
+        if key in self._held:
+            return self._drop(received, "a second part for the same phase")
+        own = [k for k in self._held if k[1] == sender]
+        rounds = sorted({k[0] for k in own})
+        if message.round not in rounds and len(rounds) >= PART_ROUNDS:
+            if message.round > rounds[-1]:
+                return self._drop(received, f"{PART_ROUNDS} of its rounds are waiting")
+            for k in [k for k in own if k[0] == rounds[-1]]:  # its farthest round goes
+                self._drop(self._held.pop(k), "a nearer round came")
+        size = self._size(received)
+        held_by_sender = sum(self._size(v) for k, v in self._held.items() if k[1] == sender)
+        if held_by_sender + size > self.per_sender:
+            return self._drop(received, f"its parts would exceed {self.per_sender} bytes")
+        if sum(self._size(v) for v in self._held.values()) + size > self.total:
+            return self._drop(received, f"parts would exceed {self.total} bytes")
+        self._held[key] = received
         self.changed.set()
         self.changed = trio.Event()
+        return None
 
     def take(self, round_: int) -> list[Received]:
-        return self._rounds.pop(round_, [])
+        keys = [k for k in self._held if k[0] == round_]
+        return [self._held.pop(k) for k in keys]
 
     def close_round(self, round_: int) -> None:
         self.floor = max(self.floor, round_ + 1)
-        for old in [r for r in self._rounds if r <= round_]:
-            del self._rounds[old]
+        for key in [k for k in self._held if k[0] <= round_]:
+            del self._held[key]
 
 
 @dataclass

@@ -335,7 +335,7 @@ async def _running_daemon(
     ``RemoteProtocolError``: the blob is rejected to its sender). With ``task``, the built-in
     learner trains it in the swarm (``status()["learning"]``) and takes the models."""
 
-    box = allreduce.PartsBox()
+    box = allreduce.PartsBox(config.blob_memory, config.blob_memory_per_peer)
 
     def on_update(received: blob.ReceivedBlob) -> None:
         part = _to_part(received, config.max_blob_size)
