@@ -5,22 +5,25 @@ little-endian tensor bytes; any safetensors reader opens what peerlearn sends or
 nothing in it is executable (no pickle). Every float dtype (float16, bfloat16, float32,
 float64) and the integer/bool dtypes of buffers are allowed.
 
-Decoding checks the header's size, tensor count, names and dtypes before the library reads
-a byte of tensor data; the library then checks every byte range. Any failure is one
-``RemoteProtocolError``.
+Encoding is the safetensors library's. Decoding checks the header (size, tensor count,
+names, dtypes, shapes, and byte ranges that tile the data exactly, each aligned to its
+dtype), then makes each tensor a view of the received buffer: the library's loader would
+copy every tensor out of a ``bytes`` object, and a received model would be held twice or
+three times (buffer, ``bytes``, tensors). Any failure is one ``RemoteProtocolError``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as _load
 from safetensors.torch import save as _save
 
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
@@ -29,7 +32,20 @@ StateDict = dict[str, torch.Tensor]
 MAX_TENSORS = 10_000  # per state_dict
 MAX_NAME_LENGTH = 256  # characters
 MAX_HEADER_BYTES = 4 * 2**20  # 10,000 tensors with long names fit in well under 4 MiB
-DTYPES = frozenset({"F16", "BF16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "BOOL"})
+DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_DIMENSIONS = 16
+MAX_DIMENSION_SIZE = 2**40  # elements along one dimension (torch's sizes are int64)
 _METADATA = "__metadata__"
 _HEADER_LENGTH_BYTES = 8
 
@@ -56,7 +72,8 @@ def state_dict_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
         raise LocalProtocolError(f"cannot encode the state_dict: {exc}") from exc
 
 
-def _check_header(data: bytes, max_size: int) -> None:
+def _header(data: bytes | bytearray, max_size: int) -> tuple[dict[str, Any], int]:
+    """The parsed header and where the tensor data starts."""
     if len(data) > max_size:
         raise RemoteProtocolError(f"tensor payload of {len(data)} bytes exceeds {max_size}")
     if len(data) < _HEADER_LENGTH_BYTES:
@@ -70,26 +87,70 @@ def _check_header(data: bytes, max_size: int) -> None:
         raise RemoteProtocolError("tensor header is not JSON") from exc
     if not isinstance(header, dict):
         raise RemoteProtocolError("tensor header is not a map")
-    names = [name for name in header if name != _METADATA]
-    if len(names) > MAX_TENSORS:
-        raise RemoteProtocolError(f"{len(names)} tensors (limit {MAX_TENSORS})")
-    for name in names:
-        info = header[name]
-        if not name or len(name) > MAX_NAME_LENGTH:
-            raise RemoteProtocolError(f"invalid tensor name {name[:40]!r}")
-        dtype = info.get("dtype") if isinstance(info, dict) else None
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise RemoteProtocolError(f"{name[:40]!r}: unsupported or missing dtype")
+    header.pop(_METADATA, None)
+    if len(header) > MAX_TENSORS:
+        raise RemoteProtocolError(f"{len(header)} tensors (limit {MAX_TENSORS})")
+    return header, _HEADER_LENGTH_BYTES + length
 
 
-def state_dict_from_bytes(data: bytes, max_size: int) -> StateDict:
-    """Decode and validate safetensors bytes; every failure is a ``RemoteProtocolError``."""
-    _check_header(data, max_size)
-    try:
-        decoded = _load(data)
-    except (SafetensorError, ValueError, TypeError, KeyError, RuntimeError, AssertionError) as exc:
-        raise RemoteProtocolError(f"invalid tensor payload: {exc}") from exc
-    return decoded
+def _span(name: str, info: Any, data_size: int) -> tuple[int, int, torch.dtype, list[int]]:
+    """A header entry's byte range, dtype and shape, checked against each other."""
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise RemoteProtocolError(f"invalid tensor name {name[:40]!r}")
+    label = repr(name[:40])
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise RemoteProtocolError(f"{label}: unsupported or missing dtype")
+    if info["dtype"] not in DTYPES:
+        raise RemoteProtocolError(f"{label}: unsupported or missing dtype")
+    dtype = DTYPES[info["dtype"]]
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMENSIONS
+        or not all(type(d) is int and 0 <= d <= MAX_DIMENSION_SIZE for d in shape)
+    ):
+        raise RemoteProtocolError(f"{label}: invalid shape")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
+        raise RemoteProtocolError(f"{label}: invalid byte range")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+        raise RemoteProtocolError(f"{label}: {offsets[1] - offsets[0]} bytes for shape {shape}")
+    return offsets[0], offsets[1], dtype, shape
+
+
+def state_dict_from_bytes(data: bytes | bytearray, max_size: int) -> StateDict:
+    """Decode and validate safetensors bytes; every failure is a ``RemoteProtocolError``.
+    The tensors are views of ``data`` when it is a ``bytearray`` (of one copy of a ``bytes``
+    object, which is read-only)."""
+    header, start = _header(data, max_size)
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    body = memoryview(buffer)[start:]
+    spans = sorted(
+        ((*_span(name, info, len(body)), name) for name, info in header.items()),
+        key=lambda span: (span[0], span[1]),
+    )
+    end = 0
+    for begin, stop, dtype, _, name in spans:
+        if begin != end:
+            raise RemoteProtocolError(f"{name[:40]!r}: byte ranges overlap or leave a gap")
+        if (start + begin) % torch.empty((), dtype=dtype).element_size():
+            raise RemoteProtocolError(f"{name[:40]!r}: data not aligned to its dtype")
+        end = stop
+    if end != len(body):
+        raise RemoteProtocolError(f"{len(body) - end} bytes after the last tensor")
+    return {
+        name: (
+            torch.frombuffer(body[begin:stop], dtype=dtype).reshape(shape)
+            if stop > begin
+            else torch.empty(shape, dtype=dtype)
+        )
+        for begin, stop, dtype, shape, name in spans
+    }
 
 
 _SAVE_HINT = "save model.state_dict() with torch.save, or a .safetensors file"

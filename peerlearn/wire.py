@@ -92,7 +92,7 @@ def _next_value(unpacker: msgpack.Unpacker) -> Any:
         raise RemoteProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from exc
 
 
-def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+def unpack(data: bytes | bytearray, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Decode one msgpack value from ``data`` within ``limits``; anything else is rejected."""
     unpacker = _unpacker(data, limits)
     value = _next_value(unpacker)

@@ -69,6 +69,7 @@ def test_tied_weights_are_written_once_each() -> None:
 
 def _with_header(header: dict[str, object], body: bytes = b"") -> bytes:
     raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # padded as safetensors pads it, so the data is aligned
     return len(raw).to_bytes(8, "little") + raw + body
 
 
@@ -80,7 +81,7 @@ def test_header_checks_and_size_limit() -> None:
         )
     with pytest.raises(RemoteProtocolError, match="header"):
         state_dict_from_bytes((10**9).to_bytes(8, "little") + b"{}", max_size=1000)
-    with pytest.raises(RemoteProtocolError, match="invalid tensor payload"):
+    with pytest.raises(RemoteProtocolError, match="4 bytes for shape"):
         state_dict_from_bytes(
             _with_header(
                 {"w": {"dtype": "F32", "shape": [10**6], "data_offsets": [0, 4]}}, b"abcd"
@@ -117,3 +118,44 @@ def test_share_files_safetensors_and_state_dicts_load_modules_are_refused(tmp_pa
         with pytest.raises(LocalProtocolError, match=words) as info:
             load_state_dict_file(tmp_path / name)
         assert "\n" not in str(info.value)
+
+
+def f32(offsets: list[int], shape: list[int] | None = None) -> dict[str, object]:
+    return {"dtype": "F32", "shape": shape or [(offsets[1] - offsets[0]) // 4],
+            "data_offsets": offsets}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("header", "body", "error"),
+    [
+        ({"a": f32([0, 8]), "b": f32([4, 12])}, 12, "overlap or leave a gap"),
+        ({"a": f32([0, 4]), "b": f32([8, 12])}, 12, "overlap or leave a gap"),
+        ({"a": f32([0, 4])}, 8, "4 bytes after the last tensor"),
+        ({"a": f32([0, 4], [-1])}, 4, "invalid shape"),
+        ({"a": f32([0, 0], [0, 2**70])}, 0, "invalid shape"),
+        ({"a": f32([0, 8])}, 4, "invalid byte range"),
+        (
+            {"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "b": f32([1, 5])},
+            5,
+            "not aligned",
+        ),
+    ],
+)
+def test_byte_ranges_must_tile_the_data_exactly(
+    header: dict[str, object], body: int, error: str
+) -> None:
+    with pytest.raises(RemoteProtocolError, match=error):
+        state_dict_from_bytes(_with_header(header, bytes(body)), max_size=1000)
+
+
+def test_tensors_view_a_received_bytearray_and_copy_read_only_bytes() -> None:
+    encoded = state_dict_to_bytes({"w": torch.arange(6.0).reshape(2, 3), "e": torch.zeros(0)})
+    buffer = bytearray(encoded)
+    viewed = state_dict_from_bytes(buffer, 2**20)
+    assert torch.equal(viewed["w"], torch.arange(6.0).reshape(2, 3))
+    assert viewed["e"].shape == (0,)
+    buffer[-4:] = bytes(4)  # the last float of w, in place: no copy was made
+    assert float(viewed["w"][1, 2]) == 0.0
+    copied = state_dict_from_bytes(encoded, 2**20)  # bytes are read-only: one copy, writable
+    copied["w"].add_(1)
+    assert float(copied["w"][0, 0]) == 1.0

@@ -128,7 +128,6 @@ class AllReduce:
     rejected: Callable[[str, RemoteProtocolError], None]
     inputs: list[parts.Vectors] = field(default_factory=list)  # our part, from each member
     variances: list[torch.Tensor] = field(default_factory=list)
-    gathered: dict[int, parts.Vectors] = field(default_factory=dict)
     not_delivered: set[str] = field(default_factory=set)
 
     def own_part(self, index: int) -> parts.Vectors:
@@ -155,7 +154,13 @@ class AllReduce:
             if sent_variances is not None:
                 self.variances.append(sent_variances)
         else:
-            self.gathered[message.part] = tensors
+            self.settle(message.part, tensors)
+
+    def settle(self, index: int, averaged: parts.Vectors) -> None:
+        """Write a part's average into our flat copy (no other model-sized copy is kept;
+        our own parts were encoded for their reducers before any average could come)."""
+        for key, tensor in self.own_part(index).items():
+            tensor.copy_(averaged[key])
 
     def _check_variances(self, sent: torch.Tensor | None) -> None:
         if not self.variances:  # only when VCA is on is our own entry there
@@ -177,10 +182,10 @@ class AllReduce:
                     return
                 await changed.wait()
 
-    async def send(
-        self, peers: Sequence[str], phase: Phase, part: int, tensors: parts.Vectors
-    ) -> None:
-        data = await self.daemon.runtime.offload(state_dict_to_bytes, tensors)
+    async def encode(self, tensors: parts.Vectors) -> bytes:
+        return await self.daemon.runtime.offload(state_dict_to_bytes, tensors)
+
+    async def send(self, peers: Sequence[str], phase: Phase, part: int, data: bytes) -> None:
         meta = self.plan.message(phase, part).meta()
         for result in await self.daemon.push_to_peers(data, MODEL_KIND, meta, list(peers)):
             if not result["ok"]:
@@ -212,27 +217,32 @@ async def average(
     run.inputs.append(own)
     if variance_correction:
         run.variances.append(parts.variances(model))
+    reduce_sends = []
+    for peer, index in plan.reduce_sends():  # encoded before averages overwrite our parts
+        tensors: dict[str, torch.Tensor] = dict(run.own_part(index))
+        if variance_correction:
+            tensors[VARIANCES] = run.variances[0]
+        reduce_sends.append((peer, index, await run.encode(tensors)))
     try:
         async with trio.open_nursery() as nursery:
             nursery.cancel_scope.deadline = started + timeout  # our sends end then too
-            for peer, index in plan.reduce_sends():
-                tensors: dict[str, torch.Tensor] = dict(run.own_part(index))
-                if variance_correction:
-                    tensors[VARIANCES] = run.variances[0]
-                nursery.start_soon(run.send, [peer], Phase.REDUCE, index, tensors)
+            while reduce_sends:  # each send holds its part's bytes until it is done
+                peer, index, data = reduce_sends.pop()
+                nursery.start_soon(run.send, [peer], Phase.REDUCE, index, data)
+            data = b""
             await run.collect(lambda: plan.reduce_done, started + timeout / 2)
             plan.gather()
             reduced = await daemon.runtime.offload(rule, own, run.inputs)
-            run.gathered[plan.index] = reduced
+            run.inputs.clear()
+            encoded = await run.encode(reduced)
+            run.settle(plan.index, reduced)
             others = [peer for peer, _ in plan.gather_sends()]
-            nursery.start_soon(run.send, others, Phase.GATHER, plan.index, reduced)
+            nursery.start_soon(run.send, others, Phase.GATHER, plan.index, encoded)
+            del reduced, encoded
             await run.collect(lambda: plan.gather_done, started + timeout)
     finally:
         box.close_round(round_)
     fallback = plan.finish() if plan.phase is Phase.GATHER else []
-    for index, averaged in run.gathered.items():  # into our flat copy: no other model-sized copy
-        for key, tensor in run.own_part(index).items():
-            tensor.copy_(averaged[key])
     merged = parts.rebuild(vectors, model)
     if variance_correction:
         targets = torch.stack(run.variances).mean(dim=0).tolist()
@@ -241,7 +251,7 @@ async def average(
     return Averaged(
         model=merged,
         group=plan.group,
-        reduced_with=len(run.inputs),
+        reduced_with=1 + len(plan.reduced_from),
         fallback_parts=fallback,
         not_delivered=sorted(run.not_delivered),
     )

@@ -83,7 +83,7 @@ class ReceivedBlob:
 
     sender_id: str
     offer: BlobOffer
-    data: bytes = field(repr=False)
+    data: bytes | bytearray = field(repr=False)  # a bytearray off the bulk path
 
 
 class BlobRejected(NetworkError):
@@ -333,6 +333,7 @@ async def receive_blob(
             invitation = bulk.invite()
             connection = holding.enter_context(bulk.expecting(invitation))
         await send_frame(stream, encode_reply(True, invitation=invitation))
+        data: bytes | bytearray
         if (
             bulk is not None
             and connection is not None

@@ -306,14 +306,15 @@ class BulkPath:
 
     async def receive_body(
         self, connection: trio.MemoryReceiveChannel[Any], size: int, pace: Pace
-    ) -> tuple[bytes, bytes]:
-        """The ``size``-byte body from the invited connection, and its sha256."""
+    ) -> tuple[bytearray, bytes]:
+        """The ``size``-byte body from the invited connection (its receive buffer, which
+        tensors can view without a copy), and its sha256."""
         with trio.move_on_after(HANDSHAKE_TIMEOUT + pace.idle_timeout) as scope:
             tls: ssl.SSLSocket = await connection.receive()
         if scope.cancelled_caught:
             raise NetworkError("the sender said it connected to the bulk port but did not")
 
-        def receive() -> tuple[bytes, bytes]:
+        def receive() -> tuple[bytearray, bytes]:
             tls.settimeout(pace.idle_timeout)
             buffer = bytearray(size)
             view = memoryview(buffer)
@@ -329,7 +330,7 @@ class BulkPath:
                     digest.update(view[hashed:done])
                     hashed = done
                 _keep_pace(pace, started, done, size, "bulk body")
-            return bytes(buffer), digest.digest()
+            return buffer, digest.digest()
 
         try:
             data, digest = await _in_thread(receive, tls.fileno(), self._threads)
