@@ -217,19 +217,17 @@ async def average(
     run.inputs.append(own)
     if variance_correction:
         run.variances.append(parts.variances(model))
-    reduce_sends = []
-    for peer, index in plan.reduce_sends():  # encoded before averages overwrite our parts
-        tensors: dict[str, torch.Tensor] = dict(run.own_part(index))
-        if variance_correction:
-            tensors[VARIANCES] = run.variances[0]
-        reduce_sends.append((peer, index, await run.encode(tensors)))
     try:
         async with trio.open_nursery() as nursery:
             nursery.cancel_scope.deadline = started + timeout  # our sends end then too
-            while reduce_sends:  # each send holds its part's bytes until it is done
-                peer, index, data = reduce_sends.pop()
-                nursery.start_soon(run.send, [peer], Phase.REDUCE, index, data)
-            data = b""
+            # Every part is encoded before ``collect`` lets any average overwrite ours.
+            for peer, index in plan.reduce_sends():
+                tensors: dict[str, torch.Tensor] = dict(run.own_part(index))
+                if variance_correction:
+                    tensors[VARIANCES] = run.variances[0]
+                encoded = await run.encode(tensors)
+                nursery.start_soon(run.send, [peer], Phase.REDUCE, index, encoded)
+            del tensors, encoded  # each send holds its part's bytes until it is done
             await run.collect(lambda: plan.reduce_done, started + timeout / 2)
             plan.gather()
             reduced = await daemon.runtime.offload(rule, own, run.inputs)
