@@ -5,11 +5,14 @@ little-endian tensor bytes; any safetensors reader opens what peerlearn sends or
 nothing in it is executable (no pickle). Every float dtype (float16, bfloat16, float32,
 float64) and the integer/bool dtypes of buffers are allowed.
 
-Encoding is the safetensors library's. Decoding checks the header (size, tensor count,
-names, dtypes, shapes, and byte ranges that tile the data exactly, each aligned to its
-dtype), then makes each tensor a view of the received buffer: the library's loader would
-copy every tensor out of a ``bytes`` object, and a received model would be held twice or
-three times (buffer, ``bytes``, tensors). Any failure is one ``RemoteProtocolError``.
+Both directions are written here, for the sizes models travel at. Encoding writes the
+header and copies each tensor once into one buffer (the same bytes as the safetensors
+library's ``save``, which copies every tensor twice; a test compares them). Decoding checks
+the header (size, tensor count, names, dtypes, shapes, and byte ranges that tile the data
+exactly, each aligned to its dtype), then makes each tensor a view of the received buffer:
+the library's loader would copy every tensor out of a ``bytes`` object, and a received
+model would be held twice or three times (buffer, ``bytes``, tensors). Any failure is one
+``RemoteProtocolError``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save as _save
 
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 
@@ -46,30 +47,58 @@ DTYPES = {
 }
 MAX_DIMENSIONS = 16
 MAX_DIMENSION_SIZE = 2**40  # elements along one dimension (torch's sizes are int64)
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# The order the safetensors library writes dtypes in, so that our bytes are its bytes; the
+# widest come first, so every tensor starts aligned to its own width.
+_WRITE_ORDER = {
+    name: rank
+    for rank, name in enumerate(
+        ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")
+    )
+}
 _METADATA = "__metadata__"
 _HEADER_LENGTH_BYTES = 8
 
 
-def state_dict_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Encode a state_dict as safetensors. Tensors sharing storage (tied weights) are
-    written once each, as copies."""
+def state_dict_to_bytes(state: Mapping[str, torch.Tensor]) -> bytearray:
+    """Encode a state_dict as safetensors, each tensor copied once into the result.
+    Tensors sharing storage (tied weights) are written once each."""
     if len(state) > MAX_TENSORS:
         raise LocalProtocolError(f"state_dict has {len(state)} tensors (limit {MAX_TENSORS})")
-    seen: set[int] = set()
     tensors: StateDict = {}
     for name, tensor in state.items():
         if not name or len(name) > MAX_NAME_LENGTH:
             raise LocalProtocolError(f"tensor name {name[:40]!r} is empty or too long")
-        plain = tensor.detach().cpu().contiguous()
-        pointer = plain.untyped_storage().data_ptr()
-        if pointer in seen and plain.numel() > 0:
-            plain = plain.clone()
-        seen.add(pointer)
-        tensors[name] = plain
-    try:
-        return bytes(_save(tensors))
-    except (SafetensorError, ValueError, TypeError, KeyError) as exc:
-        raise LocalProtocolError(f"cannot encode the state_dict: {exc}") from exc
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise LocalProtocolError(f"tensor {name[:40]!r} has unsupported dtype {tensor.dtype}")
+        tensors[name] = tensor.detach()
+    order = sorted(
+        tensors, key=lambda name: (_WRITE_ORDER[_DTYPE_NAMES[tensors[name].dtype]], name)
+    )
+    entries: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    start = _HEADER_LENGTH_BYTES + len(header)
+    out = bytearray(start + offset)
+    out[:start] = len(header).to_bytes(_HEADER_LENGTH_BYTES, "little") + header
+    for name in order:
+        begin, stop = entries[name]["data_offsets"]
+        if stop > begin:
+            target = torch.frombuffer(
+                out, dtype=torch.uint8, offset=start + begin, count=stop - begin
+            )
+            target.copy_(tensors[name].cpu().reshape(-1).view(torch.uint8))
+    return out
 
 
 def _header(data: bytes | bytearray, max_size: int) -> tuple[dict[str, Any], int]:

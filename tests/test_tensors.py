@@ -159,3 +159,30 @@ def test_tensors_view_a_received_bytearray_and_copy_read_only_bytes() -> None:
     copied = state_dict_from_bytes(encoded, 2**20)  # bytes are read-only: one copy, writable
     copied["w"].add_(1)
     assert float(copied["w"][0, 0]) == 1.0
+
+
+def test_encoding_writes_the_safetensors_librarys_bytes() -> None:
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        "w": torch.randn(3, 5, generator=generator),
+        "transposed": torch.randn(4, 3, generator=generator).t(),
+        "half": torch.randn(7, generator=generator).half(),
+        "bf": torch.ones(5, dtype=torch.bfloat16),
+        "double": torch.ones(2, dtype=torch.float64),
+        "steps": torch.arange(3),
+        "i32": torch.ones(3, dtype=torch.int32),
+        "i16": torch.ones(3, dtype=torch.int16),
+        "i8": torch.ones(3, dtype=torch.int8),
+        "u8": torch.ones(3, dtype=torch.uint8),
+        "flag": torch.tensor(True),
+        "empty": torch.zeros(0, 4),
+    }
+    encoded = state_dict_to_bytes(state)
+    assert bytes(encoded) == safetensors.torch.save({k: v.contiguous() for k, v in state.items()})
+    decoded = state_dict_from_bytes(encoded, 2**20)
+    assert all(torch.equal(decoded[name], tensor) for name, tensor in state.items())
+
+
+def test_encoding_refuses_a_dtype_safetensors_cannot_hold() -> None:
+    with pytest.raises(LocalProtocolError, match="unsupported dtype"):
+        state_dict_to_bytes({"z": torch.zeros(2, dtype=torch.complex64)})

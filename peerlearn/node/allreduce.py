@@ -182,10 +182,12 @@ class AllReduce:
                     return
                 await changed.wait()
 
-    async def encode(self, tensors: parts.Vectors) -> bytes:
+    async def encode(self, tensors: parts.Vectors) -> bytearray:
         return await self.daemon.runtime.offload(state_dict_to_bytes, tensors)
 
-    async def send(self, peers: Sequence[str], phase: Phase, part: int, data: bytes) -> None:
+    async def send(
+        self, peers: Sequence[str], phase: Phase, part: int, data: bytes | bytearray
+    ) -> None:
         meta = self.plan.message(phase, part).meta()
         for result in await self.daemon.push_to_peers(data, MODEL_KIND, meta, list(peers)):
             if not result["ok"]:

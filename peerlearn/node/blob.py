@@ -187,7 +187,7 @@ async def send_blob(
     stream: Stream,
     identity: Identity,
     seq: int,
-    data: bytes,
+    data: bytes | bytearray,
     *,
     kind: str,
     meta: dict[str, Any],
@@ -218,7 +218,7 @@ async def send_blob(
             close_connection(tls)
 
 
-async def digest_of(data: bytes) -> bytes:
+async def digest_of(data: bytes | bytearray) -> bytes:
     """The digest of ``data``, off the event loop when it is large (0.1 s per 100 MB)."""
     if len(data) < BULK_MIN_SIZE:
         return hashlib.sha256(data).digest()
@@ -227,7 +227,7 @@ async def digest_of(data: bytes) -> bytes:
 
 async def _send_invited(
     stream: Stream,
-    data: bytes,
+    data: bytes | bytearray,
     invitation: Invitation,
     chunk_size: int,
     pace: Pace,
@@ -364,7 +364,7 @@ async def push_blob(
     open_stream: Callable[[], Awaitable[Stream]],
     identity: Identity,
     seq: int,
-    data: bytes,
+    data: bytes | bytearray,
     *,
     kind: str,
     meta: dict[str, Any],
@@ -396,7 +396,7 @@ async def deliver(
     host: Host,
     sequence: wire.SequenceCounter,
     peer_id: str,
-    data: bytes,
+    data: bytes | bytearray,
     *,
     kind: str,
     meta: dict[str, Any],

@@ -399,7 +399,7 @@ class BulkPath:
             return None
         return tls
 
-    async def send_body(self, tls: ssl.SSLSocket, data: bytes, pace: Pace) -> None:
+    async def send_body(self, tls: ssl.SSLSocket, data: bytes | bytearray, pace: Pace) -> None:
         """Write ``data``; ``TransferTooSlowError`` if the peer stops reading. The caller
         closes the connection once the peer has judged the blob."""
         view = memoryview(data)

@@ -292,7 +292,11 @@ class Daemon:
         return await self.push_to_peers(data, MODEL_UPDATE_KIND, {"tensors": len(state)})
 
     async def push_to_peers(
-        self, data: bytes, kind: str, meta: dict[str, Any], peers: list[str] | None = None
+        self,
+        data: bytes | bytearray,
+        kind: str,
+        meta: dict[str, Any],
+        peers: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Push a blob to ``peers`` (default: all connected); one result per peer, none dropped."""
         if peers is None:

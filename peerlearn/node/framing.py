@@ -81,7 +81,9 @@ async def receive_chunks(
         yield chunk
 
 
-async def send_paced(stream: ByteStream, data: bytes, chunk_size: int, pace: Pace) -> None:
+async def send_paced(
+    stream: ByteStream, data: bytes | bytearray, chunk_size: int, pace: Pace
+) -> None:
     """Write ``data`` in chunks; ``TransferTooSlowError`` if the peer stops reading."""
     started = last = trio.current_time()
     view = memoryview(data)

@@ -93,7 +93,7 @@ class LearningTransport:
         self.models_received = 0
         self.on_message: SmallMessageHandler | None = None
         self._encoding = trio.Lock()
-        self._last_encoded: tuple[StateDict, bytes, bytes] | None = None
+        self._last_encoded: tuple[StateDict, bytearray, bytes] | None = None
         self._outboxes: dict[str, _Outbox] = {}
         host.set_handler(MSG_PROTOCOL, self._serve_messages)
 
@@ -122,7 +122,7 @@ class LearningTransport:
         self.on_bytes(len(payload), 0)
         return True
 
-    async def encoded(self, model: StateDict) -> tuple[bytes, bytes]:
+    async def encoded(self, model: StateDict) -> tuple[bytearray, bytes]:
         """``model`` as safetensors bytes and their sha256, computed once (off the event
         loop) however many peers it goes to: a round's model is pushed to several peers
         and announced too."""
@@ -131,7 +131,7 @@ class LearningTransport:
             if last is not None and last[0] is model:
                 return last[1], last[2]
 
-            def encode() -> tuple[bytes, bytes]:
+            def encode() -> tuple[bytearray, bytes]:
                 payload = state_dict_to_bytes(model)
                 return payload, hashlib.sha256(payload).digest()
 
