@@ -1,5 +1,7 @@
 """Throughput of a blob (/peerlearn/blob/2) vs a plain asyncio TCP socket, side by side: its
-body over the libp2p stream (Noise, yamux) and over the TLS bulk path (``node.bulk_tls``).
+body over the libp2p stream (Noise, yamux) and over the TLS bulk path (``node.bulk_tls``);
+and a bare TLS 1.3 socket (Python's ssl, blocking, nothing hashed or checked), the ceiling
+of any encrypted path in Python on this machine.
 
 Each transfer goes from this process to a receiver subprocess on 127.0.0.1, so both
 sides of each stack run in their own interpreter, as two daemons would.
@@ -14,6 +16,7 @@ import asyncio
 import hashlib
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -70,6 +73,28 @@ def raw_receiver() -> None:
     asyncio.run(main())
 
 
+def tls_receiver() -> None:
+    from peerlearn.node.bulk_tls import _self_signed_context
+
+    context, _ = _self_signed_context()
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(listener.getsockname()[1], flush=True)
+    listener.settimeout(1.0)
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            continue
+        with context.wrap_socket(connection, server_side=True) as tls:
+            header = tls.recv(8)
+            if not header:
+                return  # the sender's goodbye
+            left, buffer = int.from_bytes(header, "big"), memoryview(bytearray(1 << 20))
+            while left:
+                left -= tls.recv_into(buffer, min(left, len(buffer)))
+            tls.sendall(b"ok")
+
+
 # --- senders -------------------------------------------------------------------------------
 
 
@@ -105,6 +130,23 @@ def send_raw(port: int, data: bytes, repeats: int) -> float:
         return statistics.median(times)
 
     return asyncio.run(main())
+
+
+def send_tls(port: int, data: bytes, repeats: int) -> float:
+    """Median seconds of ``repeats`` transfers over a fresh TLS 1.3 connection each."""
+    from peerlearn.node.bulk_tls import _client_context
+
+    context, view, times = _client_context(), memoryview(data), []
+    for _ in range(1 + repeats):
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", port))) as tls:
+            started = time.perf_counter()
+            tls.sendall(len(data).to_bytes(8, "big"))
+            for start in range(0, len(data), 1 << 20):
+                tls.sendall(view[start : start + (1 << 20)])
+            assert tls.recv(2) == b"ok"
+            times.append(time.perf_counter() - started)
+    context.wrap_socket(socket.create_connection(("127.0.0.1", port))).close()  # receiver ends
+    return statistics.median(times[1:])
 
 
 def send_blob(
@@ -168,7 +210,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--role", choices=["blob", "bulk", "raw"])
+    parser.add_argument("--role", choices=["blob", "bulk", "raw", "tls"])
     parser.add_argument("--megabytes", type=int, default=SIZE_MB_DEFAULT)
     parser.add_argument("--chunk-kib", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=3, help="timed transfers per path")
@@ -177,6 +219,8 @@ def main() -> None:
         return blob_receiver(with_bulk=args.role == "bulk")
     if args.role == "raw":
         return raw_receiver()
+    if args.role == "tls":
+        return tls_receiver()
 
     data = os.urandom(args.megabytes * 2**20)
     mb = len(data) / 1e6
@@ -191,6 +235,11 @@ def main() -> None:
         results["asyncio TCP"] = mb / send_raw(int(port), data, args.repeats)
     finally:
         raw_proc.communicate("")
+    tls_proc, port = spawn("tls")
+    try:
+        results["TLS socket alone"] = mb / send_tls(int(port), data, args.repeats)
+    finally:
+        tls_proc.communicate("")
     for chunk_kib in args.chunk_kib:
         blob_proc, address = spawn("blob")
         try:

@@ -24,6 +24,7 @@ import trio.testing
 from peerlearn.identity import KEY_FILE_NAME, Identity, create_identity
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import Daemon, run_daemon
+from peerlearn.tensors import state_dict_to_bytes
 from tests.memory_host import MemoryNetwork
 
 STEP = 0.5  # virtual seconds between looks at the swarm
@@ -222,5 +223,41 @@ def test_bristle_daemons_learn_their_familiar_classes_on_label_skewed_shards(
             # are held and about 0.5 is the ceiling; an untrained output layer scores ~0.1.
             states = [_learning(d) for d in s.daemons.values()]
             assert all(st["accuracy"] > 0.4 for st in states), states
+
+    virtual(main)
+
+
+@pytest.mark.parametrize(
+    ("algo", "codec", "fewer"), [("gossip-vca", "int4", 4), ("modest", "int8", 2.5)]
+)
+def test_compressed_swarms_learn_sending_a_fraction_of_the_bytes(
+    tmp_path: Path, algo: str, codec: str, fewer: float
+) -> None:
+    nodes, rounds = 6, 12
+    base = NodeConfig(
+        swarm="compressed",
+        mdns=False,
+        algo=algo,
+        compression=codec,
+        sample_size=4,
+        min_members=nodes,
+        round_interval=1.0,
+    )
+
+    async def main() -> None:
+        async with swarm(tmp_path) as s:
+            await s.start_all(nodes, base)
+            await until(
+                lambda: all(_learning(d)["round"] >= rounds for d in s.daemons.values()), 600
+            )
+            learner = s.daemons[0].learner
+            assert learner is not None
+            whole = len(state_dict_to_bytes(learner.model))
+            states = [_learning(d) for d in s.daemons.values()]
+            assert all(st["accuracy"] >= 0.8 for st in states), states
+            assert sum(st["models_received"] for st in states) > 0
+            sent = sum(st["model_bytes_sent"] for st in states)
+            models = sum(st["models_sent"] for st in states)
+            assert sent / models < whole / fewer, (sent / models, whole)
 
     virtual(main)

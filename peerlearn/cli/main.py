@@ -155,6 +155,11 @@ async def _feed_dashboard(daemon: Any, board: Dashboard) -> None:
     default=None,
     help="Robust rule for received models [default: none].",
 )
+@click.option(
+    "--compression",
+    default=None,
+    help="Send models as int8, int4 or topk:F (modest), with error feedback [default: none].",
+)
 @click.option("--data-shard", default=None, help="i/n: train on shard i of n [default: 0/1].")
 @click.option(
     "--partition",
@@ -457,6 +462,12 @@ def sim() -> None:
 @click.option("--kill-fraction", type=float, default=0.0, show_default=True)
 @click.option("--kill-round", type=int, default=0, show_default=True)
 @click.option("--eval-every", type=int, default=1, show_default=True)
+@click.option(
+    "--compression",
+    default="none",
+    show_default=True,
+    help="Models sent as int8, int4 or topk:F (fedavg, modest), with error feedback.",
+)
 @click.option(
     "--out",
     type=click.Path(path_type=Path),

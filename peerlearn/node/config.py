@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
-from peerlearn.errors import ConfigError
+from peerlearn.errors import ConfigError, LocalProtocolError
 
 if TYPE_CHECKING:
     from peerlearn.gossip.admission import Admission
@@ -126,6 +126,13 @@ class NodeConfig:
 
     algo: str = "gossip-vca"
     """gossip-vca, gossip, dpsgd or modest."""
+
+    compression: str = "none"
+    """How this node sends models: none; int8 or int4 (block-wise quantization, 3.9x or
+    7.8x fewer bytes); or topk:F with modest (the fraction F of largest changes from the
+    swarm's shared start). With error feedback: what one model leaves out, the next sends
+    (kept as one float32 copy of the model). Any codec is accepted from peers; a swarm
+    picks one for its nodes' settings."""
 
     filter: str = "none"
     """Robust rule for received models: none, median, trimmed, krum or clip."""
@@ -268,7 +275,7 @@ def _validate(config: NodeConfig) -> NodeConfig:
 
 
 def _validate_learning(config: NodeConfig) -> None:
-    from peerlearn.learning.choices import FILTERS
+    from peerlearn.learning.choices import FILTERS, Compression
 
     if config.algo not in LEARNING_ALGORITHMS:
         raise ConfigError(
@@ -276,6 +283,12 @@ def _validate_learning(config: NodeConfig) -> None:
         )
     if config.filter not in FILTERS:
         raise ConfigError(f"filter must be one of {', '.join(FILTERS)}, not {config.filter!r}")
+    try:
+        unsuited = Compression.parse(config.compression).unsuited_to(config.algo)
+    except LocalProtocolError as exc:
+        raise ConfigError(str(exc)) from None
+    if unsuited is not None:
+        raise ConfigError(unsuited)
     if config.filter == "bristle" and config.algo == "modest":
         raise ConfigError("bristle merges gossiped output layers: use gossip, gossip-vca or dpsgd")
     if config.partition not in ("iid", "label-skew"):

@@ -25,10 +25,13 @@ import torch
 import trio
 
 from peerlearn import wire
+from peerlearn.errors import RemoteProtocolError
 from peerlearn.gossip.crdt import Entry
 from peerlearn.identity import public_key_from_peer_id
 from peerlearn.learning import attacks, robust
 from peerlearn.learning.aggregate import StateDict
+from peerlearn.learning.choices import Codec, Compression
+from peerlearn.learning.compression import decode as compression_decode
 from peerlearn.learning.hygiene import check_received
 from peerlearn.learning.task import (
     TaskContext,
@@ -43,7 +46,7 @@ from peerlearn.node.bulk_tls import BulkPath
 from peerlearn.node.checkpoints import CheckpointStore
 from peerlearn.node.config import MODEL_ATTACKS, NodeConfig, parse_shard
 from peerlearn.node.host_api import Host
-from peerlearn.node.learning_transport import LearningTransport
+from peerlearn.node.learning_transport import COMPRESSION_KEY, LearningTransport
 from peerlearn.node.modest_driver import ModestDriver
 from peerlearn.node.offload import Offload, in_thread
 from peerlearn.node.rounds_driver import RoundsDriver
@@ -135,8 +138,22 @@ class Learner:
         self.metrics: dict[str, float] = {}
         self._finish_lock = trio.Lock()
         self.phase = "waiting for members"
+        # MoDeST's nodes share their start: compressed models are changes against it (kept
+        # whatever our own setting, so that we can rebuild the models of peers that compress)
+        start = None
+        if config.algo == "modest":
+            start = {k: v.detach().clone() for k, v in self.model.items()}
         self.transport = LearningTransport(
-            config, host, swarm.pace, sequence, replay_guard, on_bytes, wall_clock, offload, bulk
+            config,
+            host,
+            swarm.pace,
+            sequence,
+            replay_guard,
+            on_bytes,
+            wall_clock,
+            offload,
+            bulk,
+            reference=start,
         )
         self._model_bytes = len(state_dict_to_bytes(self.model))
         self.checkpoints = CheckpointStore(data_dir / CHECKPOINT_FILE)
@@ -160,6 +177,8 @@ class Learner:
             "members": self.swarm.member_count(),
             "join_seconds": self.swarm.join_seconds,
             "models_sent": self.transport.models_sent,
+            "model_bytes_sent": self.transport.model_bytes_sent,
+            "compression": str(self.transport.compression),
             "models_received": self.transport.models_received,
             "pushes_skipped": getattr(self.driver, "pushes_skipped", 0),
             "train_samples": getattr(self.learning.task, "train_samples", None),
@@ -258,15 +277,23 @@ class Learner:
         """Called by the daemon for learner blobs: the model must pass
         ``hygiene.check_received`` against ours before the driver (and any merge) sees it."""
         own, limit, ratio = self.model, self.max_model_bytes, self.config.max_update_ratio
+        meta = dict(received.offer.meta)
+        codec = meta.pop(COMPRESSION_KEY, None)
+        compression = Compression.from_peer(codec) if codec is not None else None
+        reference = self.transport.reference
+        if compression is not None and compression.codec is Codec.TOPK and reference is None:
+            raise RemoteProtocolError(f"{compression} model, but this swarm shares no start")
 
         def decode_and_check() -> StateDict:
             model = state_dict_from_bytes(received.data, limit)
+            if compression is not None:
+                model = compression_decode(model, own, compression, reference)
             check_received(model, own, max_update_ratio=ratio)
             return model
 
         model = await self.offload(decode_and_check)
         pk = public_key_from_peer_id(received.sender_id)  # checked against the signed offer
-        self.driver.receive_model(pk, received.offer.kind, received.offer.meta, model)
+        self.driver.receive_model(pk, received.offer.kind, meta, model)
         self.transport.model_received(received.offer.size)
 
     # -- main loop --------------------------------------------------------------------------

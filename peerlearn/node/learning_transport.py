@@ -1,7 +1,8 @@
 """How the learning drivers reach peers: models as blobs, MoDeST's small messages as envelopes.
 
 * models (any algorithm): safetensors bytes over ``/peerlearn/blob/2`` (``node.blob``), the
-  round's metadata inside the signed offer;
+  round's metadata inside the signed offer; with ``compression`` set, the compressed model
+  (``learning.compression``), its codec named in the metadata under ``compression``;
 * MoDeST's small messages (ping, pong, ack, membership): signed envelopes of type
   ``modest``, replay-checked, over ``/peerlearn/msg/2``: one stream per peer carries them
   one after another (a node sending many no longer pays a stream negotiation for each).
@@ -26,6 +27,8 @@ from peerlearn import wire
 from peerlearn.errors import NetworkError, RemoteProtocolError
 from peerlearn.identity import Identity, peer_id_from_public_key
 from peerlearn.learning.aggregate import StateDict
+from peerlearn.learning.choices import Compression
+from peerlearn.learning.compression import ErrorFeedback
 from peerlearn.node import blob
 from peerlearn.node.bulk_tls import BulkPath
 from peerlearn.node.config import NodeConfig
@@ -40,6 +43,7 @@ MSG_PROTOCOL = "/peerlearn/msg/2"
 MODEL_KIND = "model"  # gossip / D-PSGD models (and the embedding API's)
 MODEST_KIND = "modest"  # MoDeST's trained and aggregated models
 MODEST_MESSAGE = "modest"
+COMPRESSION_KEY = "compression"  # in a model's metadata: the codec it was sent with
 MESSAGE_TIMEOUT = 10.0  # seconds per small message
 MESSAGE_STREAM_IDLE = 20.0  # seconds a sender keeps an unused message stream
 MESSAGE_STREAM_WAIT = 60.0  # seconds a receiver waits for a stream's next message
@@ -76,9 +80,12 @@ class LearningTransport:
         wall_clock: Callable[[], float],
         offload: Offload,
         bulk: BulkPath | None = None,
+        reference: StateDict | None = None,
     ) -> None:
         """``wall_clock``: the time signed into envelopes and checked against replays;
-        ``offload`` runs the encoding of models; ``bulk`` carries large models."""
+        ``offload`` runs the encoding of models; ``bulk`` carries large models;
+        ``reference``: the model compressed models are sent against (MoDeST's shared start;
+        zeros if None)."""
         self.config = config
         self.host = host
         self.identity: Identity = host.identity
@@ -90,10 +97,15 @@ class LearningTransport:
         self.offload = offload
         self.bulk = bulk
         self.models_sent = 0
+        self.model_bytes_sent = 0  # of the models delivered, as sent (compressed or not)
         self.models_received = 0
         self.on_message: SmallMessageHandler | None = None
+        self.compression = Compression.parse(config.compression)
+        self.reference = reference
+        self._feedback = ErrorFeedback(self.compression) if self.compression.enabled else None
         self._encoding = trio.Lock()
-        self._last_encoded: tuple[StateDict, bytearray, bytes] | None = None
+        # the last model encoded whole (announced), and the last one as sent to peers
+        self._last: dict[str, tuple[StateDict, bytearray, bytes]] = {}
         self._outboxes: dict[str, _Outbox] = {}
         host.set_handler(MSG_PROTOCOL, self._serve_messages)
 
@@ -102,7 +114,9 @@ class LearningTransport:
     ) -> bool:
         """Send a model to one peer over the blob protocol; False (logged) if not delivered."""
         peer_id = peer_id_from_public_key(peer_pk)
-        payload, digest = await self.encoded(model)
+        payload, digest = await self._sent_form(model)
+        if self._feedback is not None:
+            meta = {**meta, COMPRESSION_KEY: str(self.compression)}
         error = await blob.deliver(
             self.host,
             self.sequence,
@@ -119,6 +133,7 @@ class LearningTransport:
             logger.info("model to %s not delivered: %s", peer_id, error)
             return False
         self.models_sent += 1
+        self.model_bytes_sent += len(payload)
         self.on_bytes(len(payload), 0)
         return True
 
@@ -126,18 +141,35 @@ class LearningTransport:
         """``model`` as safetensors bytes and their sha256, computed once (off the event
         loop) however many peers it goes to: a round's model is pushed to several peers
         and announced too."""
+        return await self._encode_once("whole", model, lambda: state_dict_to_bytes(model))
+
+    async def _sent_form(self, model: StateDict) -> tuple[bytearray, bytes]:
+        """What peers get of ``model``: its encoding, or compressed (error feedback then
+        moves on once per model, however many peers it goes to)."""
+        feedback = self._feedback
+        if feedback is None:
+            return await self.encoded(model)
+
+        def compress() -> bytearray:
+            return state_dict_to_bytes(feedback.encode(model, self.reference)[0])
+
+        return await self._encode_once("sent", model, compress)
+
+    async def _encode_once(
+        self, form: str, model: StateDict, encode: Callable[[], bytearray]
+    ) -> tuple[bytearray, bytes]:
         async with self._encoding:
-            last = self._last_encoded
+            last = self._last.get(form)
             if last is not None and last[0] is model:
                 return last[1], last[2]
 
-            def encode() -> tuple[bytearray, bytes]:
-                payload = state_dict_to_bytes(model)
+            def encode_and_hash() -> tuple[bytearray, bytes]:
+                payload = encode()
                 return payload, hashlib.sha256(payload).digest()
 
-            payload, digest = await self.offload(encode)
+            payload, digest = await self.offload(encode_and_hash)
             # the model held: its identity stays valid
-            self._last_encoded = (model, payload, digest)
+            self._last[form] = (model, payload, digest)
             return payload, digest
 
     def model_received(self, size: int) -> None:

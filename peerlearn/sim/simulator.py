@@ -13,7 +13,11 @@ Every node trains the same ``Task`` the daemon would (``task``, ``task_options``
 ``TaskModel``; bytes are counted from the encoded messages (safetensors models, msgpack
 MoDeST messages). Filters (``none``, ``median``, ``trimmed``, ``krum``, ``clip``, ``bristle``)
 replace the rule that combines received models. Byzantine nodes poison data (``label-flip``)
-or models (``sign-flip``, ``gaussian``, ``alie``, ``ipm``). Same config -> same trace hash.
+or models (``sign-flip``, ``gaussian``, ``alie``, ``ipm``). ``compression`` (``int8``,
+``int4``, ``topk:F``) compresses every model a node sends, with error feedback, against the
+model both sides hold where there is one (FedAvg's global model, MoDeST's shared start);
+receivers get what the daemon's would rebuild, and bytes count the compressed encoding.
+Same config -> same trace hash.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ from peerlearn.learning.choices import (
     ATTACKS,
     FILTERS,
     PARTITIONS,
+    Compression,
     experiment_shards,
 )
+from peerlearn.learning.compression import ErrorFeedback
 from peerlearn.learning.task import TaskContext, Training, create_task, parse_task_options
 from peerlearn.learning.task_model import TaskModel
 from peerlearn.tensors import state_dict_to_bytes
@@ -80,6 +86,7 @@ class SimConfig:
     bandwidth: float = 10e6  # bytes per second per message
     train_time: float = 1.0  # seconds per local training
     eval_every: int = 1
+    compression: str = "none"  # none, int8, int4 or topk:F: every model a node sends
 
     def resolved(self) -> SimConfig:
         if self.algo not in ALGORITHMS:
@@ -94,6 +101,9 @@ class SimConfig:
             raise LocalProtocolError(
                 "bristle merges gossiped layers: use gossip, gossip-vca or dpsgd"
             )
+        unsuited = Compression.parse(self.compression).unsuited_to(self.algo)
+        if unsuited is not None:
+            raise LocalProtocolError(unsuited)
         if not 0 <= self.byzantine < 1 or not 0 <= self.kill_fraction < 1:
             raise LocalProtocolError("byzantine and kill fractions must be in [0, 1)")
         if self.nodes < 2 or self.rounds < 1:
@@ -145,6 +155,7 @@ class _Node:
     generator: torch.Generator  # the node's attacks
     model: StateDict  # its exchanged state
     alive: bool = True
+    feedback: ErrorFeedback | None = None  # with compression: what it has not sent yet
 
 
 class _Trace:
@@ -173,6 +184,15 @@ class Simulation:
         self.nodes = self._make_nodes()
         self.honest = [n for n in self.nodes if not n.byzantine]
         self.model_bytes = len(state_dict_to_bytes(self.nodes[0].model))
+        # MoDeST's nodes all start from one model; compressed changes are sent against it
+        self.reference = dict(self.nodes[0].model) if config.algo == "modest" else None
+        self.compression = Compression.parse(config.compression)
+        self.sent_bytes = self.model_bytes  # of each model a node sends
+        if self.compression.enabled:
+            wire_model, _ = ErrorFeedback(self.compression).encode(self.nodes[0].model)
+            self.sent_bytes = len(state_dict_to_bytes(wire_model))
+            for node in self.nodes:
+                node.feedback = ErrorFeedback(self.compression)
         self.rule = robust.create_rule(
             config.filter if config.filter != "bristle" else "mean",
             f=max(1, round(config.byzantine * config.nodes)),
@@ -245,6 +265,12 @@ class Simulation:
             return self.attack(model, honest_models, node.generator)
         return model
 
+    def _send(self, node: _Node, model: StateDict, reference: StateDict | None = None) -> StateDict:
+        """The model ``node``'s receivers get when it sends ``model``."""
+        if node.feedback is None:
+            return model
+        return node.feedback.encode(model, reference)[1]
+
     def _kill(self, round_: int) -> None:
         c = self.config
         if c.kill_round != round_ or c.kill_fraction <= 0:
@@ -301,8 +327,10 @@ class Simulation:
             clients = self.rng.sample(alive, min(c.sample_size, len(alive)))
             trained = [(n, self._local_train(n, global_model)) for n in clients]
             honest = [m for n, m in trained if not n.byzantine]
-            uploads = [self._outgoing(n, m, honest) for n, m in trained]
-            self.bytes_sent += 2 * len(clients) * self.model_bytes
+            uploads = [
+                self._send(n, self._outgoing(n, m, honest), global_model) for n, m in trained
+            ]
+            self.bytes_sent += len(clients) * (self.model_bytes + self.sent_bytes)
             global_model = self.rule(global_model, uploads)
             self.trace.add(r, sorted(n.index for n in clients))
             if r % c.eval_every == 0 or r == c.rounds:
@@ -333,12 +361,13 @@ class Simulation:
             honest = [trained[n.index] for n in alive if not n.byzantine]
             for n in alive:
                 core = cores[n.pk]
-                core.trained(r, self._outgoing(n, trained[n.index], honest), started)
+                outgoing = self._send(n, self._outgoing(n, trained[n.index], honest))
+                core.trained(r, outgoing, started)
                 now = started + c.latency
                 sends = core.messages_to_send()
                 for send in sends:
                     meta = rounds.encode_meta(send)
-                    self.bytes_sent += self.model_bytes + len(wire.pack(meta))
+                    self.bytes_sent += self.sent_bytes + len(wire.pack(meta))
                     if by_pk[send.dst].alive:
                         cores[send.dst].receive(n.pk, rounds.decode_meta(meta, send.model), now)
                 self.trace.add(r, n.index, sorted(by_pk[s.dst].index for s in sends))
@@ -394,7 +423,7 @@ class _ModestNetwork:
     def _size(self, message: modest.Message) -> int:
         """Bytes of the message as the daemon encodes it (envelopes and framing aside)."""
         if isinstance(message, modest.TrainedModel | modest.AggregatedModel):
-            return self.sim.model_bytes + len(wire.pack(modest.encode_model_meta(message)))
+            return self.sim.sent_bytes + len(wire.pack(modest.encode_model_meta(message)))
         return len(wire.pack(modest.encode_small(message)))
 
     def _flush(self, pk: bytes) -> None:
@@ -414,7 +443,9 @@ class _ModestNetwork:
     def _on_event(self, pk: bytes, event: modest.Event) -> None:
         node = self.by_pk[pk]
         if isinstance(event, modest.AggregateRequest):
-            self.cores[pk].aggregated(event, self.sim.rule(node.model, event.models), self.now)
+            aggregate = self.sim.rule(node.model, event.models)
+            sent = self.sim._send(node, aggregate, self.sim.reference)
+            self.cores[pk].aggregated(event, sent, self.now)
         elif isinstance(event, modest.TrainRequest):
             node.model = event.model
             self._push(
@@ -484,7 +515,8 @@ class _ModestNetwork:
                 if not node.byzantine:
                     self.latest_honest[pk] = trained
                 outgoing = self.sim._outgoing(node, trained, list(self.latest_honest.values()))
-                self.cores[pk].training_done(round_, outgoing, self.now)
+                sent = self.sim._send(node, outgoing, self.sim.reference)
+                self.cores[pk].training_done(round_, sent, self.now)
                 self._flush(pk)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from peerlearn.gossip import sync
 from peerlearn.gossip.admission import issue_invite
 from peerlearn.gossip.crdt import MAX_CLOCK, clock_at, sign_entry
 from peerlearn.identity import Identity
+from peerlearn.learning.choices import Compression
+from peerlearn.learning.compression import ErrorFeedback
 from peerlearn.learning.tasks.digits import DigitsNet
 from peerlearn.node import blob
 from peerlearn.node.daemon import run_daemon
@@ -370,5 +374,52 @@ def test_peers_that_do_not_speak_peerlearn_are_left_alone(
             await node.swarm.sync_with(plain.peer_id)  # asked again: left alone
         errors = [r for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) <= 1, [r.getMessage()[:200] for r in errors]
+
+    run(main)
+
+
+def test_compressed_models_are_rebuilt_only_when_well_formed(tmp_path: Path) -> None:
+    """A member's int8 model is accepted; an unknown codec and non-finite scales are offences."""
+    config = node_config(tmp_path, "d", algo="gossip-vca", round_interval=0.2)
+    model = DigitsNet("mlp", 32, torch.Generator().manual_seed(0)).state_dict()
+    wire_model, _ = ErrorFeedback(Compression.parse("int8")).encode(model)
+    good = state_dict_to_bytes(wire_model)
+    bad_scales = state_dict_to_bytes(
+        {
+            n: torch.full_like(t, math.inf) if n.endswith("/scale") else t
+            for n, t in wire_model.items()
+        }
+    )
+
+    def compressed(data: bytes, codec: str) -> dict[str, object]:
+        body = model_offer(data)
+        body["meta"] = {"round": 1, "compression": codec}
+        return body
+
+    async def main() -> None:
+        async with daemon(config, learn=True) as node, hostile() as member:
+            peer = node.identity.peer_id
+            await member.connect(node.host.addrs()[0])
+            await introduce(member, peer, member_entry(member.identity))
+            cases = [
+                (good, "zip", "not a codec|compression must be"),
+                (bad_scales, "int8", "non-finite"),
+            ]
+            for seq, (data, codec, reason) in enumerate(cases, start=2):
+                _, stream = await offer(
+                    member, peer, body=compressed(data, codec), seq=seq, payload=data
+                )
+                verdict = wire.unpack(await _next(stream))
+                assert verdict["ok"] is False
+                assert re.search(reason, str(verdict["reason"])), verdict
+            assert node.learner is not None
+            assert node.learner.transport.models_received == 0
+            _, stream = await offer(
+                member, peer, body=compressed(good, "int8"), seq=9, payload=good
+            )
+            assert wire.unpack(await _next(stream))["ok"] is True
+            await eventually(
+                lambda: node.learner is not None and node.learner.transport.models_received == 1
+            )
 
     run(main)

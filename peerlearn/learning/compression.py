@@ -1,0 +1,196 @@
+"""Fewer bytes per model: block-wise 8-bit and 4-bit quantization and top-k sparsification,
+each with error feedback.
+
+A sender compresses ``model - reference`` (the reference is a model both sides hold: the
+global model in FedAvg, zeros otherwise) plus what earlier compressions left out (the
+residual), and keeps what this one leaves out for the next. Whatever a single message
+loses, the following ones make up for, so no bias builds up over rounds.
+
+On the wire a compressed model is a plain state_dict (safetensors) of small tensors:
+
+* ``int8``: ``name/q`` int8 in [-127, 127] and ``name/scale`` float32, one scale per
+  block of ``BLOCK`` values (the block's largest magnitude / 127);
+* ``int4``: ``name/q`` uint8, two values per byte (low nibble first), each in [1, 15]
+  meaning -7..7, and ``name/scale`` as for int8 (largest magnitude / 7);
+* ``topk:F``: ``name/index`` int32 (int64 for tensors of 2**31 values or more), strictly
+  increasing, and ``name/value`` float32: the
+  ``ceil(F * size)`` entries of largest magnitude;
+
+and integer or bool tensors (step counters, masks) under their own name, as they are.
+``decode`` rebuilds a model only in the layout of one we hold, so a peer cannot make us
+allocate more than our own model; anything else is a ``RemoteProtocolError``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from peerlearn.errors import LocalProtocolError, RemoteProtocolError
+from peerlearn.learning.choices import Codec, Compression
+
+StateDict = dict[str, torch.Tensor]
+BLOCK = 256  # values sharing one scale
+_LEVELS = {8: 127, 4: 7}
+
+
+def _compressible(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.numel() > 0
+
+
+def _quantize(flat: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    levels = _LEVELS[bits]
+    blocks = math.ceil(flat.numel() / BLOCK)
+    padded = torch.zeros(blocks * BLOCK, dtype=torch.float32)
+    padded[: flat.numel()] = flat
+    grid = padded.view(blocks, BLOCK)
+    scale = grid.abs().amax(dim=1) / levels
+    steps = grid / torch.where(scale > 0, scale, 1.0).unsqueeze(1)
+    q = steps.round_().clamp_(-levels, levels).to(torch.int8).view(-1)
+    if bits == 4:
+        nibbles = (q + 8).to(torch.uint8)
+        q = nibbles[0::2] | (nibbles[1::2] << 4)
+    return q, scale
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, size: int) -> torch.Tensor:
+    values = q if bits == 8 else torch.stack((q & 0x0F, q >> 4), dim=1).view(-1).to(torch.int8) - 8
+    grid = values.view(-1, BLOCK).to(torch.float32) * scale.unsqueeze(1)
+    return grid.view(-1)[:size]
+
+
+def _index_dtype(size: int) -> torch.dtype:
+    return torch.int32 if size < 2**31 else torch.int64
+
+
+def _top_k(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    index = flat.abs().topk(count, sorted=False).indices.sort().values
+    return index.to(_index_dtype(flat.numel())), flat[index].to(torch.float32)
+
+
+def _compress(name: str, flat: torch.Tensor, compression: Compression) -> StateDict:
+    if compression.codec is Codec.TOPK:
+        index, value = _top_k(flat, compression.kept(flat.numel()))
+        return {f"{name}/index": index, f"{name}/value": value}
+    q, scale = _quantize(flat, 8 if compression.codec is Codec.INT8 else 4)
+    return {f"{name}/q": q, f"{name}/scale": scale}
+
+
+def _rebuild(
+    name: str, wire: StateDict, like: torch.Tensor, compression: Compression
+) -> torch.Tensor:
+    """One tensor of ``like``'s layout from its wire tensors, every one checked."""
+    size, label = like.numel(), repr(name[:40])
+    if compression.codec is Codec.TOPK:
+        count = compression.kept(size)
+        index = _expect(wire, f"{name}/index", _index_dtype(size), count)
+        value = _expect(wire, f"{name}/value", torch.float32, count)
+        if count and (int(index[0]) < 0 or int(index[-1]) >= size):
+            raise RemoteProtocolError(f"{label}: top-k index out of range")
+        if count > 1 and not bool((index[1:] > index[:-1]).all()):
+            raise RemoteProtocolError(f"{label}: top-k indexes not strictly increasing")
+        _expect_finite(value, label)
+        flat = torch.zeros(size, dtype=torch.float32)
+        flat[index.long()] = value
+        return flat
+    bits = 8 if compression.codec is Codec.INT8 else 4
+    blocks = math.ceil(size / BLOCK)
+    packed = blocks * BLOCK // (8 // bits)
+    q = _expect(wire, f"{name}/q", torch.int8 if bits == 8 else torch.uint8, packed)
+    scale = _expect(wire, f"{name}/scale", torch.float32, blocks)
+    _expect_finite(scale, label)
+    if bool((scale < 0).any()):
+        raise RemoteProtocolError(f"{label}: negative scale")
+    if bits == 8 and bool((q == -128).any()):
+        raise RemoteProtocolError(f"{label}: int8 value -128 (the range is -127..127)")
+    if bits == 4 and bool(((q & 0x0F) == 0).any() | ((q >> 4) == 0).any()):
+        raise RemoteProtocolError(f"{label}: int4 value 0 (the range is 1..15)")
+    return _dequantize(q, scale, bits, size)
+
+
+def _expect(wire: StateDict, key: str, dtype: torch.dtype, count: int) -> torch.Tensor:
+    tensor = wire.get(key)
+    if tensor is None:
+        raise RemoteProtocolError(f"compressed model lacks {key[:60]!r}")
+    if tensor.dtype != dtype or tensor.dim() != 1 or tensor.numel() != count:
+        raise RemoteProtocolError(
+            f"{key[:60]!r}: {tensor.dtype} of shape {list(tensor.shape)}, "
+            f"expected {dtype} of [{count}]"
+        )
+    return tensor
+
+
+def _expect_finite(tensor: torch.Tensor, label: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise RemoteProtocolError(f"{label}: non-finite values")
+
+
+def decode(
+    wire: StateDict,
+    like: StateDict,
+    compression: Compression,
+    reference: StateDict | None = None,
+) -> StateDict:
+    """The model a peer compressed into ``wire``, in the layout of ``like`` (a model we
+    hold), plus ``reference``; ``RemoteProtocolError`` if ``wire`` is anything else."""
+    if not compression.enabled:
+        raise LocalProtocolError("decode needs a codec; an uncompressed model is the wire")
+    model: StateDict = {}
+    expected = 0
+    for name, tensor in like.items():
+        if not _compressible(tensor):
+            kept = wire.get(name)
+            if kept is None or kept.dtype != tensor.dtype or kept.shape != tensor.shape:
+                raise RemoteProtocolError(f"{name[:40]!r}: missing, or not as we hold it")
+            model[name] = kept
+            expected += 1
+            continue
+        flat = _rebuild(name, wire, tensor, compression)
+        if reference is not None:
+            flat += reference[name].reshape(-1)
+        model[name] = flat.view(tensor.shape).to(tensor.dtype)
+        expected += 2
+    if len(wire) != expected:
+        raise RemoteProtocolError(f"compressed model has {len(wire)} tensors, expected {expected}")
+    return model
+
+
+class ErrorFeedback:
+    """A sender's compression state: what its earlier messages have not yet delivered."""
+
+    def __init__(self, compression: Compression) -> None:
+        if not compression.enabled:
+            raise LocalProtocolError("error feedback needs a codec")
+        self.compression = compression
+        self.residual: StateDict = {}
+
+    def encode(
+        self, model: StateDict, reference: StateDict | None = None
+    ) -> tuple[StateDict, StateDict]:
+        """``model`` compressed against ``reference`` (zeros when None): the wire tensors,
+        and the model a receiver rebuilds from them (what it will see of ours)."""
+        wire: StateDict = {}
+        rebuilt: StateDict = {}
+        for name, tensor in model.items():
+            if not _compressible(tensor):
+                if name in wire:
+                    raise LocalProtocolError(f"tensor name {name[:40]!r} clashes with a part")
+                wire[name] = rebuilt[name] = tensor.detach()
+                continue
+            target = tensor.detach().reshape(-1).to(torch.float32, copy=True)
+            if reference is not None:
+                target -= reference[name].reshape(-1)
+            residual = self.residual.get(name)
+            if residual is not None and residual.numel() == target.numel():
+                target += residual
+            parts = _compress(name, target, self.compression)
+            sent = _rebuild(name, parts, tensor, self.compression)
+            self.residual[name] = target.sub_(sent)
+            if reference is not None:
+                sent += reference[name].reshape(-1)
+            if any(key in model or key in wire for key in parts):
+                raise LocalProtocolError(f"tensor names clash with {name[:40]!r}'s parts")
+            wire.update(parts)
+            rebuilt[name] = sent.view(tensor.shape).to(tensor.dtype)
+        return wire, rebuilt
