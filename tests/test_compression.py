@@ -221,3 +221,22 @@ def test_simulated_compression_sends_fewer_bytes_for_the_same_accuracy(
     compressed = run_simulation(SimConfig(**{**base.__dict__, "compression": codec}))
     assert plain.records[-1].bytes_sent / compressed.records[-1].bytes_sent > 2.5
     assert compressed.final() >= plain.final() - 0.02
+
+
+def test_a_non_finite_model_of_our_own_is_still_encoded_for_the_receiver_to_judge() -> None:
+    """Our own model is not a peer's input: it is compressed as it is (the receiver refuses
+    it), never raised as a peer's offence in the sender."""
+    model = {"w": torch.tensor([1.0, math.nan, 2.0])}
+    for codec in CODECS:
+        wire, _ = ErrorFeedback(Compression.parse(codec)).encode(model)
+        with pytest.raises(RemoteProtocolError, match="non-finite"):
+            decode(wire, model, Compression.parse(codec))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_non_finite_model_does_not_poison_the_messages_after_it(codec: str) -> None:
+    feedback = ErrorFeedback(Compression.parse(codec))
+    feedback.encode({"w": torch.tensor([1.0, math.nan, 2.0])})
+    wire, rebuilt = feedback.encode({"w": torch.tensor([1.0, 3.0, 2.0])})
+    assert bool(torch.isfinite(rebuilt["w"]).all())
+    decode(wire, {"w": torch.zeros(3)}, Compression.parse(codec))

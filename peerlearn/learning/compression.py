@@ -1,9 +1,10 @@
 """Fewer bytes per model: block-wise 8-bit and 4-bit quantization and top-k sparsification,
 each with error feedback.
 
-A sender compresses ``model - reference`` (the reference is a model both sides hold: the
-global model in FedAvg, zeros otherwise) plus what earlier compressions left out (the
-residual), and keeps what this one leaves out for the next. Whatever a single message
+A sender compresses ``model - reference`` (the reference is a model both sides hold:
+MoDeST's shared start, the global model in the simulator's FedAvg, zeros otherwise) plus
+what earlier compressions left out (the residual), and keeps what this one leaves out for
+the next. Whatever a single message
 loses, the following ones make up for, so no bias builds up over rounds.
 
 On the wire a compressed model is a plain state_dict (safetensors) of small tensors:
@@ -13,8 +14,8 @@ On the wire a compressed model is a plain state_dict (safetensors) of small tens
 * ``int4``: ``name/q`` uint8, two values per byte (low nibble first), each in [1, 15]
   meaning -7..7, and ``name/scale`` as for int8 (largest magnitude / 7);
 * ``topk:F``: ``name/index`` int32 (int64 for tensors of 2**31 values or more), strictly
-  increasing, and ``name/value`` float32: the
-  ``ceil(F * size)`` entries of largest magnitude;
+  increasing, and ``name/value`` float32: the ``ceil(F * size)`` entries of largest
+  magnitude;
 
 and integer or bool tensors (step counters, masks) under their own name, as they are.
 ``decode`` rebuilds a model only in the layout of one we hold, so a peer cannot make us
@@ -77,27 +78,34 @@ def _compress(name: str, flat: torch.Tensor, compression: Compression) -> StateD
     return {f"{name}/q": q, f"{name}/scale": scale}
 
 
-def _rebuild(
-    name: str, wire: StateDict, like: torch.Tensor, compression: Compression
-) -> torch.Tensor:
-    """One tensor of ``like``'s layout from its wire tensors, every one checked."""
-    size, label = like.numel(), repr(name[:40])
+def _expand(name: str, wire: StateDict, size: int, compression: Compression) -> torch.Tensor:
+    """The flat float32 values of tensor ``name`` (``size`` of them) from its wire tensors."""
+    if compression.codec is Codec.TOPK:
+        flat = torch.zeros(size, dtype=torch.float32)
+        flat[wire[f"{name}/index"].long()] = wire[f"{name}/value"]
+        return flat
+    bits = 8 if compression.codec is Codec.INT8 else 4
+    return _dequantize(wire[f"{name}/q"], wire[f"{name}/scale"], bits, size)
+
+
+def _check(name: str, wire: StateDict, size: int, compression: Compression) -> None:
+    """``RemoteProtocolError`` unless ``name``'s wire tensors are what the codec sends for
+    ``size`` values."""
+    label = repr(name[:40])
     if compression.codec is Codec.TOPK:
         count = compression.kept(size)
         index = _expect(wire, f"{name}/index", _index_dtype(size), count)
-        value = _expect(wire, f"{name}/value", torch.float32, count)
+        _expect_finite(_expect(wire, f"{name}/value", torch.float32, count), label)
         if count and (int(index[0]) < 0 or int(index[-1]) >= size):
             raise RemoteProtocolError(f"{label}: top-k index out of range")
         if count > 1 and not bool((index[1:] > index[:-1]).all()):
             raise RemoteProtocolError(f"{label}: top-k indexes not strictly increasing")
-        _expect_finite(value, label)
-        flat = torch.zeros(size, dtype=torch.float32)
-        flat[index.long()] = value
-        return flat
+        return
     bits = 8 if compression.codec is Codec.INT8 else 4
     blocks = math.ceil(size / BLOCK)
-    packed = blocks * BLOCK // (8 // bits)
-    q = _expect(wire, f"{name}/q", torch.int8 if bits == 8 else torch.uint8, packed)
+    q = _expect(
+        wire, f"{name}/q", torch.int8 if bits == 8 else torch.uint8, blocks * BLOCK * bits // 8
+    )
     scale = _expect(wire, f"{name}/scale", torch.float32, blocks)
     _expect_finite(scale, label)
     if bool((scale < 0).any()):
@@ -106,7 +114,6 @@ def _rebuild(
         raise RemoteProtocolError(f"{label}: int8 value -128 (the range is -127..127)")
     if bits == 4 and bool(((q & 0x0F) == 0).any() | ((q >> 4) == 0).any()):
         raise RemoteProtocolError(f"{label}: int4 value 0 (the range is 1..15)")
-    return _dequantize(q, scale, bits, size)
 
 
 def _expect(wire: StateDict, key: str, dtype: torch.dtype, count: int) -> torch.Tensor:
@@ -146,7 +153,8 @@ def decode(
             model[name] = kept
             expected += 1
             continue
-        flat = _rebuild(name, wire, tensor, compression)
+        _check(name, wire, tensor.numel(), compression)
+        flat = _expand(name, wire, tensor.numel(), compression)
         if reference is not None:
             flat += reference[name].reshape(-1)
         model[name] = flat.view(tensor.shape).to(tensor.dtype)
@@ -181,12 +189,16 @@ class ErrorFeedback:
             target = tensor.detach().reshape(-1).to(torch.float32, copy=True)
             if reference is not None:
                 target -= reference[name].reshape(-1)
-            residual = self.residual.get(name)
-            if residual is not None and residual.numel() == target.numel():
-                target += residual
+            kept = self.residual.get(name)
+            if kept is not None and kept.numel() == target.numel():
+                target += kept
             parts = _compress(name, target, self.compression)
-            sent = _rebuild(name, parts, tensor, self.compression)
-            self.residual[name] = target.sub_(sent)
+            sent = _expand(name, parts, target.numel(), self.compression)
+            residual = target.sub_(sent)
+            if bool(torch.isfinite(residual.sum())):
+                self.residual[name] = residual
+            else:  # a non-finite model must not poison every message after it
+                self.residual.pop(name, None)
             if reference is not None:
                 sent += reference[name].reshape(-1)
             if any(key in model or key in wire for key in parts):

@@ -185,7 +185,9 @@ class Simulation:
         self.honest = [n for n in self.nodes if not n.byzantine]
         self.model_bytes = len(state_dict_to_bytes(self.nodes[0].model))
         # MoDeST's nodes all start from one model; compressed changes are sent against it
-        self.reference = dict(self.nodes[0].model) if config.algo == "modest" else None
+        self.reference = None
+        if config.algo == "modest":
+            self.reference = {k: v.clone() for k, v in self.nodes[0].model.items()}
         self.compression = Compression.parse(config.compression)
         self.sent_bytes = self.model_bytes  # of each model a node sends
         if self.compression.enabled:
