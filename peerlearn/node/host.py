@@ -885,8 +885,8 @@ async def _swarm_services(host: P2PHost, loopback: bool) -> AsyncIterator[None]:
     router = GossipSub(
         # Not v1.2: the library sends an IDONTWANT to every mesh peer for every message,
         # however small (go-libp2p only above 1 KiB), and our records are small. With it,
-        # 16 daemons on 2 cores spent their CPU on gossip and MoDeST rounds took 8.5 s;
-        # without it 4.7 s (testnet/baseline.toml).
+        # the MoDeST rounds of 16 daemons on 2 cores took 8.5 s; without it 3.9-4.7 s
+        # (testnet/baseline.toml).
         protocols=[GOSSIPSUB_V11, GOSSIPSUB_V10],
         degree=degree,
         degree_low=low,
