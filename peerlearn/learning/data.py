@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 
 from peerlearn.errors import LocalProtocolError
 
@@ -30,6 +29,8 @@ class Dataset:
 
 def digits() -> tuple[Dataset, Dataset]:
     """The 1797 8x8 digit images (pixels scaled to [0, 1]) split 80/20 into train/test."""
+    from sklearn.datasets import load_digits  # here: importing scikit-learn takes 1.2 s
+
     bunch = load_digits()
     x = torch.tensor(bunch.data / 16.0, dtype=torch.float32)
     y = torch.tensor(bunch.target, dtype=torch.long)
