@@ -122,20 +122,22 @@ def simulator(seeds: list[int], hidden: int) -> None:
     for algo, codecs in SIM_CASES.items():
         base: tuple[list[float | None], list[float]] | None = None
         for codec in codecs:
-            results = [
-                run_simulation(
-                    SimConfig(
-                        algo=algo,
-                        compression=codec,
-                        seed=seed,
-                        task_options=(f"hidden={hidden}",),
-                    )
-                )
-                for seed in seeds
-            ]
-            to_target, finals = [bytes_to_target(r) for r in results], [r.final() for r in results]
+            to_target, finals = sim_case(algo, codec, seeds, hidden)
             base = base or (to_target, finals)
             line(algo, codec, to_target, finals, base)
+
+
+def sim_case(
+    algo: str, codec: str, seeds: list[int], hidden: int
+) -> tuple[list[float | None], list[float]]:
+    """Per seed, the bytes sent until TARGET (None if never) and the final accuracy."""
+    results = [
+        run_simulation(
+            SimConfig(algo=algo, compression=codec, seed=seed, task_options=(f"hidden={hidden}",))
+        )
+        for seed in seeds
+    ]
+    return [bytes_to_target(r) for r in results], [r.final() for r in results]
 
 
 def daemon_run(algo: str, codec: str, hidden: int) -> tuple[float | None, float]:

@@ -22,8 +22,12 @@ hivemind runs in an interpreter of its own (it needs protobuf 7, libp2p 0.8.1 pr
 without one the hivemind columns say "-".
 
     python bench/exchange.py [--sizes-ab 1 16 100 500] [--peers 4 8] [--sizes 16 100]
-                             [--rounds 10] [--repeats 3] [--only ab|average] [--all-to-all]
-                             [--json FILE]
+                             [--rounds 10] [--repeats 3] [--only ab average compression]
+                             [--all-to-all] [--json FILE]
+
+- **Compression**: int8 and int4 against none in the simulator (``compression.py``).
+
+It ends with the issue's goals, each with this run's number and whether it is met.
 """
 
 from __future__ import annotations
@@ -372,6 +376,87 @@ def average_line(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PARTS = ["ab", "average", "compression"]
+GOAL_CODECS = ("int8", "int4")  # compression checked against the goal
+GOAL_ALGOS = ("gossip-vca", "modest")
+GOAL_SEEDS = [0, 1, 2]
+
+
+def compression_rows() -> list[dict[str, Any]]:
+    """Bytes to the target accuracy and accuracy cost of each goal codec, against none, in
+    the simulator (20 nodes, the digits MLP with 256 hidden units; ``compression.py``)."""
+    from compression import TARGET, sim_case
+
+    rows = []
+    for algo in GOAL_ALGOS:
+        base_bytes, base_finals = sim_case(algo, "none", GOAL_SEEDS, 256)
+        for codec in GOAL_CODECS:
+            to_target, finals = sim_case(algo, codec, GOAL_SEEDS, 256)
+            reached = None not in base_bytes and None not in to_target
+            fewer = (
+                statistics.mean(base_bytes) / statistics.mean(to_target)  # type: ignore[arg-type]
+                if reached
+                else None
+            )
+            cost = (statistics.mean(base_finals) - statistics.mean(finals)) * 100
+            row = {"algo": algo, "codec": codec, "fewer": fewer, "cost_pp": cost}
+            rows.append(row)
+            print(
+                f"| {algo} | {codec} | "
+                + (f"{fewer:.2f}x" if fewer else f"not reached {TARGET}")
+                + f" | {cost:+.1f} |",
+                flush=True,
+            )
+    return rows
+
+
+def goals(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(goal, what this run measured, met) for every goal the run has numbers for."""
+    out = []
+    for row in report.get("a_to_b", []):
+        if row["size_mb"] == 100 and isinstance(row.get("tcp"), float):
+            fraction = (
+                row["peerlearn"] / row["tcp"] if isinstance(row.get("peerlearn"), float) else 0
+            )
+            out.append(("A->B >= 0.5x blocking TCP at 100 MB", f"{fraction:.2f}x", fraction >= 0.5))
+    for row in report.get("averaging", []):
+        ours, theirs = row.get("peerlearn"), row.get("hivemind")
+        if not isinstance(ours, dict):
+            continue
+        case = f"{row['peers']} x {row['size_mb']:g} MB"
+        full = ours["rounds_complete"] == ours["rounds"]
+        out.append(
+            (
+                f"{case}: every round full, none stalled",
+                f"{ours['rounds_complete']}/{ours['rounds']}",
+                full,
+            )
+        )
+        if isinstance(theirs, dict):
+            pace = ours["round_s"] / theirs["round_s"]
+            out.append((f"{case}: round time <= hivemind's", f"{pace:.2f}x", pace <= 1.0))
+            if ours["sent_mb"] and theirs["sent_mb"]:
+                sent = ours["sent_mb"] / theirs["sent_mb"]
+                out.append(
+                    (
+                        f"{case}: bytes per peer <= hivemind's (within 1 %)",
+                        f"{sent:.3f}x",
+                        sent <= 1.01,
+                    )
+                )
+        if row["peers"] == 8 and row["size_mb"] == 100:
+            times = ours["rss_over_idle_mb"] / row["size_mb"]
+            out.append((f"{case}: RSS over idle < 4x the model", f"{times:.2f}x", times < 4))
+    for row in report.get("compression", []):
+        fewer, cost = row["fewer"], row["cost_pp"]
+        out.append((
+            f"{row['algo']} {row['codec']}: >= 3.5x fewer bytes to target, <= 0.5 pp cost",
+            (f"{fewer:.2f}x" if fewer else "target not reached") + f", {cost:+.1f} pp",
+            bool(fewer and fewer >= 3.5 and cost <= 0.5),
+        ))  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -380,7 +465,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[16, 100])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["ab", "average"])
+    parser.add_argument(
+        "--only", nargs="+", choices=PARTS, default=PARTS, help="these parts only (default all)"
+    )
     parser.add_argument("--loopback", action="store_true", help="averaging on 127.0.0.1 too")
     parser.add_argument(
         "--all-to-all", action="store_true", help="also peerlearn's share_model + merge rounds"
@@ -402,16 +489,26 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
     report: dict[str, Any] = {}
-    if args.only in (None, "ab"):
+    if "ab" in args.only:
         print("\n| A->B | peerlearn | hivemind | blocking TCP |\n|---|---|---|---|")
         report["a_to_b"] = a_to_b(args, pythons)
-    if args.only in (None, "average"):
+    if "average" in args.only:
         print(
             "\n| peers x model | exchange | round (median) | slowest round | full rounds "
             "| MB sent per peer per round | CPU-s per peer per round | MB RSS over idle "
             "| round vs hivemind | bytes vs hivemind |\n|---|---|---|---|---|---|---|---|---|---|"
         )
         report["averaging"] = averaging(args, pythons)
+    if "compression" in args.only:
+        print(
+            "\n| algo (simulator) | compression | fewer bytes to target | accuracy cost (pp) |"
+            "\n|---|---|---|---|"
+        )
+        report["compression"] = compression_rows()
+    report["goals"] = goals(report)
+    print("\n| goal | this run | met |\n|---|---|---|")
+    for goal, measured, met in report["goals"]:
+        print(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 

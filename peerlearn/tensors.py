@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from peerlearn.buffers import Bytes, Segments, allocate, writable
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 
 StateDict = dict[str, torch.Tensor]
@@ -60,8 +61,9 @@ _METADATA = "__metadata__"
 _HEADER_LENGTH_BYTES = 8
 
 
-def state_dict_to_bytes(state: Mapping[str, torch.Tensor]) -> bytearray:
-    """Encode a state_dict as safetensors, each tensor copied once into the result.
+def state_dict_segments(state: Mapping[str, torch.Tensor]) -> Segments:
+    """The safetensors encoding of ``state``: its header, then views of its tensors'
+    memory (copied only if not contiguous). The tensors must not change until it is sent.
     Tensors sharing storage (tied weights) are written once each."""
     if len(state) > MAX_TENSORS:
         raise LocalProtocolError(f"state_dict has {len(state)} tensors (limit {MAX_TENSORS})")
@@ -88,20 +90,28 @@ def state_dict_to_bytes(state: Mapping[str, torch.Tensor]) -> bytearray:
         offset += size
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
-    start = _HEADER_LENGTH_BYTES + len(header)
-    out = bytearray(start + offset)
-    out[:start] = len(header).to_bytes(_HEADER_LENGTH_BYTES, "little") + header
+    prefix = len(header).to_bytes(_HEADER_LENGTH_BYTES, "little") + header
+    parts: list[Bytes] = [prefix]
     for name in order:
-        begin, stop = entries[name]["data_offsets"]
-        if stop > begin:
-            target = torch.frombuffer(
-                out, dtype=torch.uint8, offset=start + begin, count=stop - begin
+        if tensors[name].numel():
+            parts.append(
+                tensors[name].cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
             )
-            target.copy_(tensors[name].cpu().reshape(-1).view(torch.uint8))
+    return Segments(parts)
+
+
+def state_dict_to_bytes(state: Mapping[str, torch.Tensor]) -> memoryview:
+    """Encode a state_dict as safetensors in one ``buffers.allocate`` buffer, each tensor
+    copied once."""
+    segments = state_dict_segments(state)
+    out, offset = allocate(len(segments)), 0
+    for part in segments.parts:
+        out[offset : offset + part.nbytes] = part
+        offset += part.nbytes
     return out
 
 
-def _header(data: bytes | bytearray, max_size: int) -> tuple[dict[str, Any], int]:
+def _header(data: Bytes, max_size: int) -> tuple[dict[str, Any], int]:
     """The parsed header and where the tensor data starts."""
     if len(data) > max_size:
         raise RemoteProtocolError(f"tensor payload of {len(data)} bytes exceeds {max_size}")
@@ -111,7 +121,7 @@ def _header(data: bytes | bytearray, max_size: int) -> tuple[dict[str, Any], int
     if length > min(MAX_HEADER_BYTES, len(data) - _HEADER_LENGTH_BYTES):
         raise RemoteProtocolError(f"tensor header of {length} bytes is too long")
     try:
-        header = json.loads(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
+        header = json.loads(bytes(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length]))
     except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError("tensor header is not JSON") from exc
     if not isinstance(header, dict):
@@ -152,12 +162,11 @@ def _span(name: str, info: Any, data_size: int) -> tuple[int, int, torch.dtype, 
     return offsets[0], offsets[1], dtype, shape
 
 
-def state_dict_from_bytes(data: bytes | bytearray, max_size: int) -> StateDict:
+def state_dict_from_bytes(data: Bytes, max_size: int) -> StateDict:
     """Decode and validate safetensors bytes; every failure is a ``RemoteProtocolError``.
-    The tensors are views of ``data`` when it is a ``bytearray`` (of one copy of a ``bytes``
-    object, which is read-only)."""
+    The tensors are views of ``data`` when it is writable (else of one copy of it)."""
     header, start = _header(data, max_size)
-    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    buffer = data if writable(data) else bytearray(data)
     body = memoryview(buffer)[start:]
     spans = sorted(
         ((*_span(name, info, len(body)), name) for name, info in header.items()),

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
+from peerlearn.buffers import Bytes
 from peerlearn.errors import LocalProtocolError, Offence, RemoteProtocolError
 from peerlearn.identity import (
     PUBLIC_KEY_SIZE,
@@ -92,7 +93,7 @@ def _next_value(unpacker: msgpack.Unpacker) -> Any:
         raise RemoteProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from exc
 
 
-def unpack(data: bytes | bytearray, limits: Limits = DEFAULT_LIMITS) -> Any:
+def unpack(data: Bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Decode one msgpack value from ``data`` within ``limits``; anything else is rejected."""
     unpacker = _unpacker(data, limits)
     value = _next_value(unpacker)

@@ -59,9 +59,11 @@ def test_exchange_bench_runs_at_a_tiny_size() -> None:
         "exchange.py",
         *("--sizes-ab", "0.1", "--peers", "2", "--sizes", "0.1", "--rounds", "2"),
         *("--repeats", "1", "--all-to-all", "--loopback", "--hivemind-python", "/nonexistent"),
+        *("--only", "ab", "average"),
         timeout=300,
     )
     assert "| 0.1 MB | " in out
-    rows = [line for line in out.splitlines() if line.startswith("| 2 x 0.1 MB")]
+    assert "| 2 x 0.1 MB: every round full, none stalled | 2/2 | yes |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 2 x 0.1 MB | ")]
     assert len(rows) == 2
     assert all(" | 2/2 | " in row for row in rows)  # every round complete

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any, cast
 
 import pytest
 import torch
+import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from peerlearn.buffers import Segments, chunks
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.gossip.butterfly import Butterfly, PartMessage, Phase, part_bounds
 from peerlearn.learning import parts
-from peerlearn.node.allreduce import PART_ROUNDS, PartsBox, Received
+from peerlearn.learning.robust import mean
+from peerlearn.node.allreduce import PART_ROUNDS, AllReduce, PartsBox, Received
+from peerlearn.tensors import state_dict_from_bytes, state_dict_segments, state_dict_to_bytes
 
 GROUP = ["a", "b", "c", "d"]
 
@@ -160,3 +166,46 @@ def test_parts_stay_within_their_byte_budgets_and_rounds_that_ended_take_none() 
     box.close_round(1)
     box.deliver(part("bob", 1))
     assert (box.take(1), box.dropped) == ([], 3)
+
+
+def test_an_average_that_comes_while_our_values_are_still_going_out_waits_for_them() -> None:
+    """Parts are sent from the flat copy averages are written into: a reducer that gave up
+    waiting for our values must not have its average overwrite them mid-send."""
+    vectors = parts.flat_vectors({"w": torch.zeros(8)})
+    plan = Butterfly(["a", "b"], "a", 0)
+    run = AllReduce(
+        cast(Any, None), PartsBox(2**20, 2**20), plan, vectors, mean, 0.0, lambda *_: None
+    )
+    gate, sent = trio.Event(), []
+
+    async def slow_send(peers: Any, phase: Phase, index: int, data: Segments) -> None:
+        await gate.wait()
+        sent.append(b"".join(bytes(c) for c in chunks(data, 1 << 20)))
+
+    run.send = slow_send  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            run.sending.add(1)
+            nursery.start_soon(run.reduce_send, "b", 1, state_dict_segments(run.own_part(1)))
+            await trio.testing.wait_all_tasks_blocked()
+            run.absorb(Received("b", plan.message(Phase.GATHER, 1), {"float32": torch.ones(4)}))
+            assert float(vectors["float32"].sum()) == 0.0  # not settled while sending
+            gate.set()
+        assert vectors["float32"].tolist() == [0.0] * 4 + [1.0] * 4
+
+    trio.run(main)
+    assert state_dict_from_bytes(sent[0], 2**20)["float32"].tolist() == [0.0] * 4
+
+
+def test_a_model_is_sent_from_its_tensors_as_the_bytes_it_encodes_to() -> None:
+    state = {
+        "b": torch.arange(6.0).reshape(2, 3).t(),
+        "a": torch.ones(3).half(),
+        "e": torch.zeros(0),
+    }
+    segments = state_dict_segments(state)
+    sent = b"".join(bytes(c) for c in chunks(segments, 5))
+    assert sent == bytes(state_dict_to_bytes(state))
+    assert len(segments) == len(sent)
+    assert all(len(c) <= 5 for c in chunks(segments, 5))

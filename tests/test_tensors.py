@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import mmap
+import struct
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from peerlearn.buffers import MAP_MIN_SIZE
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.learning.hygiene import check_layout
 from peerlearn.tensors import load_state_dict_file, state_dict_from_bytes, state_dict_to_bytes
@@ -186,3 +190,16 @@ def test_encoding_writes_the_safetensors_librarys_bytes() -> None:
 def test_encoding_refuses_a_dtype_safetensors_cannot_hold() -> None:
     with pytest.raises(LocalProtocolError, match="unsupported dtype"):
         state_dict_to_bytes({"z": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_a_large_encoding_is_a_memory_map_that_its_decoded_tensors_keep_alive() -> None:
+    count = MAP_MIN_SIZE // 4
+    encoded = state_dict_to_bytes({"w": torch.ones(count)})
+    assert isinstance(encoded.obj, mmap.mmap)  # its pages go back to the kernel when freed
+    assert isinstance(state_dict_to_bytes({"w": torch.ones(4)}).obj, bytearray)
+    decoded = state_dict_from_bytes(encoded, 2**24)  # views the map: nothing copied
+    decoded["w"][-1] = 5.0
+    assert bytes(encoded[-4:]) == struct.pack("<f", 5.0)
+    del encoded
+    gc.collect()
+    assert float(decoded["w"].sum()) == count + 4.0

@@ -8,7 +8,8 @@ BN running statistics and ``num_batches_tracked`` are neither averaged nor corre
 variance is used, with an epsilon far below any layer's variance.
 
 Merges run in the model's own dtype (half precision sums in float32), one tensor at a time,
-without stacking or float64 copies of the models.
+without stacking or float64 copies of the models; statistics and checks that need a
+temporary work on ``CHUNK_ELEMENTS`` values at a time, so none is model-sized.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from peerlearn.errors import LocalProtocolError
 StateDict = dict[str, torch.Tensor]
 VCA_EPSILON = 1e-12  # DFL_torch's 1e-4 restores only ~86% of a 500->10 Xavier layer's variance
 _KEEP_OWN_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+CHUNK_ELEMENTS = 1 << 20  # values per temporary of a statistic or check
+
+
+def flat_chunks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensor``'s values as consecutive 1-D views of at most ``CHUNK_ELEMENTS``."""
+    flat = tensor.detach().reshape(-1)
+    return tuple(flat[i : i + CHUNK_ELEMENTS] for i in range(0, flat.numel(), CHUNK_ELEMENTS))
 
 
 def is_averaged(name: str, tensor: torch.Tensor) -> bool:
@@ -85,15 +93,17 @@ def mix(own: StateDict, other: StateDict, beta: float) -> StateDict:
 
 def population_variance(tensor: torch.Tensor) -> float:
     """Element variance."""
-    return _variance_mean(tensor.to(_sum_dtype(tensor.dtype)))[0]
+    return _variance_mean(tensor)[0]
 
 
-def _variance_mean(values: torch.Tensor) -> tuple[float, float]:
-    """Population variance and mean as two vectorized sums (torch's cascade summation, so
-    float32 stays within about 1e-7): a third of the CPU of ``torch.var_mean``, which runs
-    Welford's update element by element."""
-    mean = float(values.mean())
-    return float((values - mean).square_().sum()) / values.numel(), mean
+def _variance_mean(tensor: torch.Tensor) -> tuple[float, float]:
+    """Population variance and mean as two vectorized sums, in ``tensor``'s sum dtype
+    (torch's cascade summation, so float32 stays within about 1e-7): a third of the CPU
+    of ``torch.var_mean``, which runs Welford's update element by element."""
+    dtype, count = _sum_dtype(tensor.dtype), tensor.numel()
+    mean = float(tensor.sum(dtype=dtype)) / count
+    squares = sum(float((c.to(dtype) - mean).square_().sum()) for c in flat_chunks(tensor))
+    return squares / count, mean
 
 
 def correct_variance(
@@ -123,8 +133,8 @@ def rescale_variance(
         if name not in targets:
             out[name] = tensor
             continue
+        current, mean = _variance_mean(tensor)
         values = tensor.to(_sum_dtype(tensor.dtype))
-        current, mean = _variance_mean(values)
         scale = math.sqrt((targets[name] + epsilon) / (current + epsilon))
         centred = values.sub_(mean) if in_place and values is tensor else values.sub(mean)
         out[name] = centred.mul_(scale).add_(mean).to(tensor.dtype)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from peerlearn.errors import Offence, RemoteProtocolError
-from peerlearn.learning.aggregate import is_averaged
+from peerlearn.learning.aggregate import flat_chunks, is_averaged
 
 DEFAULT_MAX_UPDATE_RATIO = 10.0
 
@@ -85,7 +85,8 @@ def check_update_norm(
     for name, tensor in reference.items():
         if is_averaged(name, tensor):
             dtype = _norm_dtype(tensor)  # half precision could overflow to inf
-            squared += _norm(received[name].to(dtype) - tensor.to(dtype)) ** 2
+            for theirs, ours in zip(flat_chunks(received[name]), flat_chunks(tensor), strict=True):
+                squared += _norm(theirs.to(dtype) - ours.to(dtype)) ** 2
     bound = update_norm_bound(reference, ratio)
     if math.sqrt(squared) > bound:
         raise RemoteProtocolError(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
+from peerlearn.buffers import Segments, release_freed_memory
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.gossip.butterfly import Butterfly, PartMessage, Phase
 from peerlearn.learning import parts
@@ -24,7 +25,7 @@ from peerlearn.learning.hygiene import check_layout, check_update_norm
 from peerlearn.learning.robust import Rule
 from peerlearn.node.daemon import Daemon
 from peerlearn.node.learning_transport import MODEL_KIND
-from peerlearn.tensors import state_dict_to_bytes
+from peerlearn.tensors import state_dict_segments
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ class AllReduce:
     inputs: list[parts.Vectors] = field(default_factory=list)  # our part, from each member
     variances: list[torch.Tensor] = field(default_factory=list)
     not_delivered: set[str] = field(default_factory=set)
+    sending: set[int] = field(default_factory=set)  # our parts still going to their reducers
+    deferred: dict[int, parts.Vectors] = field(default_factory=dict)  # averages to settle then
 
     def own_part(self, index: int) -> parts.Vectors:
         return parts.cut(self.vectors, index, self.plan.size)
@@ -153,12 +156,16 @@ class AllReduce:
             self.inputs.append(tensors)
             if sent_variances is not None:
                 self.variances.append(sent_variances)
+        elif message.part in self.sending:
+            self.deferred[message.part] = tensors
         else:
             self.settle(message.part, tensors)
 
     def settle(self, index: int, averaged: parts.Vectors) -> None:
-        """Write a part's average into our flat copy (no other model-sized copy is kept;
-        our own parts were encoded for their reducers before any average could come)."""
+        """Write a part's average into our flat copy (no other model-sized copy is kept).
+        Parts are sent from that copy, so a part's average is settled only once our own
+        values of it have gone to its reducer (it may give up on them and send its
+        average before they are through)."""
         for key, tensor in self.own_part(index).items():
             tensor.copy_(averaged[key])
 
@@ -182,12 +189,17 @@ class AllReduce:
                     return
                 await changed.wait()
 
-    async def encode(self, tensors: parts.Vectors) -> bytearray:
-        return await self.daemon.runtime.offload(state_dict_to_bytes, tensors)
+    async def reduce_send(self, peer: str, part: int, data: Segments) -> None:
+        """Send our values of ``part`` to its reducer, then settle its average if it came."""
+        try:
+            await self.send([peer], Phase.REDUCE, part, data)
+        finally:
+            self.sending.discard(part)
+            averaged = self.deferred.pop(part, None)
+            if averaged is not None:
+                self.settle(part, averaged)
 
-    async def send(
-        self, peers: Sequence[str], phase: Phase, part: int, data: bytes | bytearray
-    ) -> None:
+    async def send(self, peers: Sequence[str], phase: Phase, part: int, data: Segments) -> None:
         meta = self.plan.message(phase, part).meta()
         for result in await self.daemon.push_to_peers(data, MODEL_KIND, meta, list(peers)):
             if not result["ok"]:
@@ -222,26 +234,26 @@ async def average(
     try:
         async with trio.open_nursery() as nursery:
             nursery.cancel_scope.deadline = started + timeout  # our sends end then too
-            # Every part is encoded before ``collect`` lets any average overwrite ours.
-            for peer, index in plan.reduce_sends():
+            for peer, index in plan.reduce_sends():  # sent from our flat copy, not copied
                 tensors: dict[str, torch.Tensor] = dict(run.own_part(index))
                 if variance_correction:
                     tensors[VARIANCES] = run.variances[0]
-                encoded = await run.encode(tensors)
-                nursery.start_soon(run.send, [peer], Phase.REDUCE, index, encoded)
-            del tensors, encoded  # each send holds its part's bytes until it is done
+                run.sending.add(index)
+                nursery.start_soon(run.reduce_send, peer, index, state_dict_segments(tensors))
+            del tensors
             await run.collect(lambda: plan.reduce_done, started + timeout / 2)
             plan.gather()
             reduced = await daemon.runtime.offload(rule, own, run.inputs)
             run.inputs.clear()
-            encoded = await run.encode(reduced)
             run.settle(plan.index, reduced)
             others = [peer for peer, _ in plan.gather_sends()]
-            nursery.start_soon(run.send, others, Phase.GATHER, plan.index, encoded)
-            del reduced, encoded
+            gathered = state_dict_segments(reduced)  # ``reduced`` is not changed again
+            nursery.start_soon(run.send, others, Phase.GATHER, plan.index, gathered)
+            del reduced, gathered
             await run.collect(lambda: plan.gather_done, started + timeout)
     finally:
         box.close_round(round_)
+    await daemon.runtime.offload(release_freed_memory)
     fallback = plan.finish() if plan.phase is Phase.GATHER else []
     merged = parts.rebuild(vectors, model)
     if variance_correction:

@@ -36,6 +36,7 @@ from typing import Any
 import trio
 
 from peerlearn import wire
+from peerlearn.buffers import Body, Bytes, allocate, chunks
 from peerlearn.errors import NetworkError, Offence, RemoteProtocolError
 from peerlearn.identity import Identity
 from peerlearn.nat.policy import blob_path_allowed
@@ -45,7 +46,7 @@ from peerlearn.node.framing import (
     DEFAULT_PACE,
     ByteStream,
     Pace,
-    receive_exactly,
+    receive_chunks,
     receive_frame,
     send_frame,
     send_paced,
@@ -83,7 +84,7 @@ class ReceivedBlob:
 
     sender_id: str
     offer: BlobOffer
-    data: bytes | bytearray = field(repr=False)  # a bytearray off the bulk path
+    data: Bytes = field(repr=False)  # a writable buffer: tensors may view it
 
 
 class BlobRejected(NetworkError):
@@ -187,7 +188,7 @@ async def send_blob(
     stream: Stream,
     identity: Identity,
     seq: int,
-    data: bytes | bytearray,
+    data: Body,
     *,
     kind: str,
     meta: dict[str, Any],
@@ -218,16 +219,34 @@ async def send_blob(
             close_connection(tls)
 
 
-async def digest_of(data: bytes | bytearray) -> bytes:
+async def _receive_streamed(stream: Stream, size: int, pace: Pace) -> tuple[memoryview, bytes]:
+    """A body sent on the libp2p stream, written into one buffer as it comes, and its
+    sha256 (hashed as it comes)."""
+    buffer, digest, done = allocate(size), hashlib.sha256(), 0
+    async for chunk in receive_chunks(stream, size, pace):
+        buffer[done : done + len(chunk)] = chunk
+        digest.update(chunk)
+        done += len(chunk)
+    return buffer, digest.digest()
+
+
+def _sha256(data: Body) -> bytes:
+    digest = hashlib.sha256()
+    for chunk in chunks(data, 1 << 20):
+        digest.update(chunk)
+    return digest.digest()
+
+
+async def digest_of(data: Body) -> bytes:
     """The digest of ``data``, off the event loop when it is large (0.1 s per 100 MB)."""
     if len(data) < BULK_MIN_SIZE:
-        return hashlib.sha256(data).digest()
-    return await trio.to_thread.run_sync(lambda: hashlib.sha256(data).digest())
+        return _sha256(data)
+    return await trio.to_thread.run_sync(_sha256, data)
 
 
 async def _send_invited(
     stream: Stream,
-    data: bytes | bytearray,
+    data: Body,
     invitation: Invitation,
     chunk_size: int,
     pace: Pace,
@@ -333,7 +352,7 @@ async def receive_blob(
             invitation = bulk.invite()
             connection = holding.enter_context(bulk.expecting(invitation))
         await send_frame(stream, encode_reply(True, invitation=invitation))
-        data: bytes | bytearray
+        data: Bytes
         if (
             bulk is not None
             and connection is not None
@@ -341,8 +360,7 @@ async def receive_blob(
         ):
             data, digest = await bulk.receive_body(connection, offer.size, pace)
         else:
-            data = await receive_exactly(stream, offer.size, pace)
-            digest = await digest_of(data)
+            data, digest = await _receive_streamed(stream, offer.size, pace)
         blob = ReceivedBlob(stream.remote_peer_id, offer, data)
         try:
             if digest != offer.sha256:
@@ -364,7 +382,7 @@ async def push_blob(
     open_stream: Callable[[], Awaitable[Stream]],
     identity: Identity,
     seq: int,
-    data: bytes | bytearray,
+    data: Body,
     *,
     kind: str,
     meta: dict[str, Any],
@@ -396,7 +414,7 @@ async def deliver(
     host: Host,
     sequence: wire.SequenceCounter,
     peer_id: str,
-    data: bytes | bytearray,
+    data: Body,
     *,
     kind: str,
     meta: dict[str, Any],

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from peerlearn.buffers import Body, allocate, chunks
 from peerlearn.errors import NetworkError, Offence, RemoteProtocolError, TransferTooSlowError
 from peerlearn.node.framing import Pace
 
@@ -306,7 +307,7 @@ class BulkPath:
 
     async def receive_body(
         self, connection: trio.MemoryReceiveChannel[Any], size: int, pace: Pace
-    ) -> tuple[bytearray, bytes]:
+    ) -> tuple[memoryview, bytes]:
         """The ``size``-byte body from the invited connection (its receive buffer, which
         tensors can view without a copy), and its sha256."""
         with trio.move_on_after(HANDSHAKE_TIMEOUT + pace.idle_timeout) as scope:
@@ -314,10 +315,9 @@ class BulkPath:
         if scope.cancelled_caught:
             raise NetworkError("the sender said it connected to the bulk port but did not")
 
-        def receive() -> tuple[bytearray, bytes]:
+        def receive() -> tuple[memoryview, bytes]:
             tls.settimeout(pace.idle_timeout)
-            buffer = bytearray(size)
-            view = memoryview(buffer)
+            view = allocate(size)
             digest = hashlib.sha256()
             done = hashed = 0
             started = time.monotonic()
@@ -330,7 +330,7 @@ class BulkPath:
                     digest.update(view[hashed:done])
                     hashed = done
                 _keep_pace(pace, started, done, size, "bulk body")
-            return buffer, digest.digest()
+            return view, digest.digest()
 
         try:
             data, digest = await _in_thread(receive, tls.fileno(), self._threads)
@@ -399,18 +399,16 @@ class BulkPath:
             return None
         return tls
 
-    async def send_body(self, tls: ssl.SSLSocket, data: bytes | bytearray, pace: Pace) -> None:
+    async def send_body(self, tls: ssl.SSLSocket, data: Body, pace: Pace) -> None:
         """Write ``data``; ``TransferTooSlowError`` if the peer stops reading. The caller
         closes the connection once the peer has judged the blob."""
-        view = memoryview(data)
 
         def send() -> None:
             tls.settimeout(pace.idle_timeout)
-            started = time.monotonic()
-            for start in range(0, len(data), IO_SIZE):
-                chunk = view[start : start + IO_SIZE]
+            started, done = time.monotonic(), 0
+            for chunk in chunks(data, IO_SIZE):
                 tls.sendall(chunk)
-                done = start + len(chunk)
+                done += len(chunk)
                 _keep_pace(pace, started, done, len(data), "peer reading the bulk body")
 
         try:

@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from peerlearn import __version__, wire
+from peerlearn.buffers import Body
 from peerlearn.errors import (
     ConfigError,
     LocalProtocolError,
@@ -293,7 +294,7 @@ class Daemon:
 
     async def push_to_peers(
         self,
-        data: bytes | bytearray,
+        data: Body,
         kind: str,
         meta: dict[str, Any],
         peers: list[str] | None = None,

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import trio
 
+from peerlearn.buffers import Body, chunks
 from peerlearn.errors import NetworkError, Offence, RemoteProtocolError, TransferTooSlowError
 
 _HEADER = struct.Struct(">I")  # 4-byte big-endian payload length
@@ -81,21 +82,20 @@ async def receive_chunks(
         yield chunk
 
 
-async def send_paced(
-    stream: ByteStream, data: bytes | bytearray, chunk_size: int, pace: Pace
-) -> None:
+async def send_paced(stream: ByteStream, data: Body, chunk_size: int, pace: Pace) -> None:
     """Write ``data`` in chunks; ``TransferTooSlowError`` if the peer stops reading."""
     started = last = trio.current_time()
-    view = memoryview(data)
-    for done in range(0, len(data), chunk_size):
+    done = 0
+    for chunk in chunks(data, chunk_size):
         with trio.move_on_at(pace.deadline(started, done, last)) as scope:
-            await stream.send_all(bytes(view[done : done + chunk_size]))
+            await stream.send_all(bytes(chunk))
         if scope.cancelled_caught:
             now = trio.current_time()
             raise TransferTooSlowError(
                 f"peer stopped reading after {done} of {len(data)} bytes: "
                 f"{pace.why(started, done, last, now)}"
             )
+        done += len(chunk)
         last = trio.current_time()
 
 

@@ -105,7 +105,7 @@ class LearningTransport:
         self._feedback = ErrorFeedback(self.compression) if self.compression.enabled else None
         self._encoding = trio.Lock()
         # the last model encoded whole (announced), and the last one as sent to peers
-        self._last: dict[str, tuple[StateDict, bytearray, bytes]] = {}
+        self._last: dict[str, tuple[StateDict, memoryview, bytes]] = {}
         self._outboxes: dict[str, _Outbox] = {}
         host.set_handler(MSG_PROTOCOL, self._serve_messages)
 
@@ -137,33 +137,33 @@ class LearningTransport:
         self.on_bytes(len(payload), 0)
         return True
 
-    async def encoded(self, model: StateDict) -> tuple[bytearray, bytes]:
+    async def encoded(self, model: StateDict) -> tuple[memoryview, bytes]:
         """``model`` as safetensors bytes and their sha256, computed once (off the event
         loop) however many peers it goes to: a round's model is pushed to several peers
         and announced too."""
         return await self._encode_once("whole", model, lambda: state_dict_to_bytes(model))
 
-    async def _sent_form(self, model: StateDict) -> tuple[bytearray, bytes]:
+    async def _sent_form(self, model: StateDict) -> tuple[memoryview, bytes]:
         """What peers get of ``model``: its encoding, or compressed (error feedback then
         moves on once per model, however many peers it goes to)."""
         feedback = self._feedback
         if feedback is None:
             return await self.encoded(model)
 
-        def compress() -> bytearray:
+        def compress() -> memoryview:
             return state_dict_to_bytes(feedback.encode(model, self.reference)[0])
 
         return await self._encode_once("sent", model, compress)
 
     async def _encode_once(
-        self, form: str, model: StateDict, encode: Callable[[], bytearray]
-    ) -> tuple[bytearray, bytes]:
+        self, form: str, model: StateDict, encode: Callable[[], memoryview]
+    ) -> tuple[memoryview, bytes]:
         async with self._encoding:
             last = self._last.get(form)
             if last is not None and last[0] is model:
                 return last[1], last[2]
 
-            def encode_and_hash() -> tuple[bytearray, bytes]:
+            def encode_and_hash() -> tuple[memoryview, bytes]:
                 payload = encode()
                 return payload, hashlib.sha256(payload).digest()
 

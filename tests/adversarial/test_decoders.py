@@ -117,7 +117,7 @@ def test_sync_frame(data: bytes) -> None:
     only((RemoteProtocolError,), sync.decode_frame, data)
 
 
-VALID_TENSORS = state_dict_to_bytes(MODEL)
+VALID_TENSORS = bytes(state_dict_to_bytes(MODEL))
 
 
 @given(mutated_safetensors(VALID_TENSORS))

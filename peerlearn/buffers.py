@@ -1,0 +1,73 @@
+"""Byte buffers for model-sized data: blob bodies as they arrive, encoded models, and
+bodies sent from where their bytes already lie.
+
+A buffer of ``MAP_MIN_SIZE`` bytes or more is an anonymous memory map, whose pages go back
+to the kernel the moment it is freed. A ``bytearray`` that size comes from glibc's malloc,
+which keeps freed blocks below its self-raising mmap threshold for reuse, in an arena per
+thread; model-sized buffers freed by worker threads (bulk receivers, encoders) stayed in
+the process. In 8 peers averaging a 100 MB model, peak memory over idle fell from
+524-574 MB to 324-332 MB with maps, at the same round time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+from collections.abc import Callable, Iterator, Sequence
+
+MAP_MIN_SIZE = 1 << 20  # bytes: smaller buffers come from malloc
+
+Bytes = bytes | bytearray | memoryview  # what blob bodies and encoded models may be
+
+
+class Segments:
+    """Buffers sent one after another as one body, never copied together (a safetensors
+    header and views of the tensors it describes)."""
+
+    def __init__(self, parts: Sequence[Bytes]) -> None:
+        self.parts = [memoryview(part).cast("B") for part in parts]
+        self._size = sum(part.nbytes for part in self.parts)
+
+    def __len__(self) -> int:
+        return self._size
+
+
+Body = Bytes | Segments  # what a blob sender sends
+
+
+def chunks(body: Body, size: int) -> Iterator[memoryview]:
+    """``body`` as consecutive views of at most ``size`` bytes (a view ends early where a
+    segment does)."""
+    parts = body.parts if isinstance(body, Segments) else [memoryview(body).cast("B")]
+    for part in parts:
+        for start in range(0, part.nbytes, size):
+            yield part[start : start + size]
+
+
+def allocate(size: int) -> memoryview:
+    """A writable, zero-filled buffer of ``size`` bytes (format ``B``): a memory map when
+    large, freed when the last view of it goes."""
+    if size < MAP_MIN_SIZE:
+        return memoryview(bytearray(size))
+    return memoryview(mmap.mmap(-1, size))
+
+
+def writable(data: Bytes) -> bool:
+    """Whether tensors may view ``data`` directly (else they view a copy)."""
+    return isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    function = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return None if function is None else function
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the kernel back the pages malloc holds free (glibc; elsewhere nothing)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
