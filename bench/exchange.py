@@ -410,9 +410,10 @@ def compression_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def goals(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """(goal, what this run measured, met) for every goal the run has numbers for."""
-    out = []
+def goals(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(goal, what this run measured, met) for every goal the run has numbers for (met is
+    None when hivemind, not peerlearn, failed)."""
+    out: list[tuple[str, str, bool | None]] = []
     for row in report.get("a_to_b", []):
         if row["size_mb"] == 100 and isinstance(row.get("tcp"), float):
             fraction = (
@@ -432,6 +433,8 @@ def goals(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 full,
             )
         )
+        if isinstance(theirs, str):  # hivemind's run failed: nothing to compare with
+            out.append((f"{case}: round time <= hivemind's", "hivemind failed", None))
         if isinstance(theirs, dict):
             pace = ours["round_s"] / theirs["round_s"]
             out.append((f"{case}: round time <= hivemind's", f"{pace:.2f}x", pace <= 1.0))
@@ -508,7 +511,7 @@ def main() -> None:
     report["goals"] = goals(report)
     print("\n| goal | this run | met |\n|---|---|---|")
     for goal, measured, met in report["goals"]:
-        print(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
+        print(f"| {goal} | {measured} | {'-' if met is None else 'yes' if met else '**no**'} |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 
