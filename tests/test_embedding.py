@@ -15,6 +15,9 @@ from peerlearn import Node, NodeConfig, open_node
 from peerlearn.errors import LocalProtocolError
 from peerlearn.learning import parts
 from peerlearn.learning.aggregate import population_variance, vca_merge
+from peerlearn.node.allreduce import PART_ROUNDS
+from peerlearn.node.learning_transport import MODEL_KIND
+from peerlearn.tensors import state_dict_to_bytes
 
 pytestmark = pytest.mark.integration
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
@@ -160,3 +163,30 @@ def test_all_reduce_falls_back_to_own_values_when_a_member_is_silent(tmp_path: P
         own = parts.cut(parts.flat_vectors(model(i)), missing, 4)
         got = parts.cut(parts.flat_vectors(result.model), missing, 4)
         assert all(torch.equal(got[k], own[k]) for k in own)  # that part stays ours
+
+
+def test_parts_a_peer_floods_in_are_dropped_and_counted_in_status(tmp_path: Path) -> None:
+    """Parts for rounds nobody averages yet: a node keeps PART_ROUNDS of a sender's rounds
+    and counts the rest in its status."""
+    flood = range(100, 110)
+
+    async def main() -> None:
+        with trio.fail_after(TIMEOUT):
+            async with (
+                open_node(config(tmp_path, "a")) as a,
+                open_node(config(tmp_path, "b", ((await a.addrs())[0],))) as b,
+            ):
+                while not await a.peers():  # noqa: ASYNC110 - polls the node
+                    await trio.sleep(0.05)
+                data = state_dict_to_bytes({"float32": torch.zeros(4)})
+                for round_ in flood:
+                    meta = {"round": round_, "butterfly": "reduce", "part": 0, "of": 2}
+                    await b._daemon.push_to_peers(data, MODEL_KIND, meta, [a.peer_id])
+                while (await a.status())["embedding"]["dropped_parts"] < len(flood) - PART_ROUNDS:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                assert (await a.status())["embedding"] == {
+                    "rejected_updates": 0,
+                    "dropped_parts": len(flood) - PART_ROUNDS,
+                }
+
+    trio.run(main)

@@ -185,8 +185,16 @@ class AsyncNode:
         return self._daemon.members()
 
     async def status(self) -> dict[str, Any]:
-        """What ``peerlearn node status --json`` shows."""
-        return self._daemon.status()
+        """What ``peerlearn node status --json`` shows and, under ``embedding``, this API's
+        own counts: received models ``merge`` rejected, and all-reduce parts dropped (for
+        a round already averaged, or beyond a sender's or the node's budget)."""
+        return {
+            **self._daemon.status(),
+            "embedding": {
+                "rejected_updates": self.rejected_updates,
+                "dropped_parts": self._parts.dropped,
+            },
+        }
 
     async def set_round(self, round_: int) -> None:
         """Announce our current round in the swarm state (needs a swarm)."""
