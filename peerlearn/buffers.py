@@ -45,6 +45,11 @@ def chunks(body: Body, size: int) -> Iterator[memoryview]:
             yield part[start : start + size]
 
 
+def to_bytes(body: Body) -> bytes:
+    """``body`` as one ``bytes`` object (a copy)."""
+    return b"".join(chunks(body, 1 << 24))
+
+
 def allocate(size: int) -> memoryview:
     """A writable, zero-filled buffer of ``size`` bytes (format ``B``): a memory map when
     large, freed when the last view of it goes."""

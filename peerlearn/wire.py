@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import msgpack
 
-from peerlearn.buffers import Bytes
+from peerlearn.buffers import Bytes, Segments
 from peerlearn.errors import LocalProtocolError, Offence, RemoteProtocolError
 from peerlearn.identity import (
     PUBLIC_KEY_SIZE,
@@ -59,6 +59,32 @@ def pack(obj: Any) -> bytes:
         return msgpack.packb(obj, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode {type(obj).__name__}: {exc}") from exc
+
+
+def _bin_header(size: int) -> bytes:
+    """The msgpack bin header of ``size`` bytes (bin 8, 16 or 32, as ``pack`` writes)."""
+    if size < 1 << 8:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 1 << 16:
+        return b"\xc5" + size.to_bytes(2, "big")
+    if size < 1 << 32:
+        return b"\xc6" + size.to_bytes(4, "big")
+    raise LocalProtocolError(f"cannot encode {size} bytes as one msgpack bin (4 GiB at most)")
+
+
+def pack_segments(mapping: Mapping[str, Any]) -> Segments:
+    """``pack(dict(mapping))``, the bytes-like values framed but not copied into the
+    encoding (a checkpoint's model and optimizer state)."""
+    packer = msgpack.Packer(use_bin_type=True, datetime=False)
+    parts: list[Bytes] = [packer.pack_map_header(len(mapping))]
+    for key, value in mapping.items():
+        parts.append(pack(key))
+        if isinstance(value, bytes | bytearray | memoryview):
+            view = memoryview(value).cast("B")
+            parts += [_bin_header(view.nbytes), view]
+        else:
+            parts.append(pack(value))
+    return Segments(parts)
 
 
 def _unpacker(data: Any, limits: Limits) -> msgpack.Unpacker:

@@ -11,6 +11,8 @@ import pytest
 import torch
 import trio
 
+from peerlearn import wire
+from peerlearn.buffers import to_bytes
 from peerlearn.errors import ConfigError
 from peerlearn.learning import aggregate, robust
 from peerlearn.learning.hygiene import check_received
@@ -133,7 +135,10 @@ def test_checkpoints_carry_the_optimizer_and_the_tasks_own_state(user_task: str)
     first = _model(user_task)
     state, _ = first.train(first.state())
     state, _ = first.train(state)
-    payload = first.checkpoint(2, state, first.evaluate(state))
+    metrics = first.evaluate(state)
+    payload = to_bytes(first.checkpoint(2, state, metrics))
+    raw = wire.unpack(payload, wire.Limits(max_message_size=len(payload)))
+    assert payload == wire.pack(raw)  # framed as msgpack would, without a joined copy
     second = _model(user_task)
     restored = second.restore(payload)
     assert restored.round == 2

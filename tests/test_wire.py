@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from peerlearn import wire
+from peerlearn.buffers import to_bytes
 from peerlearn.errors import RemoteProtocolError
 from peerlearn.identity import Identity
 
@@ -175,3 +176,10 @@ def test_unpack_limits() -> None:
 def test_limits_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         wire.DEFAULT_LIMITS.max_map_len = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("size", [0, 255, 256, 65535, 65536])
+def test_segments_frame_bytes_as_pack_does(size: int) -> None:
+    value = {"n": 1, "blob": bytes(range(256)) * (size // 256) + bytes(size % 256), "s": "x"}
+    framed = wire.pack_segments({**value, "blob": memoryview(value["blob"])})
+    assert to_bytes(framed) == wire.pack(value)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from peerlearn import wire
+from peerlearn.buffers import Segments
 from peerlearn.errors import RemoteProtocolError
 from peerlearn.learning import bristle
 from peerlearn.learning.aggregate import Rule, StateDict, merge_received, neighbourhood_mean
@@ -130,20 +131,21 @@ class TaskModel:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def checkpoint(self, round_: int, state: StateDict, metrics: Mapping[str, float]) -> bytes:
+    def checkpoint(self, round_: int, state: StateDict, metrics: Mapping[str, float]) -> Segments:
         """Everything needed to resume at ``round_`` with ``state``: the whole model (frozen
-        parts and buffers included), the optimizer, the task's own state."""
+        parts and buffers included), the optimizer, the task's own state; one copy of the
+        model and one of the optimizer state, framed as msgpack, not joined."""
         with self._lock:
             self._load(state)
             model = state_dict_to_bytes(self.model.state_dict())
             optimizer = io.BytesIO()
             torch.save(self.optimizer.state_dict(), optimizer)
-            return wire.pack(
+            return wire.pack_segments(
                 {
                     "round": round_,
                     "metrics": dict(metrics),
                     "model": model,
-                    "optimizer": optimizer.getvalue(),
+                    "optimizer": optimizer.getbuffer(),
                     "task": self.task.state_dict(),
                 }
             )

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from peerlearn.buffers import Body, chunks
 from peerlearn.errors import ConfigError, DataDirLockedError
 
 LOCK_FILE = "node.lock"
@@ -20,12 +21,13 @@ RECEIVED_DIR = "received"
 MAX_UNIX_SOCKET_PATH = 107  # bytes, Linux sun_path minus the terminator
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: Body) -> None:
     """Write ``data`` so that ``path`` holds either the old or the new content, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks(data, 1 << 24):
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

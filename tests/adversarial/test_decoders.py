@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from peerlearn import wire
+from peerlearn.buffers import to_bytes
 from peerlearn.errors import ConfigError, RemoteProtocolError
 from peerlearn.gossip import modest, records, sync
 from peerlearn.gossip.admission import invite_from_token, invite_from_wire, issue_invite
@@ -132,7 +133,7 @@ def test_received_models_are_finite_and_bounded(value: float) -> None:
 
 
 DIGITS = TaskModel(DigitsTask(TaskContext()), torch.Generator().manual_seed(0))
-VALID_CHECKPOINT = DIGITS.checkpoint(3, DIGITS.state(), {"accuracy": 0.5})
+VALID_CHECKPOINT = to_bytes(DIGITS.checkpoint(3, DIGITS.state(), {"accuracy": 0.5}))
 
 
 @given(mutated(VALID_CHECKPOINT))
