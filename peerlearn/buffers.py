@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import mmap
 from collections.abc import Callable, Iterator, Sequence
 
@@ -45,6 +46,14 @@ def chunks(body: Body, size: int) -> Iterator[memoryview]:
             yield part[start : start + size]
 
 
+def sha256(body: Body) -> bytes:
+    """The sha256 digest of ``body``, read piece by piece."""
+    digest = hashlib.sha256()
+    for chunk in chunks(body, 1 << 24):
+        digest.update(chunk)
+    return digest.digest()
+
+
 def to_bytes(body: Body) -> bytes:
     """``body`` as one ``bytes`` object (a copy)."""
     return b"".join(chunks(body, 1 << 24))
@@ -65,8 +74,7 @@ def writable(data: Bytes) -> bool:
 
 def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
-    function = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    return None if function is None else function
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
 
 
 _MALLOC_TRIM = _malloc_trim()

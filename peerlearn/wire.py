@@ -79,7 +79,7 @@ def pack_segments(mapping: Mapping[str, Any]) -> Segments:
     parts: list[Bytes] = [packer.pack_map_header(len(mapping))]
     for key, value in mapping.items():
         parts.append(pack(key))
-        if isinstance(value, bytes | bytearray | memoryview):
+        if isinstance(value, Bytes):
             view = memoryview(value).cast("B")
             parts += [_bin_header(view.nbytes), view]
         else:

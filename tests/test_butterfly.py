@@ -12,7 +12,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peerlearn.buffers import Segments, chunks
+from peerlearn.buffers import Segments, chunks, to_bytes
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.gossip.butterfly import Butterfly, PartMessage, Phase, part_bounds
 from peerlearn.learning import parts
@@ -180,7 +180,7 @@ def test_an_average_that_comes_while_our_values_are_still_going_out_waits_for_th
 
     async def slow_send(peers: Any, phase: Phase, index: int, data: Segments) -> None:
         await gate.wait()
-        sent.append(b"".join(bytes(c) for c in chunks(data, 1 << 20)))
+        sent.append(to_bytes(data))
 
     run.send = slow_send  # type: ignore[method-assign]
 

@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from peerlearn import wire
-from peerlearn.buffers import Body, Bytes, allocate, chunks
+from peerlearn.buffers import Body, Bytes, allocate, sha256
 from peerlearn.errors import NetworkError, Offence, RemoteProtocolError
 from peerlearn.identity import Identity
 from peerlearn.nat.policy import blob_path_allowed
@@ -230,18 +230,11 @@ async def _receive_streamed(stream: Stream, size: int, pace: Pace) -> tuple[memo
     return buffer, digest.digest()
 
 
-def _sha256(data: Body) -> bytes:
-    digest = hashlib.sha256()
-    for chunk in chunks(data, 1 << 20):
-        digest.update(chunk)
-    return digest.digest()
-
-
 async def digest_of(data: Body) -> bytes:
     """The digest of ``data``, off the event loop when it is large (0.1 s per 100 MB)."""
     if len(data) < BULK_MIN_SIZE:
-        return _sha256(data)
-    return await trio.to_thread.run_sync(_sha256, data)
+        return sha256(data)
+    return await trio.to_thread.run_sync(sha256, data)
 
 
 async def _send_invited(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from peerlearn.buffers import Body, Segments, chunks
+from peerlearn.buffers import Body, Segments, chunks, sha256
 from peerlearn.errors import ConfigError, PeerlearnError
 from peerlearn.node.datadir import atomic_write_bytes
 
@@ -51,11 +51,8 @@ class CheckpointStore:
     def save(self, payload: Body) -> None:
         """Write ``payload`` as the latest checkpoint (never joined into one copy); the
         latest so far becomes previous."""
-        digest = hashlib.sha256()
-        for chunk in chunks(payload, 1 << 24):
-            digest.update(chunk)
         tmp = self.path.with_name(f".{self.path.name}.new")
-        atomic_write_bytes(tmp, Segments([MAGIC, digest.digest(), *chunks(payload, 1 << 24)]))
+        atomic_write_bytes(tmp, Segments([MAGIC, sha256(payload), *chunks(payload, 1 << 24)]))
         if self.path.exists():
             os.replace(self.path, self.previous)
         os.replace(tmp, self.path)
