@@ -4,7 +4,9 @@ Every peer is a process of its own. Cases run one after another in one run, each
 turn (peerlearn, then hivemind, then plain TCP for A->B), and the table gives ratios:
 
 - **A->B**, on 127.0.0.1: one model sent from A to B and acknowledged, for each size, as
-  a fraction of a blocking TCP socket's throughput (the median of ``--repeats``).
+  a fraction of a blocking TCP socket's throughput (the median of ``--repeats``): one that
+  reads into the same 1 MB again and again, and one that keeps the model (a new buffer of
+  its size each time, as every real receiver needs).
   peerlearn: ``share_model`` of the embedding API (safetensors, blob/2, TLS bulk path).
   hivemind: its tensor serialization over a stream of its p2p daemon.
 - **Averaging**: ``--peers`` peers average a model of ``--sizes`` MB, ``--rounds`` rounds.
@@ -60,19 +62,23 @@ MB = 1_000_000
 
 
 def tcp_worker(spec: dict[str, Any]) -> None:
-    """A->B over a blocking socket: worker 1 receives, worker 0 sends."""
+    """A->B over a blocking socket: worker 1 receives, worker 0 sends. ``tcp`` reads into
+    one 1 MB buffer again and again (the bytes are dropped); ``tcp-kept`` into a new
+    ``bytearray`` of the model's size each time, as a receiver that keeps the model must."""
     folder = Folder(spec["folder"], spec["index"], 2)
     size, rounds = spec["size"], Rounds()
     if spec["index"] == 1:
         with socket.create_server((spec["ip"], 0)) as server:
             folder.publish("addr", str(server.getsockname()[1]))
-            buffer = memoryview(bytearray(1 << 20))
+            scratch = memoryview(bytearray(1 << 20))
             for _ in range(spec["rounds"]):
                 connection, _ = server.accept()
+                kept = memoryview(bytearray(size)) if spec["system"] == "tcp-kept" else None
                 with connection:
-                    left = size
-                    while left:
-                        left -= connection.recv_into(buffer, min(left, len(buffer)))
+                    done = 0
+                    while done < size:
+                        into = scratch[: size - done] if kept is None else kept[done:]
+                        done += connection.recv_into(into)
                     connection.sendall(b"ok")
         write_result(folder, {})
         return
@@ -182,7 +188,12 @@ def peerlearn_worker(spec: dict[str, Any]) -> None:
     write_result(folder, trio.run(main))
 
 
-WORKERS = {"tcp": tcp_worker, "peerlearn": peerlearn_worker, "peerlearn-a2a": peerlearn_worker}
+WORKERS = {
+    "tcp": tcp_worker,
+    "tcp-kept": tcp_worker,
+    "peerlearn": peerlearn_worker,
+    "peerlearn-a2a": peerlearn_worker,
+}
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -265,7 +276,7 @@ def a_to_b(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[str, 
     network = Network(2, use_lab=False)
     for size_mb in args.sizes_ab:
         size, row = int(size_mb * MB), {"size_mb": size_mb}
-        for system in ("peerlearn", "hivemind", "tcp"):
+        for system in ("peerlearn", "hivemind", "tcp", "tcp-kept"):
             if system not in pythons:
                 continue
             results = run_case(system, "ab", 2, size, args.repeats, network, pythons[system])
@@ -333,10 +344,12 @@ def ab_line(row: dict[str, Any]) -> str:
         value = row.get(system)
         return f"{value:.0f} MB/s" if isinstance(value, float) else (value or "-")
 
-    ours, theirs, tcp = row.get("peerlearn"), row.get("hivemind"), row.get("tcp")
+    ours, theirs = row.get("peerlearn"), row.get("hivemind")
+    tcp, kept = row.get("tcp"), row.get("tcp-kept")
     return (
-        f"| {row['size_mb']} MB | {cell('peerlearn')} ({ratio(ours, tcp)}x)"
-        f" | {cell('hivemind')} ({ratio(theirs, tcp)}x) | {cell('tcp')} |"
+        f"| {row['size_mb']:g} MB | {cell('peerlearn')} ({ratio(ours, tcp)}x, {ratio(ours, kept)}x)"
+        f" | {cell('hivemind')} ({ratio(theirs, tcp)}x, {ratio(theirs, kept)}x)"
+        f" | {cell('tcp')} | {cell('tcp-kept')} |"
     )
 
 
@@ -420,6 +433,9 @@ def goals(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 row["peerlearn"] / row["tcp"] if isinstance(row.get("peerlearn"), float) else 0
             )
             out.append(("A->B >= 0.5x blocking TCP at 100 MB", f"{fraction:.2f}x", fraction >= 0.5))
+            if isinstance(row.get("tcp-kept"), float):  # context: what keeping a model costs TCP
+                kept = row["tcp-kept"] / row["tcp"]
+                out.append(("(blocking TCP keeping the model, for scale)", f"{kept:.2f}x", None))
     for row in report.get("averaging", []):
         ours, theirs = row.get("peerlearn"), row.get("hivemind")
         if not isinstance(ours, dict):
@@ -484,7 +500,7 @@ def main() -> None:
         return
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # the lab is removed then
-    pythons = {"peerlearn": sys.executable, "peerlearn-a2a": sys.executable, "tcp": sys.executable}
+    pythons = dict.fromkeys(("peerlearn", "peerlearn-a2a", "tcp", "tcp-kept"), sys.executable)
     if Path(args.hivemind_python).exists():
         pythons["hivemind"] = args.hivemind_python
     else:
@@ -493,7 +509,10 @@ def main() -> None:
           f"{platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
     report: dict[str, Any] = {}
     if "ab" in args.only:
-        print("\n| A->B | peerlearn | hivemind | blocking TCP |\n|---|---|---|---|")
+        print(
+            "\n| A->B | peerlearn (vs TCP, vs TCP kept) | hivemind (the same) | blocking TCP "
+            "| blocking TCP, model kept |\n|---|---|---|---|---|"
+        )
         report["a_to_b"] = a_to_b(args, pythons)
     if "average" in args.only:
         print(

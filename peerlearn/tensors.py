@@ -61,10 +61,21 @@ _METADATA = "__metadata__"
 _HEADER_LENGTH_BYTES = 8
 
 
-def state_dict_segments(state: Mapping[str, torch.Tensor]) -> Segments:
-    """The safetensors encoding of ``state``: its header, then views of its tensors'
-    memory (copied only if not contiguous). The tensors must not change until it is sent.
-    Tensors sharing storage (tied weights) are written once each."""
+def dtype_name(dtype: torch.dtype) -> str:
+    """``dtype``'s safetensors name (``F32``...); ``LocalProtocolError`` if it has none."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        raise LocalProtocolError(f"unsupported dtype {dtype}")
+    return name
+
+
+def state_dict_segments(
+    state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Segments:
+    """The safetensors encoding of ``state`` (and ``metadata``, the header's string map):
+    its header, then views of its tensors' memory (copied only if not contiguous). The
+    tensors must not change until it is sent. Tensors sharing storage (tied weights) are
+    written once each."""
     if len(state) > MAX_TENSORS:
         raise LocalProtocolError(f"state_dict has {len(state)} tensors (limit {MAX_TENSORS})")
     tensors: StateDict = {}
@@ -77,7 +88,11 @@ def state_dict_segments(state: Mapping[str, torch.Tensor]) -> Segments:
     order = sorted(
         tensors, key=lambda name: (_WRITE_ORDER[_DTYPE_NAMES[tensors[name].dtype]], name)
     )
-    entries: dict[str, dict[str, Any]] = {}
+    entries: dict[str, Any] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise LocalProtocolError("safetensors metadata maps strings to strings")
+        entries[_METADATA] = dict(metadata)
     offset = 0
     for name in order:
         tensor = tensors[name]
@@ -100,10 +115,12 @@ def state_dict_segments(state: Mapping[str, torch.Tensor]) -> Segments:
     return Segments(parts)
 
 
-def state_dict_to_bytes(state: Mapping[str, torch.Tensor]) -> memoryview:
-    """Encode a state_dict as safetensors in one ``buffers.allocate`` buffer, each tensor
-    copied once."""
-    segments = state_dict_segments(state)
+def state_dict_to_bytes(
+    state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> memoryview:
+    """Encode a state_dict (and ``metadata``) as safetensors in one ``buffers.allocate``
+    buffer, each tensor copied once."""
+    segments = state_dict_segments(state, metadata)
     out, offset = allocate(len(segments)), 0
     for part in segments.parts:
         out[offset : offset + part.nbytes] = part
@@ -111,8 +128,8 @@ def state_dict_to_bytes(state: Mapping[str, torch.Tensor]) -> memoryview:
     return out
 
 
-def _header(data: Bytes, max_size: int) -> tuple[dict[str, Any], int]:
-    """The parsed header and where the tensor data starts."""
+def _header(data: Bytes, max_size: int) -> tuple[dict[str, Any], dict[str, str], int]:
+    """The parsed header's tensor entries, its metadata and where the tensor data starts."""
     if len(data) > max_size:
         raise RemoteProtocolError(f"tensor payload of {len(data)} bytes exceeds {max_size}")
     if len(data) < _HEADER_LENGTH_BYTES:
@@ -126,10 +143,26 @@ def _header(data: Bytes, max_size: int) -> tuple[dict[str, Any], int]:
         raise RemoteProtocolError("tensor header is not JSON") from exc
     if not isinstance(header, dict):
         raise RemoteProtocolError("tensor header is not a map")
-    header.pop(_METADATA, None)
+    metadata = header.pop(_METADATA, {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(value, str) for value in metadata.values()
+    ):
+        raise RemoteProtocolError("tensor header metadata is not a map of strings")
     if len(header) > MAX_TENSORS:
         raise RemoteProtocolError(f"{len(header)} tensors (limit {MAX_TENSORS})")
-    return header, _HEADER_LENGTH_BYTES + length
+    return header, metadata, _HEADER_LENGTH_BYTES + length
+
+
+def parse_shape(value: Any, label: str) -> list[int]:
+    """``value`` if it is a tensor shape (a list of at most ``MAX_DIMENSIONS`` sizes), else
+    ``RemoteProtocolError``."""
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_DIMENSIONS
+        or not all(type(d) is int and 0 <= d <= MAX_DIMENSION_SIZE for d in value)
+    ):
+        raise RemoteProtocolError(f"{label}: invalid shape")
+    return value
 
 
 def _span(name: str, info: Any, data_size: int) -> tuple[int, int, torch.dtype, list[int]]:
@@ -142,13 +175,7 @@ def _span(name: str, info: Any, data_size: int) -> tuple[int, int, torch.dtype, 
     if info["dtype"] not in DTYPES:
         raise RemoteProtocolError(f"{label}: unsupported or missing dtype")
     dtype = DTYPES[info["dtype"]]
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMENSIONS
-        or not all(type(d) is int and 0 <= d <= MAX_DIMENSION_SIZE for d in shape)
-    ):
-        raise RemoteProtocolError(f"{label}: invalid shape")
+    shape, offsets = parse_shape(info.get("shape"), label), info.get("data_offsets")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -165,7 +192,12 @@ def _span(name: str, info: Any, data_size: int) -> tuple[int, int, torch.dtype, 
 def state_dict_from_bytes(data: Bytes, max_size: int) -> StateDict:
     """Decode and validate safetensors bytes; every failure is a ``RemoteProtocolError``.
     The tensors are views of ``data`` when it is writable (else of one copy of it)."""
-    header, start = _header(data, max_size)
+    return state_dict_and_metadata(data, max_size)[0]
+
+
+def state_dict_and_metadata(data: Bytes, max_size: int) -> tuple[StateDict, dict[str, str]]:
+    """``state_dict_from_bytes``, and the header's metadata (a map of strings, maybe empty)."""
+    header, metadata, start = _header(data, max_size)
     buffer = data if writable(data) else bytearray(data)
     body = memoryview(buffer)[start:]
     spans = sorted(
@@ -181,7 +213,7 @@ def state_dict_from_bytes(data: Bytes, max_size: int) -> StateDict:
         end = stop
     if end != len(body):
         raise RemoteProtocolError(f"{len(body) - end} bytes after the last tensor")
-    return {
+    state = {
         name: (
             torch.frombuffer(body[begin:stop], dtype=dtype).reshape(shape)
             if stop > begin
@@ -189,6 +221,7 @@ def state_dict_from_bytes(data: Bytes, max_size: int) -> StateDict:
         )
         for begin, stop, dtype, shape, name in spans
     }
+    return state, metadata
 
 
 _SAVE_HINT = "save model.state_dict() with torch.save, or a .safetensors file"

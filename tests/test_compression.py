@@ -12,9 +12,16 @@ from hypothesis import strategies as st
 
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.learning.choices import Compression
-from peerlearn.learning.compression import BLOCK, ErrorFeedback, decode
+from peerlearn.learning.compression import (
+    BLOCK,
+    LAYOUT_KEY,
+    ErrorFeedback,
+    decode,
+    layout,
+    like_from_layout,
+)
 from peerlearn.sim.simulator import SimConfig, run_simulation
-from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
+from peerlearn.tensors import state_dict_and_metadata, state_dict_from_bytes, state_dict_to_bytes
 
 CODECS = ("int8", "int4", "topk:0.1")
 
@@ -102,6 +109,51 @@ def test_a_peer_rebuilds_exactly_what_the_sender_expects(codec: str) -> None:
     wire, rebuilt = ErrorFeedback(compression).encode(model)
     received = decode(state_dict_from_bytes(state_dict_to_bytes(wire), 2**20), model, compression)
     assert all(torch.equal(received[name], rebuilt[name]) for name in model)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_peer_holding_no_model_rebuilds_it_in_the_layout_the_bytes_state(codec: str) -> None:
+    model = _model(seed=5)
+    compression = Compression.parse(codec)
+    feedback = ErrorFeedback(compression)
+    encoded = feedback.encode_bytes(model)
+    wire, metadata = state_dict_and_metadata(encoded, 2**20)
+    like = like_from_layout(metadata, max_bytes=2**20)
+    assert list(like) == list(model)  # the sender's order
+    assert all(t.device.type == "meta" for t in like.values())  # no memory
+    received = decode(wire, like, compression)
+    expected = decode(wire, model, compression)  # a learner decodes against its own model
+    assert all(torch.equal(received[name], expected[name]) for name in model)
+    assert all(received[n].dtype == model[n].dtype for n in model)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (None, "without its layout"),
+        ("[", "not JSON"),
+        ("[1]", "not a map"),
+        ('{"w": ["F99", [3]]}', "malformed"),
+        ('{"w": [["F32"], [3]]}', "malformed"),
+        ('{"w": ["F32", [-3]]}', "invalid shape"),
+        ('{"w": ["F32", [3, "a"]]}', "invalid shape"),
+        ('{"": ["F32", [3]]}', "malformed"),
+        ('{"w": ["F32", [1000, 1000]]}', "more than 1000000 bytes"),
+        ('{"w": ["F32", [1600, 100]], "v": ["F32", [1600, 100]]}', "more than 1000000 bytes"),
+    ],
+)
+def test_a_stated_layout_is_checked_and_bounded_before_anything_is_allocated(
+    text: str | None, error: str
+) -> None:
+    metadata = {} if text is None else {LAYOUT_KEY: text}
+    with pytest.raises(RemoteProtocolError, match=error):
+        like_from_layout(metadata, max_bytes=1_000_000)
+
+
+def test_a_peer_naming_no_codec_for_a_model_is_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="'none' named"):
+        Compression.from_peer("none")
+    assert layout({"w": torch.zeros(2, 3)}) == {LAYOUT_KEY: '{"w":["F32",[2,3]]}'}
 
 
 @pytest.mark.parametrize(

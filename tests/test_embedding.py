@@ -14,9 +14,10 @@ import trio
 from peerlearn import Node, NodeConfig, open_node
 from peerlearn.errors import LocalProtocolError
 from peerlearn.learning import parts
+from peerlearn.learning.compression import LAYOUT_KEY
 from peerlearn.learning.aggregate import population_variance, vca_merge
 from peerlearn.node.allreduce import PART_ROUNDS
-from peerlearn.node.learning_transport import MODEL_KIND
+from peerlearn.node.learning_transport import COMPRESSION_KEY, MODEL_KIND
 from peerlearn.tensors import state_dict_to_bytes
 
 pytestmark = pytest.mark.integration
@@ -188,5 +189,86 @@ def test_parts_a_peer_floods_in_are_dropped_and_counted_in_status(tmp_path: Path
                     "rejected_updates": 0,
                     "dropped_parts": len(flood) - PART_ROUNDS,
                 }
+
+    trio.run(main)
+
+
+def test_a_node_set_to_compress_shares_models_in_fewer_bytes(tmp_path: Path) -> None:
+    """int8 with error feedback: a receiver that holds no model rebuilds it in the layout
+    the bytes state; sharing the same model again sends what the first message left out."""
+    generator = torch.Generator().manual_seed(3)
+    sent = {
+        "w": torch.randn(64, 256, generator=generator),
+        "half": torch.randn(300, generator=generator).half(),
+        "steps": torch.tensor(5),
+    }
+    plain = len(state_dict_to_bytes(sent))
+
+    async def main() -> None:
+        with trio.fail_after(TIMEOUT):
+            async with (
+                open_node(dataclasses.replace(config(tmp_path, "a"), compression="int8")) as a,
+                open_node(config(tmp_path, "b", ((await a.addrs())[0],))) as b,
+            ):
+                received = []
+                for round_ in (1, 2):
+                    (delivery,) = await a.share_model(sent, round=round_)
+                    assert delivery.ok and delivery.bytes is not None
+                    assert delivery.bytes < plain / 3.5
+                    update = await b.receive()
+                    assert update.model is not None and update.round == round_
+                    received.append(update.model)
+                first, second = received
+                assert {k: (t.dtype, t.shape) for k, t in first.items()} == {
+                    k: (t.dtype, t.shape) for k, t in sent.items()
+                }
+                assert torch.equal(first["steps"], sent["steps"])
+                step = float(sent["w"].abs().max()) / 127
+                assert float((first["w"] - sent["w"]).abs().max()) <= step / 2 + 1e-6
+                error = float((first["w"] - sent["w"]).abs().mean())
+                mean = (first["w"] + second["w"]) / 2
+                assert float((mean - sent["w"]).abs().mean()) < 0.7 * error
+
+    trio.run(main)
+
+
+def test_top_k_is_refused_by_share_model_in_one_line(tmp_path: Path) -> None:
+    async def main() -> None:
+        chosen = dataclasses.replace(config(tmp_path, "a"), algo="modest", compression="topk:0.1")
+        async with open_node(chosen) as a:
+            with pytest.raises(LocalProtocolError, match="use int8 or int4"):
+                await a.share_model(model(1))
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("layout", "codec", "error"),
+    [
+        ('{"w":["F32",[100000000000]]}', "int8", "decodes to more than"),
+        ('{"w":["F32",[4]]}', "topk:0.1", "start we do not share"),
+        ('{"w":["F32",[4]]}', "none", "'none' named"),
+        (None, "int8", "without its layout"),
+    ],
+)
+def test_compressed_models_a_peer_cannot_back_are_refused_to_it(
+    tmp_path: Path, layout: str | None, codec: str, error: str
+) -> None:
+    async def main() -> None:
+        with trio.fail_after(TIMEOUT):
+            async with (
+                open_node(config(tmp_path, "a")) as a,
+                open_node(config(tmp_path, "b", ((await a.addrs())[0],))) as b,
+            ):
+                while not await a.peers():  # noqa: ASYNC110 - polls the node
+                    await trio.sleep(0.05)
+                wire = {"w/q": torch.ones(256, dtype=torch.int8), "w/scale": torch.ones(1)}
+                data = state_dict_to_bytes(wire, None if layout is None else {LAYOUT_KEY: layout})
+                (result,) = await b._daemon.push_to_peers(
+                    data, MODEL_KIND, {COMPRESSION_KEY: codec}, [a.peer_id]
+                )
+                assert not result["ok"] and error in result["error"]
+                status = await a.status()
+                assert (status["phase"], status["updates_rejected"]) == ("running", 1)
 
     trio.run(main)

@@ -16,7 +16,12 @@ from hypothesis import strategies as st
 from peerlearn.buffers import MAP_MIN_SIZE
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.learning.hygiene import check_layout
-from peerlearn.tensors import load_state_dict_file, state_dict_from_bytes, state_dict_to_bytes
+from peerlearn.tensors import (
+    load_state_dict_file,
+    state_dict_and_metadata,
+    state_dict_from_bytes,
+    state_dict_to_bytes,
+)
 
 
 def small_model() -> torch.nn.Module:
@@ -185,6 +190,25 @@ def test_encoding_writes_the_safetensors_librarys_bytes() -> None:
     assert bytes(encoded) == safetensors.torch.save({k: v.contiguous() for k, v in state.items()})
     decoded = state_dict_from_bytes(encoded, 2**20)
     assert all(torch.equal(decoded[name], tensor) for name, tensor in state.items())
+
+
+def test_metadata_travels_in_the_header_as_the_safetensors_library_writes_it() -> None:
+    state = {"w": torch.ones(2, 3), "steps": torch.arange(2)}
+    encoded = state_dict_to_bytes(state, {"note": "hi"})
+    assert bytes(encoded) == safetensors.torch.save(state, metadata={"note": "hi"})
+    decoded, metadata = state_dict_and_metadata(encoded, 2**20)
+    assert metadata == {"note": "hi"}
+    assert torch.equal(decoded["w"], state["w"])
+    assert state_dict_and_metadata(state_dict_to_bytes(state), 2**20)[1] == {}
+    with pytest.raises(LocalProtocolError, match="strings to strings"):
+        state_dict_to_bytes(state, {"n": 1})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("metadata", [[], "x", {"n": 1}, {"n": ["x"]}])
+def test_metadata_that_is_not_a_map_of_strings_is_a_remote_error(metadata: object) -> None:
+    header = json.dumps({"__metadata__": metadata}).encode()
+    with pytest.raises(RemoteProtocolError, match="metadata"):
+        state_dict_and_metadata(struct.pack("<Q", len(header)) + header, 2**20)
 
 
 def test_encoding_refuses_a_dtype_safetensors_cannot_hold() -> None:

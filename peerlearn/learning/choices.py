@@ -63,9 +63,12 @@ class Compression:
         if not isinstance(text, str) or len(text) > 32:
             raise RemoteProtocolError("compression: not a codec name")
         try:
-            return cls.parse(text)
+            compression = cls.parse(text)
         except LocalProtocolError as exc:
             raise RemoteProtocolError(f"compression: {exc}") from None
+        if not compression.enabled:  # an uncompressed model names no codec
+            raise RemoteProtocolError("compression: 'none' named for a model")
+        return compression
 
     def __str__(self) -> str:
         return f"topk:{self.fraction:g}" if self.codec is Codec.TOPK else self.codec.value

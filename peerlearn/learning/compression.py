@@ -18,22 +18,38 @@ On the wire a compressed model is a plain state_dict (safetensors) of small tens
   magnitude;
 
 and integer or bool tensors (step counters, masks) under their own name, as they are.
-``decode`` rebuilds a model only in the layout of one we hold, so a peer cannot make us
-allocate more than our own model; anything else is a ``RemoteProtocolError``.
+The safetensors header's metadata names the model's layout (``layout``: every tensor's
+name, dtype and shape, in order).
+
+``decode`` rebuilds a model only in a layout the receiver chose: that of a model it holds
+(the learners), or the sender's stated layout within a byte limit (``like_from_layout``,
+the embedding API, which holds no model of its own), so a peer cannot make us allocate
+more; anything else is a ``RemoteProtocolError``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 
 import torch
 
-from peerlearn.errors import LocalProtocolError, RemoteProtocolError
+from peerlearn.errors import LocalProtocolError, Offence, RemoteProtocolError
 from peerlearn.learning.choices import Codec, Compression
+from peerlearn.tensors import (
+    DTYPES,
+    MAX_NAME_LENGTH,
+    MAX_TENSORS,
+    dtype_name,
+    parse_shape,
+    state_dict_to_bytes,
+)
 
 StateDict = dict[str, torch.Tensor]
 BLOCK = 256  # values sharing one scale
 _LEVELS = {8: 127, 4: 7}
+LAYOUT_KEY = "peerlearn.layout"  # in the safetensors metadata: {name: [dtype, shape]}
 
 
 def _compressible(tensor: torch.Tensor) -> bool:
@@ -133,6 +149,48 @@ def _expect_finite(tensor: torch.Tensor, label: str) -> None:
         raise RemoteProtocolError(f"{label}: non-finite values")
 
 
+def layout(model: StateDict) -> dict[str, str]:
+    """The safetensors metadata a compressed ``model`` travels with: its tensors' names,
+    dtypes and shapes, in order."""
+    entries = {name: [dtype_name(t.dtype), list(t.shape)] for name, t in model.items()}
+    return {LAYOUT_KEY: json.dumps(entries, separators=(",", ":"))}
+
+
+def like_from_layout(metadata: Mapping[str, str], max_bytes: int) -> StateDict:
+    """Tensors without memory (torch's ``meta`` device) in the layout a compressed model's
+    metadata states, for ``decode``; ``RemoteProtocolError`` if the layout is missing or
+    malformed, or its model takes more than ``max_bytes``."""
+    text = metadata.get(LAYOUT_KEY)
+    if text is None:
+        raise RemoteProtocolError("compressed model without its layout")
+    try:
+        entries = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise RemoteProtocolError("compressed model layout is not JSON") from exc
+    if not isinstance(entries, dict) or len(entries) > MAX_TENSORS:
+        raise RemoteProtocolError("compressed model layout is not a map of tensors")
+    like: StateDict = {}
+    total = 0
+    for name, entry in entries.items():
+        label = repr(name[:40])
+        if (
+            not 0 < len(name) <= MAX_NAME_LENGTH
+            or not isinstance(entry, list)
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or entry[0] not in DTYPES
+        ):
+            raise RemoteProtocolError(f"compressed model layout: {label} is malformed")
+        dtype, shape = DTYPES[entry[0]], parse_shape(entry[1], label)
+        total += math.prod(shape) * dtype.itemsize
+        if total > max_bytes:
+            raise RemoteProtocolError(
+                f"compressed model decodes to more than {max_bytes} bytes", Offence.OVERSIZED
+            )
+        like[name] = torch.empty(shape, dtype=dtype, device="meta")
+    return like
+
+
 def decode(
     wire: StateDict,
     like: StateDict,
@@ -206,3 +264,8 @@ class ErrorFeedback:
             wire.update(parts)
             rebuilt[name] = sent.view(tensor.shape).to(tensor.dtype)
         return wire, rebuilt
+
+    def encode_bytes(self, model: StateDict, reference: StateDict | None = None) -> memoryview:
+        """``encode``'s wire tensors as the safetensors bytes peers get, with ``model``'s
+        layout in the metadata."""
+        return state_dict_to_bytes(self.encode(model, reference)[0], layout(model))

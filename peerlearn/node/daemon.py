@@ -6,7 +6,7 @@ import collections
 import logging
 import math
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ MODEL_UPDATE_KIND = "model_update"
 LEARNER_KINDS = (MODEL_KIND, MODEST_KIND)
 PAYLOAD_KIND = "payload"
 EMBEDDED_KINDS = (MODEL_KIND, PAYLOAD_KIND)  # what an embedded node hands to its application
-UpdateSink = Callable[[blob.ReceivedBlob], None]
+UpdateSink = Callable[[blob.ReceivedBlob], Awaitable[None]]
 DEFAULT_RUNTIME = Runtime()
 RECENT_EVENTS = 100  # received updates remembered for `status`
 PING_TIMEOUT = 2.0  # seconds, for `peers`
@@ -249,7 +249,7 @@ class Daemon:
             await self.learner.accept_blob(received)
             return
         if received.offer.kind in EMBEDDED_KINDS and self._on_update is not None:
-            self._on_update(received)
+            await self._on_update(received)
             self.counters.updates_received += 1
             self.counters.bytes_in += received.offer.size
             return

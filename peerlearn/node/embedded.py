@@ -37,15 +37,17 @@ import trio
 from peerlearn import wire
 from peerlearn.errors import LocalProtocolError, PeerlearnError, RemoteProtocolError, unwrap_group
 from peerlearn.gossip.butterfly import PartMessage
-from peerlearn.learning import aggregate, robust
+from peerlearn.learning import aggregate, compression, robust
+from peerlearn.learning.choices import Codec, Compression
 from peerlearn.learning.hygiene import check_finite, check_received
 from peerlearn.learning.task import TaskFactory
 from peerlearn.node import allreduce, blob
 from peerlearn.node.allreduce import Averaged
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import PAYLOAD_KIND, Daemon, run_daemon
-from peerlearn.node.learning_transport import MODEL_KIND
-from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
+from peerlearn.node.learning_transport import COMPRESSION_KEY, MODEL_KIND
+from peerlearn.node.offload import in_thread
+from peerlearn.tensors import state_dict_and_metadata, state_dict_from_bytes, state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class Delivery:
     ok: bool
     error: str | None = None
     seconds: float | None = None
+    bytes: int | None = None  # the body as sent (compressed, if so), when delivered
 
 
 def _to_part(received: blob.ReceivedBlob, max_size: int) -> allreduce.Received | None:
@@ -92,11 +95,24 @@ def _to_part(received: blob.ReceivedBlob, max_size: int) -> allreduce.Received |
     return allreduce.Received(received.sender_id, message, tensors)
 
 
+def _decompressed(
+    wire: StateDict, metadata: dict[str, str], codec: Any, max_size: int
+) -> StateDict:
+    """The model a peer sent compressed, in the layout it states (at most ``max_size``
+    bytes); top-k is refused: its changes are from a start that no embedding node shares."""
+    used = Compression.from_peer(codec)
+    if used.codec is Codec.TOPK:
+        raise RemoteProtocolError(f"a {used} model: changes from a start we do not share")
+    return compression.decode(wire, compression.like_from_layout(metadata, max_size), used)
+
+
 def _to_update(received: blob.ReceivedBlob, max_size: int) -> Update:
     meta = received.offer.meta
     round_ = meta.get("round") if isinstance(meta.get("round"), int) else None
     if received.offer.kind == MODEL_KIND:
-        model = state_dict_from_bytes(received.data, max_size)
+        model, metadata = state_dict_and_metadata(received.data, max_size)
+        if COMPRESSION_KEY in meta:
+            model = _decompressed(model, metadata, meta[COMPRESSION_KEY], max_size)
         check_finite(model)
         return Update(
             received.sender_id, MODEL_KIND, model=model, round=round_, received_at=time.time()
@@ -108,7 +124,10 @@ def _to_update(received: blob.ReceivedBlob, max_size: int) -> Update:
 
 
 def _deliveries(results: list[dict[str, Any]]) -> list[Delivery]:
-    return [Delivery(r["peer_id"], r["ok"], r.get("error"), r.get("seconds")) for r in results]
+    return [
+        Delivery(r["peer_id"], r["ok"], r.get("error"), r.get("seconds"), r.get("bytes"))
+        for r in results
+    ]
 
 
 class EmbeddedNode(Protocol):
@@ -167,6 +186,11 @@ class AsyncNode:
         self._rule = robust.create_rule(
             config.filter if config.filter != "bristle" else "mean", f=config.byzantine_bound
         )
+        self._compression = Compression.parse(config.compression)
+        self._feedback = (
+            compression.ErrorFeedback(self._compression) if self._compression.enabled else None
+        )
+        self._compressing = trio.Lock()  # error feedback moves on one model at a time
 
     @property
     def peer_id(self) -> str:
@@ -210,9 +234,22 @@ class AsyncNode:
     async def share_model(
         self, model: StateDict, *, round: int | None = None, peers: Sequence[str] | None = None
     ) -> list[Delivery]:
-        """Send a state_dict (or any dict of tensors) to ``peers`` (default: all connected)."""
-        data = await self._daemon.runtime.offload(state_dict_to_bytes, model)
-        meta = {} if round is None else {"round": round}
+        """Send a state_dict (or any dict of tensors) to ``peers`` (default: all connected),
+        compressed with error feedback if the node's ``compression`` says so (int8, int4;
+        top-k is refused: it sends changes from a start only the learners share)."""
+        meta: dict[str, Any] = {} if round is None else {"round": round}
+        feedback = self._feedback
+        if feedback is None:
+            data = await self._daemon.runtime.offload(state_dict_to_bytes, model)
+        else:
+            if self._compression.codec is Codec.TOPK:
+                raise LocalProtocolError(
+                    f"share_model cannot send {self._compression}: top-k sends changes from "
+                    "a start both sides hold; use int8 or int4"
+                )
+            async with self._compressing:
+                data = await self._daemon.runtime.offload(feedback.encode_bytes, model)
+            meta[COMPRESSION_KEY] = str(self._compression)
         return _deliveries(
             await self._daemon.push_to_peers(
                 data, MODEL_KIND, meta, list(peers) if peers is not None else None
@@ -274,7 +311,8 @@ class AsyncNode:
         with the group's model. Every member must call it for the same ``round`` with the
         same group. The configured filter runs part by part (mean, median, trimmed; the
         others need whole models: use ``share_model`` and ``merge``), then VCA if configured.
-        Parts missing after ``timeout`` seconds fall back to ours; ``Averaged`` says which."""
+        Parts travel uncompressed, whatever ``compression`` says. Parts missing after
+        ``timeout`` seconds fall back to ours; ``Averaged`` says which."""
         config = self._daemon.config
         allreduce.check_rule(config.filter)
         group = list(peers) if peers is not None else self._daemon.connected_peer_ids()
@@ -345,12 +383,16 @@ async def _running_daemon(
 
     box = allreduce.PartsBox(config.blob_memory, config.blob_memory_per_peer)
 
-    def on_update(received: blob.ReceivedBlob) -> None:
+    def decode(received: blob.ReceivedBlob) -> allreduce.Received | Update:
         part = _to_part(received, config.max_blob_size)
-        if part is not None:
-            box.deliver(part)
+        return part if part is not None else _to_update(received, config.max_blob_size)
+
+    async def on_update(received: blob.ReceivedBlob) -> None:
+        decoded = await in_thread(decode, received)  # checks (and decompression) take time
+        if isinstance(decoded, Update):
+            deliver(decoded)
         else:
-            deliver(_to_update(received, config.max_blob_size))
+            box.deliver(decoded)
 
     try:
         async with trio.open_nursery() as nursery:

@@ -150,10 +150,9 @@ class LearningTransport:
         if feedback is None:
             return await self.encoded(model)
 
-        def compress() -> memoryview:
-            return state_dict_to_bytes(feedback.encode(model, self.reference)[0])
-
-        return await self._encode_once("sent", model, compress)
+        return await self._encode_once(
+            "sent", model, lambda: feedback.encode_bytes(model, self.reference)
+        )
 
     async def _encode_once(
         self, form: str, model: StateDict, encode: Callable[[], memoryview]
