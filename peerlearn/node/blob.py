@@ -66,7 +66,8 @@ _OFFER_KEYS = {"sha256", "size", "kind", "meta"}
 _REPLY_KEYS = {"ok", "reason"}
 _INVITING_REPLY_KEYS = {"ok", "reason", "bulk"}
 VIA_TLS, VIA_STREAM = "tls", "stream"
-BULK_MIN_SIZE = 1 << 20  # bytes; smaller bodies stay on the libp2p stream
+BULK_MIN_SIZE = 1 << 18  # bytes; smaller bodies stay on the libp2p stream (a TLS connect costs
+# about 5 ms; a 1 MB model A->B took 29 ms over TLS, 57 ms over the stream)
 _REPLY_LIMITS = wire.Limits(max_message_size=MAX_CONTROL_FRAME, max_array_len=16, max_map_len=4)
 
 
