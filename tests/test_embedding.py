@@ -14,8 +14,8 @@ import trio
 from peerlearn import Node, NodeConfig, open_node
 from peerlearn.errors import LocalProtocolError
 from peerlearn.learning import parts
-from peerlearn.learning.compression import LAYOUT_KEY
 from peerlearn.learning.aggregate import population_variance, vca_merge
+from peerlearn.learning.compression import LAYOUT_KEY
 from peerlearn.node.allreduce import PART_ROUNDS
 from peerlearn.node.learning_transport import COMPRESSION_KEY, MODEL_KIND
 from peerlearn.tensors import state_dict_to_bytes
@@ -213,10 +213,12 @@ def test_a_node_set_to_compress_shares_models_in_fewer_bytes(tmp_path: Path) -> 
                 received = []
                 for round_ in (1, 2):
                     (delivery,) = await a.share_model(sent, round=round_)
-                    assert delivery.ok and delivery.bytes is not None
+                    assert delivery.ok
+                    assert delivery.bytes is not None
                     assert delivery.bytes < plain / 3.5
                     update = await b.receive()
-                    assert update.model is not None and update.round == round_
+                    assert update.model is not None
+                    assert update.round == round_
                     received.append(update.model)
                 first, second = received
                 assert {k: (t.dtype, t.shape) for k, t in first.items()} == {
@@ -267,7 +269,8 @@ def test_compressed_models_a_peer_cannot_back_are_refused_to_it(
                 (result,) = await b._daemon.push_to_peers(
                     data, MODEL_KIND, {COMPRESSION_KEY: codec}, [a.peer_id]
                 )
-                assert not result["ok"] and error in result["error"]
+                assert not result["ok"]
+                assert error in result["error"]
                 status = await a.status()
                 assert (status["phase"], status["updates_rejected"]) == ("running", 1)
 
