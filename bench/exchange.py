@@ -25,7 +25,7 @@ without one the hivemind columns say "-".
 
     python bench/exchange.py [--sizes-ab 1 16 100 500] [--peers 4 8] [--sizes 16 100]
                              [--rounds 10] [--repeats 3] [--only ab average compression]
-                             [--all-to-all] [--json FILE]
+                             [--all-to-all] [--compression int8|int4] [--json FILE]
 
 - **Compression**: int8 and int4 against none in the simulator (``compression.py``).
 
@@ -116,6 +116,7 @@ def peerlearn_worker(spec: dict[str, Any]) -> None:
         max_blob_size=max(512 * 2**20, size + 2**20),
         blob_memory=max(1024 * 2**20, 2 * workers * size),
         blob_memory_per_peer=max(512 * 2**20, 2 * size),
+        compression=spec["compression"],
     )
 
     async def barrier(name: str) -> None:
@@ -229,7 +230,14 @@ class Network:
 
 
 def run_case(
-    system: str, mode: str, workers: int, size: int, rounds: int, network: Network, python: str
+    system: str,
+    mode: str,
+    workers: int,
+    size: int,
+    rounds: int,
+    network: Network,
+    python: str,
+    compression: str = "none",
 ) -> list[dict[str, Any]] | str:
     """Start ``workers`` processes of ``system``; their results, or why they failed."""
     folder = tempfile.mkdtemp(prefix=f"exchange-{system}-")
@@ -247,6 +255,7 @@ def run_case(
                 "folder": folder,
                 "ip": network.ip(index),
                 "interface": "eth0" if network.lab else None,
+                "compression": compression,
             }
             argv = network.command(index, [python, str(script), "--worker", json.dumps(spec)])
             log = open(Path(folder) / f"log.{index}", "w")  # noqa: SIM115 - closed with the run
@@ -279,7 +288,9 @@ def a_to_b(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[str, 
         for system in ("peerlearn", "hivemind", "tcp", "tcp-kept"):
             if system not in pythons:
                 continue
-            results = run_case(system, "ab", 2, size, args.repeats, network, pythons[system])
+            results = run_case(
+                system, "ab", 2, size, args.repeats, network, pythons[system], args.compression
+            )
             if isinstance(results, str):
                 row[system] = results
                 continue
@@ -301,7 +312,14 @@ def averaging(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[st
                     if system not in pythons or (system == "peerlearn-a2a" and not args.all_to_all):
                         continue
                     results = run_case(
-                        system, "average", peers, size, args.rounds, network, pythons[system]
+                        system,
+                        "average",
+                        peers,
+                        size,
+                        args.rounds,
+                        network,
+                        pythons[system],
+                        args.compression,
                     )
                     row[system] = results if isinstance(results, str) else summarize(results)
                 rows.append(row)
@@ -488,6 +506,9 @@ def main() -> None:
         "--only", nargs="+", choices=PARTS, default=PARTS, help="these parts only (default all)"
     )
     parser.add_argument("--loopback", action="store_true", help="averaging on 127.0.0.1 too")
+    parser.add_argument(
+        "--compression", default="none", help="peerlearn's models and parts: int8 or int4"
+    )
     parser.add_argument(
         "--all-to-all", action="store_true", help="also peerlearn's share_model + merge rounds"
     )

@@ -16,8 +16,9 @@ from peerlearn.buffers import Segments, chunks, to_bytes
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.gossip.butterfly import Butterfly, PartMessage, Phase, part_bounds
 from peerlearn.learning import parts
+from peerlearn.learning.choices import Compression
 from peerlearn.learning.robust import mean
-from peerlearn.node.allreduce import PART_ROUNDS, AllReduce, PartsBox, Received
+from peerlearn.node.allreduce import PART_ROUNDS, AllReduce, PartCompression, PartsBox, Received
 from peerlearn.tensors import state_dict_from_bytes, state_dict_segments, state_dict_to_bytes
 
 GROUP = ["a", "b", "c", "d"]
@@ -209,3 +210,20 @@ def test_a_model_is_sent_from_its_tensors_as_the_bytes_it_encodes_to() -> None:
     assert sent == bytes(state_dict_to_bytes(state))
     assert len(segments) == len(sent)
     assert all(len(c) <= 5 for c in chunks(segments, 5))
+
+
+def test_compressed_parts_keep_error_feedback_for_one_group_size_only() -> None:
+    """Residuals follow a part from round to round; a group of another size cuts other
+    parts, so the earlier ones go (at most one float32 copy of the model is kept)."""
+    compression = PartCompression(Compression.parse("int8"))
+    part = {"float32": torch.randn(1000, generator=torch.Generator().manual_seed(0))}
+    variances = {"vca.variances": torch.ones(2, dtype=torch.float64)}
+    first = compression.encode((Phase.REDUCE, 1, 4), part, variances)
+    compression.encode((Phase.GATHER, 2, 4), part, {})
+    assert len(compression._feedback) == 2
+    again = compression.encode((Phase.REDUCE, 1, 4), part, variances)
+    assert bytes(again) != bytes(first)  # the residual of the first went with the second
+    compression.encode((Phase.REDUCE, 1, 5), part, variances)
+    assert list(compression._feedback) == [(Phase.REDUCE, 1, 5)]
+    decoded = state_dict_from_bytes(first, 2**20)
+    assert torch.equal(decoded["vca.variances"], variances["vca.variances"])  # as it was

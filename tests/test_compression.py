@@ -14,8 +14,10 @@ from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.learning.choices import Compression
 from peerlearn.learning.compression import (
     BLOCK,
+    CHUNK,
     LAYOUT_KEY,
     ErrorFeedback,
+    _quantize,
     decode,
     layout,
     like_from_layout,
@@ -109,6 +111,25 @@ def test_a_peer_rebuilds_exactly_what_the_sender_expects(codec: str) -> None:
     wire, rebuilt = ErrorFeedback(compression).encode(model)
     received = decode(state_dict_from_bytes(state_dict_to_bytes(wire), 2**20), model, compression)
     assert all(torch.equal(received[name], rebuilt[name]) for name in model)
+
+
+@pytest.mark.parametrize(("codec", "bits"), [("int8", 8), ("int4", 4)])
+def test_tensors_larger_than_a_chunk_are_quantized_as_one(codec: str, bits: int) -> None:
+    """Quantization goes CHUNK values at a time (small temporaries); blocks never straddle
+    chunks, so the bytes are those of the whole tensor at once, and so is the rebuild."""
+    generator = torch.Generator().manual_seed(6)
+    model = {"big": torch.randn(2 * CHUNK + 300, generator=generator)}
+    compression = Compression.parse(codec)
+    feedback = ErrorFeedback(compression)
+    wire, rebuilt = feedback.encode(model)
+    q, scale = _quantize(model["big"], bits)
+    assert torch.equal(wire["big/q"], q)
+    assert torch.equal(wire["big/scale"], scale)
+    assert torch.equal(decode(wire, model, compression)["big"], rebuilt["big"])
+    residual = feedback.residual["big"].clone()
+    assert torch.allclose(residual, model["big"] - rebuilt["big"])
+    again, _ = feedback.encode(model)  # the residual (overwritten in place) goes out next
+    assert torch.equal(again["big/q"], _quantize(model["big"] + residual, bits)[0])
 
 
 @pytest.mark.parametrize("codec", CODECS)

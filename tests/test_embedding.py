@@ -111,7 +111,9 @@ def test_sharing_with_nobody_is_an_error_not_a_silent_drop(tmp_path: Path) -> No
         alone.share({"x": 1})
 
 
-def averaged_models(tmp_path: Path, algo: str, silent: int | None = None) -> list[Any]:
+def averaged_models(
+    tmp_path: Path, algo: str, silent: int | None = None, compression: str = "none"
+) -> list[Any]:
     """Four trio nodes average their models by all-reduce; ``silent`` never calls average."""
     from contextlib import AsyncExitStack
 
@@ -120,7 +122,9 @@ def averaged_models(tmp_path: Path, algo: str, silent: int | None = None) -> lis
             async with AsyncExitStack() as stack:
                 nodes = []
                 for i in range(4):
-                    cfg = dataclasses.replace(config(tmp_path, f"n{i}"), algo=algo)
+                    cfg = dataclasses.replace(
+                        config(tmp_path, f"n{i}"), algo=algo, compression=compression
+                    )
                     nodes.append(await stack.enter_async_context(open_node(cfg)))
                 for i, node in enumerate(nodes):
                     for other in nodes[:i]:
@@ -153,6 +157,43 @@ def test_all_reduce_with_vca_keeps_the_members_mean_variance(tmp_path: Path) -> 
     for result in results:
         assert population_variance(result.model["weight"]) == pytest.approx(target, rel=1e-5)
         assert torch.equal(result.model["weight"], results[0].model["weight"])
+
+
+@pytest.mark.parametrize(("algo", "codec"), [("gossip", "int8"), ("gossip-vca", "int4")])
+def test_all_reduce_with_compressed_parts_gives_the_group_mean_within_its_steps(
+    tmp_path: Path, algo: str, codec: str
+) -> None:
+    """Each part is quantized twice (a member's values to their reducer, the average back),
+    so every value is within a step of the mean; the members' variances travel as they
+    are, so VCA still gives every member their mean variance."""
+    results = averaged_models(tmp_path, algo, compression=codec)[:4]
+    models = [model(i) for i in range(4)]
+    levels = 127 if codec == "int8" else 7
+    for name in models[0]:
+        mean = sum(m[name] for m in models) / 4
+        step = float(torch.stack([m[name] for m in models]).abs().max()) / levels
+        for result in results:
+            assert (result.reduced_with, result.fallback_parts) == (4, [])
+            if algo == "gossip":
+                assert float((result.model[name] - mean).abs().max()) <= step + 1e-6
+    if algo == "gossip":
+        exact = parts.flat_vectors({k: sum(m[k] for m in models) / 4 for k in models[0]})
+        got = parts.flat_vectors(results[0].model)
+        assert not all(torch.allclose(got[k], exact[k], atol=1e-7) for k in exact)  # quantized
+    else:
+        target = sum(population_variance(m["weight"]) for m in models) / 4
+        for result in results:
+            assert population_variance(result.model["weight"]) == pytest.approx(target, rel=1e-5)
+
+
+def test_top_k_is_refused_by_average_in_one_line(tmp_path: Path) -> None:
+    async def main() -> None:
+        chosen = dataclasses.replace(config(tmp_path, "a"), algo="modest", compression="topk:0.1")
+        async with open_node(chosen) as a:
+            with pytest.raises(LocalProtocolError, match="use int8 or int4"):
+                await a.average(model(1), round=0, peers=[])
+
+    trio.run(main)
 
 
 def test_all_reduce_falls_back_to_own_values_when_a_member_is_silent(tmp_path: Path) -> None:

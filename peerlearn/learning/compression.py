@@ -35,6 +35,7 @@ from collections.abc import Mapping
 
 import torch
 
+from peerlearn.buffers import MAP_MIN_SIZE, allocate
 from peerlearn.errors import LocalProtocolError, Offence, RemoteProtocolError
 from peerlearn.learning.choices import Codec, Compression
 from peerlearn.tensors import (
@@ -49,6 +50,8 @@ from peerlearn.tensors import (
 StateDict = dict[str, torch.Tensor]
 BLOCK = 256  # values sharing one scale
 _LEVELS = {8: 127, 4: 7}
+_Q_DTYPES = {8: torch.int8, 4: torch.uint8}
+CHUNK = 1 << 20  # values quantized at a time (a multiple of BLOCK)
 LAYOUT_KEY = "peerlearn.layout"  # in the safetensors metadata: {name: [dtype, shape]}
 
 
@@ -86,12 +89,75 @@ def _top_k(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     return index.to(_index_dtype(flat.numel())), flat[index].to(torch.float32)
 
 
-def _compress(name: str, flat: torch.Tensor, compression: Compression) -> StateDict:
-    if compression.codec is Codec.TOPK:
-        index, value = _top_k(flat, compression.kept(flat.numel()))
-        return {f"{name}/index": index, f"{name}/value": value}
-    q, scale = _quantize(flat, 8 if compression.codec is Codec.INT8 else 4)
-    return {f"{name}/q": q, f"{name}/scale": scale}
+def _float32_vector(size: int) -> torch.Tensor:
+    """An uninitialized float32 vector; a memory map when large (``buffers.allocate``), so
+    that it goes back to the kernel when freed, whichever thread frees it."""
+    if size * 4 < MAP_MIN_SIZE:
+        return torch.empty(size, dtype=torch.float32)
+    return torch.frombuffer(allocate(size * 4), dtype=torch.float32)
+
+
+def _target(
+    flat: torch.Tensor, base: torch.Tensor | None, kept: torch.Tensor | None, start: int, end: int
+) -> torch.Tensor:
+    """What values ``start:end`` of a tensor must deliver: the values, less the reference,
+    plus what earlier messages left out (a float32 copy)."""
+    target = flat[start:end].to(torch.float32, copy=True)
+    if base is not None:
+        target -= base[start:end]
+    if kept is not None:
+        target += kept[start:end]
+    return target
+
+
+def _top_k_with_feedback(
+    name: str,
+    flat: torch.Tensor,
+    base: torch.Tensor | None,
+    kept: torch.Tensor | None,
+    compression: Compression,
+) -> tuple[StateDict, torch.Tensor, torch.Tensor]:
+    """Top-k of the whole tensor: its wire tensors, the new residual and what the receiver
+    rebuilds."""
+    target = _target(flat, base, kept, 0, flat.numel())
+    index, value = _top_k(target, compression.kept(flat.numel()))
+    sent = torch.zeros_like(target)
+    sent[index.long()] = value
+    residual = target.sub_(sent)
+    if base is not None:
+        sent += base
+    return {f"{name}/index": index, f"{name}/value": value}, residual, sent
+
+
+def _quantize_with_feedback(
+    name: str,
+    flat: torch.Tensor,
+    base: torch.Tensor | None,
+    kept: torch.Tensor | None,
+    bits: int,
+    rebuild: bool,
+) -> tuple[StateDict, torch.Tensor, torch.Tensor | None]:
+    """Block-wise quantization, ``CHUNK`` values at a time (so temporaries stay small
+    whatever the tensor's size): its wire tensors, the new residual (written over ``kept``
+    when there is one) and, if ``rebuild``, what the receiver rebuilds."""
+    size = flat.numel()
+    q = torch.empty(math.ceil(size / BLOCK) * BLOCK * bits // 8, dtype=_Q_DTYPES[bits])
+    scale = torch.empty(math.ceil(size / BLOCK), dtype=torch.float32)
+    residual = kept if kept is not None else _float32_vector(size)
+    sent_all = _float32_vector(size) if rebuild else None
+    for start in range(0, size, CHUNK):
+        end = min(start + CHUNK, size)
+        target = _target(flat, base, kept, start, end)
+        chunk_q, chunk_scale = _quantize(target, bits)
+        q[start * bits // 8 : start * bits // 8 + chunk_q.numel()] = chunk_q
+        scale[start // BLOCK : start // BLOCK + chunk_scale.numel()] = chunk_scale
+        sent = _dequantize(chunk_q, chunk_scale, bits, end - start)
+        torch.sub(target, sent, out=residual[start:end])
+        if sent_all is not None:
+            if base is not None:
+                sent += base[start:end]
+            sent_all[start:end] = sent
+    return {f"{name}/q": q, f"{name}/scale": scale}, residual, sent_all
 
 
 def _expand(name: str, wire: StateDict, size: int, compression: Compression) -> torch.Tensor:
@@ -101,7 +167,19 @@ def _expand(name: str, wire: StateDict, size: int, compression: Compression) -> 
         flat[wire[f"{name}/index"].long()] = wire[f"{name}/value"]
         return flat
     bits = 8 if compression.codec is Codec.INT8 else 4
-    return _dequantize(wire[f"{name}/q"], wire[f"{name}/scale"], bits, size)
+    q, scale = wire[f"{name}/q"], wire[f"{name}/scale"]
+    flat = _float32_vector(size)
+    for start in range(0, size, CHUNK):  # temporaries of CHUNK values, whatever the size
+        end = min(start + CHUNK, size)
+        blocks = math.ceil((end - start) / BLOCK)
+        first_q = start * bits // 8
+        flat[start:end] = _dequantize(
+            q[first_q : first_q + blocks * BLOCK * bits // 8],
+            scale[start // BLOCK : start // BLOCK + blocks],
+            bits,
+            end - start,
+        )
+    return flat
 
 
 def _check(name: str, wire: StateDict, size: int, compression: Compression) -> None:
@@ -236,6 +314,11 @@ class ErrorFeedback:
     ) -> tuple[StateDict, StateDict]:
         """``model`` compressed against ``reference`` (zeros when None): the wire tensors,
         and the model a receiver rebuilds from them (what it will see of ours)."""
+        return self._encode(model, reference, rebuild=True)
+
+    def _encode(
+        self, model: StateDict, reference: StateDict | None, *, rebuild: bool
+    ) -> tuple[StateDict, StateDict]:
         wire: StateDict = {}
         rebuilt: StateDict = {}
         for name, tensor in model.items():
@@ -244,28 +327,43 @@ class ErrorFeedback:
                     raise LocalProtocolError(f"tensor name {name[:40]!r} clashes with a part")
                 wire[name] = rebuilt[name] = tensor.detach()
                 continue
-            target = tensor.detach().reshape(-1).to(torch.float32, copy=True)
-            if reference is not None:
-                target -= reference[name].reshape(-1)
-            kept = self.residual.get(name)
-            if kept is not None and kept.numel() == target.numel():
-                target += kept
-            parts = _compress(name, target, self.compression)
-            sent = _expand(name, parts, target.numel(), self.compression)
-            residual = target.sub_(sent)
+            flat = tensor.detach().reshape(-1)
+            base = None if reference is None else reference[name].reshape(-1)
+            kept = self.residual.pop(name, None)
+            if kept is not None and kept.numel() != flat.numel():
+                kept = None
+            codec = self.compression.codec
+            sent: torch.Tensor | None
+            if codec is Codec.TOPK:
+                parts, residual, sent = _top_k_with_feedback(
+                    name, flat, base, kept, self.compression
+                )
+            else:
+                bits = 8 if codec is Codec.INT8 else 4
+                parts, residual, sent = _quantize_with_feedback(
+                    name, flat, base, kept, bits, rebuild
+                )
             if bool(torch.isfinite(residual.sum())):
                 self.residual[name] = residual
-            else:  # a non-finite model must not poison every message after it
-                self.residual.pop(name, None)
-            if reference is not None:
-                sent += reference[name].reshape(-1)
+            # else: a non-finite model must not poison every message after it
             if any(key in model or key in wire for key in parts):
                 raise LocalProtocolError(f"tensor names clash with {name[:40]!r}'s parts")
             wire.update(parts)
-            rebuilt[name] = sent.view(tensor.shape).to(tensor.dtype)
+            if sent is not None:
+                rebuilt[name] = sent.view(tensor.shape).to(tensor.dtype)
         return wire, rebuilt
 
-    def encode_bytes(self, model: StateDict, reference: StateDict | None = None) -> memoryview:
+    def encode_bytes(
+        self,
+        model: StateDict,
+        reference: StateDict | None = None,
+        *,
+        beside: Mapping[str, torch.Tensor] | None = None,
+    ) -> memoryview:
         """``encode``'s wire tensors as the safetensors bytes peers get, with ``model``'s
-        layout in the metadata."""
-        return state_dict_to_bytes(self.encode(model, reference)[0], layout(model))
+        layout in the metadata; ``beside``: tensors sent as they are, outside the layout."""
+        wire = self._encode(model, reference, rebuild=False)[0]
+        for name in beside or {}:
+            if name in wire:
+                raise LocalProtocolError(f"tensor name {name[:40]!r} is taken by the model")
+        return state_dict_to_bytes({**wire, **(beside or {})}, layout(model))

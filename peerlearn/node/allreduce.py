@@ -16,15 +16,17 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from peerlearn.buffers import Segments, release_freed_memory
+from peerlearn.buffers import Body, release_freed_memory
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.gossip.butterfly import Butterfly, PartMessage, Phase
 from peerlearn.learning import parts
 from peerlearn.learning.aggregate import StateDict, is_variance_corrected, rescale_variance
+from peerlearn.learning.choices import Compression
+from peerlearn.learning.compression import ErrorFeedback
 from peerlearn.learning.hygiene import check_layout, check_update_norm
 from peerlearn.learning.robust import Rule
 from peerlearn.node.daemon import Daemon
-from peerlearn.node.learning_transport import MODEL_KIND
+from peerlearn.node.learning_transport import COMPRESSION_KEY, MODEL_KIND
 from peerlearn.tensors import state_dict_segments
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,26 @@ class Averaged:
     reduced_with: int  # members whose part of our share reached us (ourselves included)
     fallback_parts: list[int]  # parts whose average never came: they keep our values
     not_delivered: list[str]  # members we could not send a part to
+
+
+class PartCompression:
+    """A node's compression of the parts it sends, with error feedback for each part it
+    sends round after round (by phase, index and group size). What it keeps is at most one
+    float32 copy of the model: a group of another size cuts other parts, so the residuals
+    of the last size are dropped."""
+
+    def __init__(self, compression: Compression) -> None:
+        self.compression = compression
+        self._feedback: dict[tuple[Phase, int, int], ErrorFeedback] = {}
+
+    def encode(
+        self, key: tuple[Phase, int, int], tensors: StateDict, beside: StateDict
+    ) -> memoryview:
+        """``tensors`` compressed (``beside`` as they are): the bytes to send."""
+        if any(size != key[2] for _, _, size in self._feedback):
+            self._feedback = {k: v for k, v in self._feedback.items() if k[2] == key[2]}
+        feedback = self._feedback.setdefault(key, ErrorFeedback(self.compression))
+        return feedback.encode_bytes(tensors, beside=beside)
 
 
 @dataclass(frozen=True)
@@ -127,6 +149,7 @@ class AllReduce:
     rule: Rule
     max_update_ratio: float
     rejected: Callable[[str, RemoteProtocolError], None]
+    compression: PartCompression | None = None
     inputs: list[parts.Vectors] = field(default_factory=list)  # our part, from each member
     variances: list[torch.Tensor] = field(default_factory=list)
     not_delivered: set[str] = field(default_factory=set)
@@ -189,7 +212,15 @@ class AllReduce:
                     return
                 await changed.wait()
 
-    async def reduce_send(self, peer: str, part: int, data: Segments) -> None:
+    async def encoded(self, phase: Phase, part: int, tensors: StateDict, beside: StateDict) -> Body:
+        """What we send of a part: its tensors' safetensors header and views of them, or
+        compressed (encoded in a worker thread)."""
+        if self.compression is None:
+            return state_dict_segments({**tensors, **beside})
+        key = (phase, part, self.plan.size)
+        return await self.daemon.runtime.offload(self.compression.encode, key, tensors, beside)
+
+    async def reduce_send(self, peer: str, part: int, data: Body) -> None:
         """Send our values of ``part`` to its reducer, then settle its average if it came."""
         try:
             await self.send([peer], Phase.REDUCE, part, data)
@@ -199,8 +230,10 @@ class AllReduce:
             if averaged is not None:
                 self.settle(part, averaged)
 
-    async def send(self, peers: Sequence[str], phase: Phase, part: int, data: Segments) -> None:
+    async def send(self, peers: Sequence[str], phase: Phase, part: int, data: Body) -> None:
         meta = self.plan.message(phase, part).meta()
+        if self.compression is not None:
+            meta[COMPRESSION_KEY] = str(self.compression.compression)
         for result in await self.daemon.push_to_peers(data, MODEL_KIND, meta, list(peers)):
             if not result["ok"]:
                 self.not_delivered.add(result["peer_id"])
@@ -218,15 +251,17 @@ async def average(
     max_update_ratio: float,
     timeout: float,  # noqa: ASYNC109 - two phases share it
     rejected: Callable[[str, RemoteProtocolError], None],
+    compression: PartCompression | None = None,
 ) -> Averaged:
     """Butterfly all-reduce of ``model`` with ``peers`` in round ``round_`` (see
-    ``AsyncNode.average``). The reduce waits up to half of ``timeout``, the gather the rest."""
+    ``AsyncNode.average``). The reduce waits up to half of ``timeout``, the gather the rest.
+    With ``compression``, every part goes compressed."""
     plan = Butterfly(peers, daemon.identity.peer_id, round_)
     if round_ < box.floor:
         raise LocalProtocolError(f"round {round_} was already averaged; use a later one")
     started = trio.current_time()
     vectors = await daemon.runtime.offload(parts.flat_vectors, model)
-    run = AllReduce(daemon, box, plan, vectors, rule, max_update_ratio, rejected)
+    run = AllReduce(daemon, box, plan, vectors, rule, max_update_ratio, rejected, compression)
     own = run.own_part(plan.index)
     run.inputs.append(own)
     if variance_correction:
@@ -234,20 +269,19 @@ async def average(
     try:
         async with trio.open_nursery() as nursery:
             nursery.cancel_scope.deadline = started + timeout  # our sends end then too
+            beside = {VARIANCES: run.variances[0]} if variance_correction else {}
             for peer, index in plan.reduce_sends():  # sent from our flat copy, not copied
-                tensors: dict[str, torch.Tensor] = dict(run.own_part(index))
-                if variance_correction:
-                    tensors[VARIANCES] = run.variances[0]
+                data = await run.encoded(Phase.REDUCE, index, run.own_part(index), beside)
                 run.sending.add(index)
-                nursery.start_soon(run.reduce_send, peer, index, state_dict_segments(tensors))
-            del tensors
+                nursery.start_soon(run.reduce_send, peer, index, data)
+                del data
             await run.collect(lambda: plan.reduce_done, started + timeout / 2)
             plan.gather()
             reduced = await daemon.runtime.offload(rule, own, run.inputs)
             run.inputs.clear()
             run.settle(plan.index, reduced)
             others = [peer for peer, _ in plan.gather_sends()]
-            gathered = state_dict_segments(reduced)  # ``reduced`` is not changed again
+            gathered = await run.encoded(Phase.GATHER, plan.index, reduced, {})  # not changed again
             nursery.start_soon(run.send, others, Phase.GATHER, plan.index, gathered)
             del reduced, gathered
             await run.collect(lambda: plan.gather_done, started + timeout)

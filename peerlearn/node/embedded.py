@@ -47,7 +47,7 @@ from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import PAYLOAD_KIND, Daemon, run_daemon
 from peerlearn.node.learning_transport import COMPRESSION_KEY, MODEL_KIND
 from peerlearn.node.offload import in_thread
-from peerlearn.tensors import state_dict_and_metadata, state_dict_from_bytes, state_dict_to_bytes
+from peerlearn.tensors import state_dict_and_metadata, state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,25 @@ class Delivery:
     bytes: int | None = None  # the body as sent (compressed, if so), when delivered
 
 
+def _received_tensors(
+    received: blob.ReceivedBlob, max_size: int, beside: tuple[str, ...] = ()
+) -> StateDict:
+    """The tensors a peer sent, rebuilt in the layout it states (at most ``max_size``
+    bytes) if it compressed them (``beside``: names sent as they are), all finite. Top-k
+    is refused: its changes are from a start that no embedding node shares."""
+    tensors, metadata = state_dict_and_metadata(received.data, max_size)
+    meta = received.offer.meta
+    if COMPRESSION_KEY in meta:
+        used = Compression.from_peer(meta[COMPRESSION_KEY])
+        if used.codec is Codec.TOPK:
+            raise RemoteProtocolError(f"a {used} model: changes from a start we do not share")
+        kept = {name: tensors.pop(name) for name in beside if name in tensors}
+        like = compression.like_from_layout(metadata, max_size)
+        tensors = {**compression.decode(tensors, like, used), **kept}
+    check_finite(tensors)
+    return tensors
+
+
 def _to_part(received: blob.ReceivedBlob, max_size: int) -> allreduce.Received | None:
     """An all-reduce part, None for anything else (malformed part metadata is an error)."""
     message = PartMessage.from_meta(received.offer.meta)
@@ -90,30 +109,15 @@ def _to_part(received: blob.ReceivedBlob, max_size: int) -> allreduce.Received |
         return None
     if received.offer.kind != MODEL_KIND:
         raise RemoteProtocolError("an all-reduce part must be tensors")
-    tensors = state_dict_from_bytes(received.data, max_size)
-    check_finite(tensors)
+    tensors = _received_tensors(received, max_size, beside=(allreduce.VARIANCES,))
     return allreduce.Received(received.sender_id, message, tensors)
-
-
-def _decompressed(
-    wire: StateDict, metadata: dict[str, str], codec: Any, max_size: int
-) -> StateDict:
-    """The model a peer sent compressed, in the layout it states (at most ``max_size``
-    bytes); top-k is refused: its changes are from a start that no embedding node shares."""
-    used = Compression.from_peer(codec)
-    if used.codec is Codec.TOPK:
-        raise RemoteProtocolError(f"a {used} model: changes from a start we do not share")
-    return compression.decode(wire, compression.like_from_layout(metadata, max_size), used)
 
 
 def _to_update(received: blob.ReceivedBlob, max_size: int) -> Update:
     meta = received.offer.meta
     round_ = meta.get("round") if isinstance(meta.get("round"), int) else None
     if received.offer.kind == MODEL_KIND:
-        model, metadata = state_dict_and_metadata(received.data, max_size)
-        if COMPRESSION_KEY in meta:
-            model = _decompressed(model, metadata, meta[COMPRESSION_KEY], max_size)
-        check_finite(model)
+        model = _received_tensors(received, max_size)
         return Update(
             received.sender_id, MODEL_KIND, model=model, round=round_, received_at=time.time()
         )
@@ -187,10 +191,17 @@ class AsyncNode:
             config.filter if config.filter != "bristle" else "mean", f=config.byzantine_bound
         )
         self._compression = Compression.parse(config.compression)
-        self._feedback = (
-            compression.ErrorFeedback(self._compression) if self._compression.enabled else None
-        )
+        enabled = self._compression.enabled
+        self._feedback = compression.ErrorFeedback(self._compression) if enabled else None
         self._compressing = trio.Lock()  # error feedback moves on one model at a time
+        self._part_compression = allreduce.PartCompression(self._compression) if enabled else None
+
+    def _check_compression(self, operation: str) -> None:
+        if self._compression.codec is Codec.TOPK:
+            raise LocalProtocolError(
+                f"{operation} cannot send {self._compression}: top-k sends changes from a "
+                "start both sides hold; use int8 or int4"
+            )
 
     @property
     def peer_id(self) -> str:
@@ -242,11 +253,7 @@ class AsyncNode:
         if feedback is None:
             data = await self._daemon.runtime.offload(state_dict_to_bytes, model)
         else:
-            if self._compression.codec is Codec.TOPK:
-                raise LocalProtocolError(
-                    f"share_model cannot send {self._compression}: top-k sends changes from "
-                    "a start both sides hold; use int8 or int4"
-                )
+            self._check_compression("share_model")
             async with self._compressing:
                 data = await self._daemon.runtime.offload(feedback.encode_bytes, model)
             meta[COMPRESSION_KEY] = str(self._compression)
@@ -311,10 +318,12 @@ class AsyncNode:
         with the group's model. Every member must call it for the same ``round`` with the
         same group. The configured filter runs part by part (mean, median, trimmed; the
         others need whole models: use ``share_model`` and ``merge``), then VCA if configured.
-        Parts travel uncompressed, whatever ``compression`` says. Parts missing after
-        ``timeout`` seconds fall back to ours; ``Averaged`` says which."""
+        Parts go compressed if ``compression`` says so (int8, int4), with error feedback for
+        each part from round to round. Parts missing after ``timeout`` seconds fall back to
+        ours; ``Averaged`` says which."""
         config = self._daemon.config
         allreduce.check_rule(config.filter)
+        self._check_compression("average")
         group = list(peers) if peers is not None else self._daemon.connected_peer_ids()
         check_finite(model)
 
@@ -333,6 +342,7 @@ class AsyncNode:
             max_update_ratio=config.max_update_ratio,
             timeout=timeout,
             rejected=rejected,
+            compression=self._part_compression,
         )
 
 
@@ -388,7 +398,9 @@ async def _running_daemon(
         return part if part is not None else _to_update(received, config.max_blob_size)
 
     async def on_update(received: blob.ReceivedBlob) -> None:
-        decoded = await in_thread(decode, received)  # checks (and decompression) take time
+        # checks (and decompression) take time: in a worker thread, as every embedded node
+        # runs in real time
+        decoded = await in_thread(decode, received)
         if isinstance(decoded, Update):
             deliver(decoded)
         else:

@@ -7,6 +7,7 @@ error, never anything else: mutated valid encodings, byte- and structure-level.
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,9 @@ from peerlearn.gossip.crdt import (
 )
 from peerlearn.gossip.schemas import RECORD_NAMES, check_record
 from peerlearn.identity import Identity
+from peerlearn.learning import compression
+from peerlearn.learning.choices import Compression
+from peerlearn.learning.compression import LAYOUT_KEY, ErrorFeedback, like_from_layout
 from peerlearn.learning.hygiene import check_received
 from peerlearn.learning.task import TaskContext
 from peerlearn.learning.task_model import TaskModel
@@ -39,8 +43,9 @@ from peerlearn.node import blob
 from peerlearn.node.bulk_tls import Invitation
 from peerlearn.node.checkpoints import CheckpointError, CheckpointStore
 from peerlearn.node.control import decode_request
-from peerlearn.tensors import state_dict_from_bytes, state_dict_to_bytes
-from tests.adversarial.mutations import mutated, mutated_safetensors, mutated_value
+from peerlearn.node.embedded import _received_tensors
+from peerlearn.tensors import state_dict_and_metadata, state_dict_from_bytes, state_dict_to_bytes
+from tests.adversarial.mutations import bytewise, mutated, mutated_safetensors, mutated_value
 
 ALICE = Identity.from_seed(b"a" * 32)
 SWARM = "fuzz"
@@ -124,6 +129,35 @@ VALID_TENSORS = bytes(state_dict_to_bytes(MODEL))
 @given(mutated_safetensors(VALID_TENSORS))
 def test_tensors(data: bytes) -> None:
     only((RemoteProtocolError,), lambda d: state_dict_from_bytes(d, 2**20), data)
+
+
+VALID_COMPRESSED = bytes(ErrorFeedback(Compression.parse("int8")).encode_bytes(MODEL))
+
+
+@given(mutated_safetensors(VALID_COMPRESSED), st.sampled_from(["int8", "int4", "none", "x"]))
+def test_compressed_model_sent_to_an_embedded_node(data: bytes, codec: str) -> None:
+    """An embedded node holds no model: it rebuilds in the layout the bytes state."""
+    offer = blob.BlobOffer(b"\x01" * 32, len(data), "model", {"compression": codec})
+    received = blob.ReceivedBlob(ALICE.peer_id, offer, data)
+    only((RemoteProtocolError,), lambda r: _received_tensors(r, 2**20), received)
+
+
+COMPRESSED_WIRE, COMPRESSED_METADATA = state_dict_and_metadata(VALID_COMPRESSED, 2**20)
+
+
+LAYOUT = COMPRESSED_METADATA[LAYOUT_KEY]
+
+
+@given(
+    bytewise(LAYOUT.encode()).map(lambda b: b.decode(errors="replace"))
+    | mutated_value(json.loads(LAYOUT)).map(lambda v: json.dumps(v, default=repr, skipkeys=True))
+)
+def test_stated_layout_of_a_compressed_model(layout: str) -> None:
+    def rebuild(text: str) -> None:
+        like = like_from_layout({LAYOUT_KEY: text}, 2**20)
+        compression.decode(COMPRESSED_WIRE, like, Compression.parse("int8"))
+
+    only((RemoteProtocolError,), rebuild, layout)
 
 
 @given(st.sampled_from([float("nan"), float("inf"), 1e30, -1e30, 0.0]))
