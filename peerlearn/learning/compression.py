@@ -121,12 +121,12 @@ def _top_k_with_feedback(
     rebuilds."""
     target = _target(flat, base, kept, 0, flat.numel())
     index, value = _top_k(target, compression.kept(flat.numel()))
-    sent = torch.zeros_like(target)
-    sent[index.long()] = value
+    parts = {f"{name}/index": index, f"{name}/value": value}
+    sent = _expand(name, parts, flat.numel(), compression)
     residual = target.sub_(sent)
     if base is not None:
         sent += base
-    return {f"{name}/index": index, f"{name}/value": value}, residual, sent
+    return parts, residual, sent
 
 
 def _quantize_with_feedback(
