@@ -270,7 +270,7 @@ async def average(
         async with trio.open_nursery() as nursery:
             nursery.cancel_scope.deadline = started + timeout  # our sends end then too
             beside = {VARIANCES: run.variances[0]} if variance_correction else {}
-            for peer, index in plan.reduce_sends():  # sent from our flat copy, not copied
+            for peer, index in plan.reduce_sends():  # views of our flat copy, unless compressed
                 data = await run.encoded(Phase.REDUCE, index, run.own_part(index), beside)
                 run.sending.add(index)
                 nursery.start_soon(run.reduce_send, peer, index, data)
