@@ -74,9 +74,9 @@ def raw_receiver() -> None:
 
 
 def tls_receiver() -> None:
-    from peerlearn.node.bulk_tls import _self_signed_context
+    from peerlearn.node.bulk_tls import self_signed_server_context
 
-    context, _ = _self_signed_context()
+    context, _ = self_signed_server_context()
     listener = socket.create_server(("127.0.0.1", 0))
     print(listener.getsockname()[1], flush=True)
     listener.settimeout(1.0)
@@ -134,9 +134,9 @@ def send_raw(port: int, data: bytes, repeats: int) -> float:
 
 def send_tls(port: int, data: bytes, repeats: int) -> float:
     """Median seconds of ``repeats`` transfers over a fresh TLS 1.3 connection each."""
-    from peerlearn.node.bulk_tls import _client_context
+    from peerlearn.node.bulk_tls import pinned_client_context
 
-    context, view, times = _client_context(), memoryview(data), []
+    context, view, times = pinned_client_context(), memoryview(data), []
     for _ in range(1 + repeats):
         with context.wrap_socket(socket.create_connection(("127.0.0.1", port))) as tls:
             started = time.perf_counter()

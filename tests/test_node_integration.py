@@ -461,3 +461,30 @@ def test_dial_failures_say_what_went_wrong_in_one_line(monkeypatch: pytest.Monke
                     assert "\n" not in message
 
     run(main)
+
+
+class _Unconnected:
+    """Just enough of a host for a transport that never talks to anyone."""
+
+    identity = Identity.from_seed(b"d" * 32)
+
+    def set_handler(self, protocol: str, handler: object) -> None:
+        del protocol, handler
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_the_announced_digest_is_that_of_the_models_whole_encoding(compression: str) -> None:
+    """Announced in the swarm state every round; with compression nothing whole is sent, so
+    it is hashed from the tensors in place and no whole encoding is kept."""
+    transport = LearningTransport(
+        NodeConfig(compression=compression), _Unconnected(), Pace(),  # type: ignore[arg-type]
+        wire.SequenceCounter(time.time()), wire.ReplayGuard(), lambda sent, got: None,
+        time.time, inline,
+    )  # fmt: skip
+    model = {
+        "w": torch.randn(40, 30, generator=torch.Generator().manual_seed(2)),
+        "n": torch.ones(2),
+    }
+    digest = trio.run(transport.digest, model)
+    assert digest == hashlib.sha256(state_dict_to_bytes(model)).digest()
+    assert ("whole" in transport._last) is (compression == "none")

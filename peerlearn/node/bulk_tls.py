@@ -94,7 +94,7 @@ class Invitation:
         return cls(value["port"], value["cert"], value["token"])
 
 
-def _self_signed_context() -> tuple[ssl.SSLContext, bytes]:
+def self_signed_server_context() -> tuple[ssl.SSLContext, bytes]:
     """A TLS 1.3 server context with a fresh P-256 key and certificate, and the sha256 of
     the certificate (DER)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -129,7 +129,7 @@ def _self_signed_context() -> tuple[ssl.SSLContext, bytes]:
     return context, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
 
 
-def _client_context() -> ssl.SSLContext:
+def pinned_client_context() -> ssl.SSLContext:
     """TLS 1.3; the server's certificate is checked against its pin, not a CA."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -209,8 +209,8 @@ class BulkPath:
     """One node's TLS bulk path: a listener for bodies sent to us, a client for ours."""
 
     def __init__(self, bind_host: str, port: int = 0) -> None:
-        self._server_context, self.cert_sha256 = _self_signed_context()
-        self._client_context = _client_context()
+        self._server_context, self.cert_sha256 = self_signed_server_context()
+        self._client_context = pinned_client_context()
         self._listen_socket = socket.create_server((bind_host, port), backlog=64)
         self.port: int = self._listen_socket.getsockname()[1]
         self._waiting: dict[bytes, trio.MemorySendChannel[ssl.SSLSocket]] = {}

@@ -244,7 +244,7 @@ class Learner:
             await self.offload(self._save_checkpoint, round_, model, metrics)
             score = self.learning.score(metrics)
             self.round, self.model, self.metrics, self.accuracy = round_, model, metrics, score
-            _, digest = await self.transport.encoded(model)
+            digest = await self.transport.digest(model)
             self.swarm.write("round", {"round": round_})
             self.swarm.write("model", {"version": round_, "sha256": digest.hex()})
             self.swarm.write("metrics", {"accuracy": round(score, 4), "round": round_})

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from peerlearn import wire
+from peerlearn.buffers import sha256
 from peerlearn.errors import NetworkError, RemoteProtocolError
 from peerlearn.identity import Identity, peer_id_from_public_key
 from peerlearn.learning.aggregate import StateDict
@@ -35,7 +36,7 @@ from peerlearn.node.config import NodeConfig
 from peerlearn.node.framing import Pace, receive_next_frame, send_frame
 from peerlearn.node.host_api import Host, Stream
 from peerlearn.node.offload import Offload
-from peerlearn.tensors import state_dict_to_bytes
+from peerlearn.tensors import state_dict_segments, state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -137,18 +138,26 @@ class LearningTransport:
         self.on_bytes(len(payload), 0)
         return True
 
-    async def encoded(self, model: StateDict) -> tuple[memoryview, bytes]:
+    async def _encoded(self, model: StateDict) -> tuple[memoryview, bytes]:
         """``model`` as safetensors bytes and their sha256, computed once (off the event
         loop) however many peers it goes to: a round's model is pushed to several peers
         and announced too."""
         return await self._encode_once("whole", model, lambda: state_dict_to_bytes(model))
+
+    async def digest(self, model: StateDict) -> bytes:
+        """The sha256 of ``model``'s safetensors encoding (what the swarm is told): that of
+        the encoding peers get when models go whole, else hashed from the tensors where
+        they lie, without an encoded copy."""
+        if self._feedback is None:
+            return (await self._encoded(model))[1]
+        return await self.offload(lambda: sha256(state_dict_segments(model)))
 
     async def _sent_form(self, model: StateDict) -> tuple[memoryview, bytes]:
         """What peers get of ``model``: its encoding, or compressed (error feedback then
         moves on once per model, however many peers it goes to)."""
         feedback = self._feedback
         if feedback is None:
-            return await self.encoded(model)
+            return await self._encoded(model)
 
         return await self._encode_once(
             "sent", model, lambda: feedback.encode_bytes(model, self.reference)
