@@ -46,7 +46,6 @@ from peerlearn.node.allreduce import Averaged
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import PAYLOAD_KIND, Daemon, run_daemon
 from peerlearn.node.learning_transport import COMPRESSION_KEY, MODEL_KIND
-from peerlearn.node.offload import in_thread
 from peerlearn.tensors import state_dict_and_metadata, state_dict_to_bytes
 
 logger = logging.getLogger(__name__)
@@ -54,6 +53,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 StateDict = dict[str, torch.Tensor]
 UPDATE_BUFFER = 1024  # updates held for the application before the oldest are dropped (counted)
+DECODERS = 2  # received models decoded at once (each one's temporaries held meanwhile)
 START_TIMEOUT = 120.0  # seconds for a threaded node to start
 PAYLOAD_LIMITS = wire.Limits(
     max_message_size=64 * 2**20, max_array_len=1_000_000, max_map_len=100_000
@@ -393,14 +393,16 @@ async def _running_daemon(
 
     box = allreduce.PartsBox(config.blob_memory, config.blob_memory_per_peer)
 
+    decoding = trio.CapacityLimiter(DECODERS)
+
     def decode(received: blob.ReceivedBlob) -> allreduce.Received | Update:
         part = _to_part(received, config.max_blob_size)
         return part if part is not None else _to_update(received, config.max_blob_size)
 
     async def on_update(received: blob.ReceivedBlob) -> None:
         # checks (and decompression) take time: in a worker thread, as every embedded node
-        # runs in real time
-        decoded = await in_thread(decode, received)
+        # runs in real time, a few at once
+        decoded = await trio.to_thread.run_sync(decode, received, limiter=decoding)
         if isinstance(decoded, Update):
             deliver(decoded)
         else:
