@@ -300,6 +300,17 @@ def decode(
     return model
 
 
+def decode_from_peer(
+    wire: StateDict, like: StateDict, codec: object, reference: StateDict | None = None
+) -> StateDict:
+    """``decode`` of what a peer sent with the codec its offer names (``codec``, unchecked
+    until here); top-k sends changes, so it needs the ``reference`` both sides hold."""
+    compression = Compression.from_peer(codec)
+    if compression.codec is Codec.TOPK and reference is None:
+        raise RemoteProtocolError(f"a {compression} model: changes from a start we do not share")
+    return decode(wire, like, compression, reference)
+
+
 class ErrorFeedback:
     """A sender's compression state: what its earlier messages have not yet delivered."""
 

@@ -92,12 +92,9 @@ def _received_tensors(
     tensors, metadata = state_dict_and_metadata(received.data, max_size)
     meta = received.offer.meta
     if COMPRESSION_KEY in meta:
-        used = Compression.from_peer(meta[COMPRESSION_KEY])
-        if used.codec is Codec.TOPK:
-            raise RemoteProtocolError(f"a {used} model: changes from a start we do not share")
         kept = {name: tensors.pop(name) for name in beside if name in tensors}
         like = compression.like_from_layout(metadata, max_size)
-        tensors = {**compression.decode(tensors, like, used), **kept}
+        tensors = {**compression.decode_from_peer(tensors, like, meta[COMPRESSION_KEY]), **kept}
     check_finite(tensors)
     return tensors
 

@@ -25,13 +25,11 @@ import torch
 import trio
 
 from peerlearn import wire
-from peerlearn.errors import RemoteProtocolError
 from peerlearn.gossip.crdt import Entry
 from peerlearn.identity import public_key_from_peer_id
 from peerlearn.learning import attacks, robust
 from peerlearn.learning.aggregate import StateDict
-from peerlearn.learning.choices import Codec, Compression
-from peerlearn.learning.compression import decode as compression_decode
+from peerlearn.learning.compression import decode_from_peer
 from peerlearn.learning.hygiene import check_received
 from peerlearn.learning.task import (
     TaskContext,
@@ -279,15 +277,12 @@ class Learner:
         own, limit, ratio = self.model, self.max_model_bytes, self.config.max_update_ratio
         meta = dict(received.offer.meta)
         codec = meta.pop(COMPRESSION_KEY, None)
-        compression = Compression.from_peer(codec) if codec is not None else None
         reference = self.transport.reference
-        if compression is not None and compression.codec is Codec.TOPK and reference is None:
-            raise RemoteProtocolError(f"{compression} model, but this swarm shares no start")
 
         def decode_and_check() -> StateDict:
             model = state_dict_from_bytes(received.data, limit)
-            if compression is not None:
-                model = compression_decode(model, own, compression, reference)
+            if codec is not None:
+                model = decode_from_peer(model, own, codec, reference)
             check_received(model, own, max_update_ratio=ratio)
             return model
 
