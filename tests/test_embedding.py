@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from peerlearn.learning import parts
 from peerlearn.learning.aggregate import population_variance, vca_merge
 from peerlearn.learning.compression import LAYOUT_KEY
 from peerlearn.node.allreduce import PART_ROUNDS
+from peerlearn.node.embedded import EmbeddedNode
 from peerlearn.node.learning_transport import COMPRESSION_KEY, MODEL_KIND
 from peerlearn.tensors import state_dict_to_bytes
 
@@ -34,6 +37,18 @@ def config(tmp_path: Path, name: str, bootstrap: tuple[str, ...] = ()) -> NodeCo
         mdns=False,
         shutdown_timeout=5,
     )
+
+
+@asynccontextmanager
+async def connected_pair(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNode, EmbeddedNode]]:
+    """Nodes a and b on 127.0.0.1, b dialled a, once a counts b among its peers."""
+    async with (
+        open_node(config(tmp_path, "a")) as a,
+        open_node(config(tmp_path, "b", ((await a.addrs())[0],))) as b,
+    ):
+        while not await a.peers():  # noqa: ASYNC110 - polls the node
+            await trio.sleep(0.05)
+        yield a, b
 
 
 def model(seed: int) -> dict[str, torch.Tensor]:
@@ -214,12 +229,7 @@ def test_parts_a_peer_floods_in_are_dropped_and_counted_in_status(tmp_path: Path
 
     async def main() -> None:
         with trio.fail_after(TIMEOUT):
-            async with (
-                open_node(config(tmp_path, "a")) as a,
-                open_node(config(tmp_path, "b", ((await a.addrs())[0],))) as b,
-            ):
-                while not await a.peers():  # noqa: ASYNC110 - polls the node
-                    await trio.sleep(0.05)
+            async with connected_pair(tmp_path) as (a, b):
                 data = state_dict_to_bytes({"float32": torch.zeros(4)})
                 for round_ in flood:
                     meta = {"round": round_, "butterfly": "reduce", "part": 0, "of": 2}
@@ -299,12 +309,7 @@ def test_compressed_models_a_peer_cannot_back_are_refused_to_it(
 ) -> None:
     async def main() -> None:
         with trio.fail_after(TIMEOUT):
-            async with (
-                open_node(config(tmp_path, "a")) as a,
-                open_node(config(tmp_path, "b", ((await a.addrs())[0],))) as b,
-            ):
-                while not await a.peers():  # noqa: ASYNC110 - polls the node
-                    await trio.sleep(0.05)
+            async with connected_pair(tmp_path) as (a, b):
                 wire = {"w/q": torch.ones(256, dtype=torch.int8), "w/scale": torch.ones(1)}
                 data = state_dict_to_bytes(wire, None if layout is None else {LAYOUT_KEY: layout})
                 (result,) = await b._daemon.push_to_peers(
