@@ -1,5 +1,6 @@
 """Byte buffers for model-sized data: blob bodies as they arrive, encoded models, and
-bodies sent from where their bytes already lie.
+bodies sent from where their bytes already lie; and their sha256, hashed in a second thread
+while a buffer fills (an encoder's copy, a body arriving), since hashing 100 MB takes 0.09 s.
 
 A buffer of ``MAP_MIN_SIZE`` bytes or more is an anonymous memory map, whose pages go back
 to the kernel the moment it is freed. A ``bytearray`` that size comes from glibc's malloc,
@@ -15,7 +16,10 @@ import ctypes
 import ctypes.util
 import hashlib
 import mmap
+import threading
 from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
 
 MAP_MIN_SIZE = 1 << 20  # bytes: smaller buffers come from malloc
 # Every buffer is filled at once: the kernel maps and zeroes all its pages in one call, in half
@@ -55,6 +59,94 @@ def sha256(body: Body) -> bytes:
     for chunk in chunks(body, 1 << 24):
         digest.update(chunk)
     return digest.digest()
+
+
+class FillingDigest:
+    """The sha256 of a buffer while it is being filled: a thread of its own hashes each
+    step behind the writer, so filling and hashing overlap (hashlib lets other threads run
+    while it hashes). A context manager: ``filled(n)`` says the first ``n`` bytes are
+    final; ``digest()`` waits for the hash of the whole buffer."""
+
+    def __init__(self, buffer: memoryview, step: int = 1 << 20) -> None:
+        self._buffer = buffer.cast("B")
+        self._step = step
+        self._filled = self._hashed = 0
+        self._stopping = False
+        self._hash = hashlib.sha256()
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="peerlearn-digest", daemon=True)
+
+    def __enter__(self) -> FillingDigest:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop()
+
+    def filled(self, count: int) -> None:
+        """The first ``count`` bytes are written and will not change."""
+        with self._changed:
+            self._filled = count
+            if count - self._hashed >= self._step or count == self._buffer.nbytes:
+                self._changed.notify()
+
+    @property
+    def hashed(self) -> int:
+        """How many bytes have been hashed so far."""
+        return self._hashed
+
+    def digest(self) -> bytes:
+        """The sha256 of the whole buffer; ``RuntimeError`` if it was not all filled."""
+        self._stop()
+        if self._hashed != self._buffer.nbytes:
+            raise RuntimeError(f"{self._hashed} of {self._buffer.nbytes} bytes were hashed")
+        return self._hash.digest()
+
+    def _stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        size = self._buffer.nbytes
+        while self._hashed < size:
+            with self._changed:
+                while self._filled - self._hashed < self._step and self._filled < size:
+                    if self._stopping:
+                        break
+                    self._changed.wait()
+                end = self._filled
+            if end == self._hashed:  # stopping, and nothing more was filled
+                return
+            self._hash.update(self._buffer[self._hashed : end])
+            self._hashed = end
+
+
+def _copy_into(out: memoryview, body: Body, filled: Callable[[int], None]) -> None:
+    """Copy ``body`` into ``out`` a step at a time, the interpreter free for other threads
+    during each step (numpy copies without it); ``filled`` hears how far it got."""
+    target, offset = np.frombuffer(out, dtype=np.uint8), 0
+    for chunk in chunks(body, 1 << 20):
+        end = offset + chunk.nbytes
+        np.copyto(target[offset:end], np.frombuffer(chunk, dtype=np.uint8))
+        offset = end
+        filled(offset)
+
+
+def gather(body: Body) -> memoryview:
+    """``body`` copied into one new ``allocate`` buffer."""
+    out = allocate(len(body))
+    _copy_into(out, body, lambda count: None)
+    return out
+
+
+def gather_and_digest(body: Body) -> tuple[memoryview, bytes]:
+    """``gather(body)`` and its sha256, hashed in a second thread as the copy proceeds."""
+    out = allocate(len(body))
+    with FillingDigest(out) as digest:
+        _copy_into(out, body, digest.filled)
+        return out, digest.digest()
 
 
 def to_bytes(body: Body) -> bytes:

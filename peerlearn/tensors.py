@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from peerlearn.buffers import Bytes, Segments, allocate, writable
+from peerlearn.buffers import Bytes, Segments, gather, gather_and_digest, writable
 from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 
 StateDict = dict[str, torch.Tensor]
@@ -120,12 +120,12 @@ def state_dict_to_bytes(
 ) -> memoryview:
     """Encode a state_dict (and ``metadata``) as safetensors in one ``buffers.allocate``
     buffer, each tensor copied once."""
-    segments = state_dict_segments(state, metadata)
-    out, offset = allocate(len(segments)), 0
-    for part in segments.parts:
-        out[offset : offset + part.nbytes] = part
-        offset += part.nbytes
-    return out
+    return gather(state_dict_segments(state, metadata))
+
+
+def state_dict_to_bytes_and_digest(state: Mapping[str, torch.Tensor]) -> tuple[memoryview, bytes]:
+    """``state_dict_to_bytes(state)`` and its sha256, hashed while the tensors are copied."""
+    return gather_and_digest(state_dict_segments(state))
 
 
 def _header(data: Bytes, max_size: int) -> tuple[dict[str, Any], dict[str, str], int]:

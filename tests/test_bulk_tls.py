@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import ssl
@@ -12,12 +13,13 @@ from contextlib import asynccontextmanager, suppress
 import pytest
 import trio
 
-from peerlearn.errors import NetworkError, RemoteProtocolError, TransferTooSlowError
+from peerlearn.errors import NetworkError, Offence, RemoteProtocolError, TransferTooSlowError
 from peerlearn.identity import Identity
 from peerlearn.node import blob, bulk_tls
 from peerlearn.node.bulk_tls import BulkPath
 from peerlearn.node.framing import Pace
 from peerlearn.node.host import P2PHost, open_host
+from peerlearn.node.host_api import OpenGate
 
 pytestmark = pytest.mark.integration
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
@@ -60,6 +62,24 @@ async def two_peers(
         nursery.cancel_scope.cancel()
 
 
+class Recorded(OpenGate):
+    """A gate that keeps every rejection it hears of."""
+
+    def __init__(self) -> None:
+        self.rejections: list[tuple[str, Offence, str]] = []
+
+    def rejected(self, peer_id: str, offence: Offence, detail: str) -> bool:
+        self.rejections.append((peer_id, offence, detail))
+        return False
+
+    async def got(self, peer_id: str, offence: Offence, detail: str) -> None:
+        with trio.fail_after(10):
+            while not any(  # noqa: ASYNC110 (a list, not an event)
+                (p, o) == (peer_id, offence) and detail in d for p, o, d in self.rejections
+            ):
+                await trio.sleep(0.01)
+
+
 async def push(a: P2PHost, b: P2PHost, bulk: BulkPath, data: bytes, seq: int = 0) -> None:
     await blob.push_blob(
         lambda: a.open_stream(b.peer_id, blob.PROTOCOL),
@@ -83,6 +103,32 @@ def test_a_large_blob_travels_over_tls_and_small_ones_over_the_stream() -> None:
         assert received == [big, small]
         assert (a_bulk.bodies_sent, b_bulk.bodies_received) == (1, 1)
         assert b_bulk.refused == 0
+
+    run(main)
+
+
+def test_a_body_that_is_not_the_signed_digest_is_refused_as_forged() -> None:
+    big, other = os.urandom(BIG), os.urandom(BIG)
+
+    async def main() -> None:
+        received: list[bytes] = []
+        async with two_peers(received) as (a, b, a_bulk, b_bulk):
+            offences = Recorded()
+            b.gate = offences
+            with pytest.raises(NetworkError):  # the refusal, or the stream reset after it
+                await blob.push_blob(
+                    lambda: a.open_stream(b.peer_id, blob.PROTOCOL),
+                    a.identity,
+                    0,
+                    big,
+                    kind="model_update",
+                    meta={},
+                    bulk=a_bulk,
+                    sha256=hashlib.sha256(other).digest(),
+                )
+            await offences.got(a.peer_id, Offence.FORGED, "does not match the offer")
+        assert received == []
+        assert (a_bulk.bodies_sent, b_bulk.bodies_received) == (1, 1)  # it came over TLS
 
     run(main)
 

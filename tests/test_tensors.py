@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import mmap
 import struct
@@ -21,6 +22,7 @@ from peerlearn.tensors import (
     state_dict_and_metadata,
     state_dict_from_bytes,
     state_dict_to_bytes,
+    state_dict_to_bytes_and_digest,
 )
 
 
@@ -187,9 +189,12 @@ def test_encoding_writes_the_safetensors_librarys_bytes() -> None:
         "empty": torch.zeros(0, 4),
     }
     encoded = state_dict_to_bytes(state)
-    assert bytes(encoded) == safetensors.torch.save({k: v.contiguous() for k, v in state.items()})
+    expected = safetensors.torch.save({k: v.contiguous() for k, v in state.items()})
+    assert bytes(encoded) == expected
     decoded = state_dict_from_bytes(encoded, 2**20)
     assert all(torch.equal(decoded[name], tensor) for name, tensor in state.items())
+    encoded, digest = state_dict_to_bytes_and_digest(state)
+    assert (bytes(encoded), digest) == (expected, hashlib.sha256(expected).digest())
 
 
 def test_metadata_travels_in_the_header_as_the_safetensors_library_writes_it() -> None:

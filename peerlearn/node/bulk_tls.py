@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from peerlearn.buffers import Body, allocate, chunks
+from peerlearn.buffers import Body, FillingDigest, allocate, chunks
 from peerlearn.errors import NetworkError, Offence, RemoteProtocolError, TransferTooSlowError
 from peerlearn.node.framing import Pace
 
@@ -60,6 +60,7 @@ MAX_HANDSHAKES = 8  # connections to the bulk port being vetted at once
 MAX_TRANSFERS = 32  # bodies moving at once (each holds a worker thread)
 CONNECT_RETRY_AFTER = 300.0  # seconds before retrying a peer whose bulk port did not answer
 IO_SIZE = 1 << 20  # bytes per socket call
+PACE_CHECK = 0.1  # seconds: a receiver checks its pace at least this often (and every IO_SIZE)
 _NO_LOWAT = struct.pack("I", 0xFFFFFFFF)  # Linux's default: no limit on unsent bytes
 THREAD_EXIT_WAIT = 5.0  # seconds to wait for a worker whose socket was shut on cancellation
 
@@ -317,20 +318,20 @@ class BulkPath:
 
         def receive() -> tuple[memoryview, bytes]:
             tls.settimeout(pace.idle_timeout)
-            view = allocate(size)
-            digest = hashlib.sha256()
-            done = hashed = 0
-            started = time.monotonic()
-            while done < size:  # TLS hands over one record (<= 16 KiB) per call
-                count = tls.recv_into(view[done:], size - done)
-                if not count:
-                    raise NetworkError(f"bulk connection ended after {done} of {size} bytes")
-                done += count
-                if done - hashed >= IO_SIZE or done == size:
-                    digest.update(view[hashed:done])
-                    hashed = done
-                _keep_pace(pace, started, done, size, "bulk body")
-            return view, digest.digest()
+            view, done, told, started = allocate(size), 0, 0, time.monotonic()
+            told_at = started
+            with FillingDigest(view) as digest:  # hashed in a second thread, as it comes
+                while done < size:  # TLS hands over one record (<= 16 KiB) per call
+                    count = tls.recv_into(view[done:], size - done)
+                    if not count:
+                        raise NetworkError(f"bulk connection ended after {done} of {size} bytes")
+                    done, now = done + count, time.monotonic()
+                    # not per record: these two calls took a quarter of this thread's time
+                    if done - told >= IO_SIZE or done == size or now - told_at >= PACE_CHECK:
+                        told, told_at = done, now
+                        digest.filled(done)
+                        _keep_pace(pace, started, done, size, "bulk body")
+                return view, digest.digest()
 
         try:
             data, digest = await _in_thread(receive, tls.fileno(), self._threads)

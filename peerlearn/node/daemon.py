@@ -43,7 +43,11 @@ from peerlearn.node.metrics import serve_metrics
 from peerlearn.node.runtime import Runtime
 from peerlearn.node.swarm import STATE_FILE, SwarmService
 from peerlearn.node.traversal import NatTraversal
-from peerlearn.tensors import load_state_dict_file, state_dict_from_bytes, state_dict_to_bytes
+from peerlearn.tensors import (
+    load_state_dict_file,
+    state_dict_from_bytes,
+    state_dict_to_bytes_and_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -289,8 +293,10 @@ class Daemon:
     async def share_model(self, path: Path) -> list[dict[str, Any]]:
         """Send the state_dict saved at ``path`` to every connected peer."""
         state = await self.runtime.offload(load_state_dict_file, path)
-        data = await self.runtime.offload(state_dict_to_bytes, state)
-        return await self.push_to_peers(data, MODEL_UPDATE_KIND, {"tensors": len(state)})
+        data, sha256 = await self.runtime.offload(state_dict_to_bytes_and_digest, state)
+        return await self.push_to_peers(
+            data, MODEL_UPDATE_KIND, {"tensors": len(state)}, sha256=sha256
+        )
 
     async def push_to_peers(
         self,
@@ -298,14 +304,17 @@ class Daemon:
         kind: str,
         meta: dict[str, Any],
         peers: list[str] | None = None,
+        sha256: bytes | None = None,
     ) -> list[dict[str, Any]]:
-        """Push a blob to ``peers`` (default: all connected); one result per peer, none dropped."""
+        """Push a blob to ``peers`` (default: all connected); one result per peer, none
+        dropped. ``sha256``: ``data``'s digest, if the caller has it already."""
         if peers is None:
             peers = [p.peer_id for p in self.host.connected_peers()]
         if not peers:
             raise LocalProtocolError("no connected peers to send to")
         results: list[dict[str, Any]] = []
-        sha256 = await blob.digest_of(data)  # once for every peer
+        if sha256 is None:
+            sha256 = await blob.digest_of(data)  # once for every peer
 
         async def push(peer_id: str) -> None:
             started = trio.current_time()

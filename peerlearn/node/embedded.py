@@ -46,7 +46,7 @@ from peerlearn.node.allreduce import Averaged
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import PAYLOAD_KIND, Daemon, run_daemon
 from peerlearn.node.learning_transport import COMPRESSION_KEY, MODEL_KIND
-from peerlearn.tensors import state_dict_and_metadata, state_dict_to_bytes
+from peerlearn.tensors import state_dict_and_metadata, state_dict_to_bytes_and_digest
 
 logger = logging.getLogger(__name__)
 
@@ -246,9 +246,9 @@ class AsyncNode:
         compressed with error feedback if the node's ``compression`` says so (int8, int4;
         top-k is refused: it sends changes from a start only the learners share)."""
         meta: dict[str, Any] = {} if round is None else {"round": round}
-        feedback = self._feedback
+        feedback, sha256 = self._feedback, None
         if feedback is None:
-            data = await self._daemon.runtime.offload(state_dict_to_bytes, model)
+            data, sha256 = await self._daemon.runtime.offload(state_dict_to_bytes_and_digest, model)
         else:
             self._check_compression("share_model")
             async with self._compressing:
@@ -256,7 +256,7 @@ class AsyncNode:
             meta[COMPRESSION_KEY] = str(self._compression)
         return _deliveries(
             await self._daemon.push_to_peers(
-                data, MODEL_KIND, meta, list(peers) if peers is not None else None
+                data, MODEL_KIND, meta, list(peers) if peers is not None else None, sha256
             )
         )
 

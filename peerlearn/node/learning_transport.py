@@ -16,7 +16,6 @@ nothing about learning.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +35,7 @@ from peerlearn.node.config import NodeConfig
 from peerlearn.node.framing import Pace, receive_next_frame, send_frame
 from peerlearn.node.host_api import Host, Stream
 from peerlearn.node.offload import Offload
-from peerlearn.tensors import state_dict_segments, state_dict_to_bytes
+from peerlearn.tensors import state_dict_segments, state_dict_to_bytes_and_digest
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +141,9 @@ class LearningTransport:
         """``model`` as safetensors bytes and their sha256, computed once (off the event
         loop) however many peers it goes to: a round's model is pushed to several peers
         and announced too."""
-        return await self._encode_once("whole", model, lambda: state_dict_to_bytes(model))
+        return await self._encode_once(
+            "whole", model, lambda: state_dict_to_bytes_and_digest(model)
+        )
 
     async def digest(self, model: StateDict) -> bytes:
         """The sha256 of ``model``'s safetensors encoding (what the swarm is told): that of
@@ -159,23 +160,22 @@ class LearningTransport:
         if feedback is None:
             return await self._encoded(model)
 
-        return await self._encode_once(
-            "sent", model, lambda: feedback.encode_bytes(model, self.reference)
-        )
+        def compress() -> tuple[memoryview, bytes]:
+            payload = feedback.encode_bytes(model, self.reference)
+            return payload, sha256(payload)
+
+        return await self._encode_once("sent", model, compress)
 
     async def _encode_once(
-        self, form: str, model: StateDict, encode: Callable[[], memoryview]
+        self, form: str, model: StateDict, encode: Callable[[], tuple[memoryview, bytes]]
     ) -> tuple[memoryview, bytes]:
+        """``encode()`` (bytes and their sha256) for ``model``, or what it gave last time
+        for this same model."""
         async with self._encoding:
             last = self._last.get(form)
             if last is not None and last[0] is model:
                 return last[1], last[2]
-
-            def encode_and_hash() -> tuple[memoryview, bytes]:
-                payload = encode()
-                return payload, hashlib.sha256(payload).digest()
-
-            payload, digest = await self.offload(encode_and_hash)
+            payload, digest = await self.offload(encode)
             # the model held: its identity stays valid
             self._last[form] = (model, payload, digest)
             return payload, digest
