@@ -115,7 +115,7 @@ def test_a_body_that_is_not_the_signed_digest_is_refused_as_forged() -> None:
         async with two_peers(received) as (a, b, a_bulk, b_bulk):
             offences = Recorded()
             b.gate = offences
-            with pytest.raises(NetworkError):  # the refusal, or the stream reset after it
+            with pytest.raises(blob.BlobRejected, match="does not match the offer"):
                 await blob.push_blob(
                     lambda: a.open_stream(b.peer_id, blob.PROTOCOL),
                     a.identity,

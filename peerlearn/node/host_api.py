@@ -14,6 +14,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+import trio
+
 from peerlearn.errors import (
     NetworkError,
     Offence,
@@ -23,6 +25,8 @@ from peerlearn.errors import (
 from peerlearn.identity import Identity
 
 MAX_PUBLISH_SIZE = 256 * 1024  # bytes; gossip carries small messages only (pubsub drops > 1 MiB)
+REFUSAL_GRACE = 2.0  # seconds a peer whose input we refused has to read why, before the reset
+REFUSAL_DRAIN = 64 * 1024  # bytes we read from it meanwhile (and drop), at most
 
 logger = logging.getLogger(__name__)
 
@@ -210,16 +214,18 @@ async def serve_stream(
     """Run ``handler`` on an inbound stream. The gate may refuse the peer before a byte is
     read. A handler raises ``RemoteProtocolError`` for input it rejects and
     ``TransferTooSlowError`` for a peer that does not keep pace: the peer is scored for it
-    and the stream is reset. Other errors are logged; none reaches the host."""
+    and the stream is reset (after a refusal, once the peer could read why). Other errors are
+    logged; none reaches the host."""
     peer = stream.remote_peer_id
     if not await gate.admits(peer, protocol):
         await stream.reset()
         return
+    refused = False
     try:
         await handler(stream)
     except RemoteProtocolError as exc:
         host.reject(peer, exc.offence, f"{protocol}: {exc}")
-        await stream.reset()
+        refused = True  # ended below, once the error (and what its frames hold) is gone
     except TransferTooSlowError as exc:
         host.reject(peer, Offence.TOO_SLOW, f"{protocol}: {exc}")
         await stream.reset()
@@ -229,3 +235,24 @@ async def serve_stream(
     except Exception:
         logger.exception("%s handler failed for %s", protocol, peer)
         await stream.reset()
+    if refused:
+        await _end_refused(stream)
+
+
+async def _end_refused(stream: Stream) -> None:
+    """End a stream whose input we refused. A reset at once would drop the reason a
+    handler may have just sent (the peer's muxer discards what it has not read yet), so
+    close our side first and reset once the peer closes its own, sends more than
+    ``REFUSAL_DRAIN`` bytes, or ``REFUSAL_GRACE`` passes."""
+    await stream.close()
+    dropped = 0
+    with trio.move_on_after(REFUSAL_GRACE):
+        while dropped <= REFUSAL_DRAIN:
+            try:
+                chunk = await stream.receive_some(REFUSAL_DRAIN)
+            except NetworkError:
+                break
+            if not chunk:
+                break
+            dropped += len(chunk)
+    await stream.reset()
