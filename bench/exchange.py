@@ -6,7 +6,10 @@ turn (peerlearn, then hivemind, then plain TCP for A->B), and the table gives ra
 - **A->B**, on 127.0.0.1: one model sent from A to B and acknowledged, for each size, as
   a fraction of a blocking TCP socket's throughput (the median of ``--repeats``): one that
   reads into the same 1 MB again and again, and one that keeps the model (a new buffer of
-  its size each time, as every real receiver needs).
+  its size each time, as every real receiver needs). A second table gives the CPU seconds
+  the sender and the receiver spent per transfer, and so the least time that work needs on
+  the machine's cores, beside the time it took: how close each system runs to what the
+  machine allows.
   peerlearn: ``share_model`` of the embedding API (safetensors, blob/2, TLS bulk path).
   hivemind: its tensor serialization over a stream of its p2p daemon.
 - **Averaging**: ``--peers`` peers average a model of ``--sizes`` MB, ``--rounds`` rounds.
@@ -55,6 +58,8 @@ from exchange_common import Folder, PeakRss, Rounds, model_shapes, rss_bytes, wr
 HERE = Path(__file__).resolve().parent
 DEFAULT_HIVEMIND = HERE.parent / ".venv-hivemind" / "bin" / "python"
 ROUND_TIMEOUT = 300.0  # seconds before a round counts as stalled
+A_TO_B_SYSTEMS = ("peerlearn", "hivemind", "tcp", "tcp-kept")
+CORES = os.cpu_count() or 1
 MB = 1_000_000
 
 
@@ -73,14 +78,14 @@ def tcp_worker(spec: dict[str, Any]) -> None:
             scratch = memoryview(bytearray(1 << 20))
             for _ in range(spec["rounds"]):
                 connection, _ = server.accept()
-                kept = memoryview(bytearray(size)) if spec["system"] == "tcp-kept" else None
-                with connection:
+                with rounds.measure(), connection:
+                    kept = memoryview(bytearray(size)) if spec["system"] == "tcp-kept" else None
                     done = 0
                     while done < size:
                         into = scratch[: size - done] if kept is None else kept[done:]
                         done += connection.recv_into(into)
                     connection.sendall(b"ok")
-        write_result(folder, {})
+        write_result(folder, {"rounds": rounds.records})
         return
     folder.wait_for("addr", [1])
     port = int(folder.read("addr", 1))
@@ -148,11 +153,13 @@ def peerlearn_worker(spec: dict[str, Any]) -> None:
         return {"rounds": rounds.records}
 
     async def a_to_b_receiver(node: Any) -> dict[str, Any]:
+        rounds = Rounds()
         for r in range(spec["rounds"]):
             await barrier(f"round{r}")
-            await node.receive()
+            with rounds.measure():
+                await node.receive()
         await barrier("done")
-        return {}
+        return {"rounds": rounds.records}
 
     async def share(node: Any, model: Any, r: int, out: list[Any]) -> None:
         out.extend(await node.share_model(model, round=r))
@@ -285,7 +292,7 @@ def a_to_b(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[str, 
     network = Network(2, use_lab=False)
     for size_mb in args.sizes_ab:
         size, row = int(size_mb * MB), {"size_mb": size_mb}
-        for system in ("peerlearn", "hivemind", "tcp", "tcp-kept"):
+        for system in A_TO_B_SYSTEMS:
             if system not in pythons:
                 continue
             results = run_case(
@@ -296,9 +303,27 @@ def a_to_b(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[str, 
                 continue
             seconds = statistics.median(r["seconds"] for r in results[0]["rounds"])
             row[system] = size / seconds / MB  # MB/s
+            row[f"{system} cpu"] = [  # the sender's and the receiver's CPU-s per transfer
+                statistics.median(r["cpu_seconds"] for r in result["rounds"]) for result in results
+            ]
         rows.append(row)
         print(ab_line(row), flush=True)
     return rows
+
+
+def ab_cpu_line(row: dict[str, Any]) -> str:
+    """CPU-s per transfer (sender + receiver), and the shortest time the machine's cores
+    leave for that much work, beside the time it took."""
+
+    def cell(system: str) -> str:
+        cpu, speed = row.get(f"{system} cpu"), row.get(system)
+        if not cpu or not isinstance(speed, float):
+            return "-"
+        seconds = row["size_mb"] / speed
+        floor = sum(cpu) / CORES
+        return f"{cpu[0]:.3f} + {cpu[1]:.3f}: >= {floor:.3f} s, took {seconds:.3f} s"
+
+    return f"| {row['size_mb']:g} MB | " + " | ".join(map(cell, A_TO_B_SYSTEMS)) + " |"
 
 
 def averaging(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[str, Any]]:
@@ -454,6 +479,15 @@ def goals(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             if isinstance(row.get("tcp-kept"), float):  # context: what keeping a model costs TCP
                 kept = row["tcp-kept"] / row["tcp"]
                 out.append(("(blocking TCP keeping the model, for scale)", f"{kept:.2f}x", None))
+            if row.get("peerlearn cpu"):  # context: as fast as peerlearn's CPU use allows here
+                fastest = row["size_mb"] / (sum(row["peerlearn cpu"]) / CORES) / row["tcp"]
+                out.append(
+                    (
+                        f"(peerlearn's CPU per transfer over {CORES} cores allows)",
+                        f"{fastest:.2f}x",
+                        None,
+                    )
+                )
     for row in report.get("averaging", []):
         ours, theirs = row.get("peerlearn"), row.get("hivemind")
         if not isinstance(ours, dict):
@@ -535,6 +569,13 @@ def main() -> None:
             "| blocking TCP, model kept |\n|---|---|---|---|---|"
         )
         report["a_to_b"] = a_to_b(args, pythons)
+        print(
+            f"\nCPU-s per transfer, sender + receiver: the least time that work needs on {CORES}"
+            " cores, and the time it took\n\n| A->B | peerlearn | hivemind | blocking TCP "
+            "| blocking TCP, model kept |\n|---|---|---|---|---|"
+        )
+        for row in report["a_to_b"]:
+            print(ab_cpu_line(row))
     if "average" in args.only:
         print(
             "\n| peers x model | exchange | round (median) | slowest round | full rounds "

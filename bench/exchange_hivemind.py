@@ -91,12 +91,14 @@ async def a_to_b(spec: dict[str, Any]) -> dict[str, Any]:
         await p2p.add_binary_stream_handler(HANDLER, handle)
         addrs = [f"{a}/p2p/{p2p.peer_id}" for a in await p2p.get_visible_maddrs()]
         folder.publish("addr", json.dumps({"id": p2p.peer_id.to_base58(), "addrs": addrs}))
+        rounds = Rounds()
         for r in range(spec["rounds"]):
             await barrier(f"round{r}")
-            await received.get()
+            with rounds.measure():
+                await received.get()
         await barrier("done")
         await p2p.shutdown()
-        return {}
+        return {"rounds": rounds.records}
 
     await asyncio.to_thread(folder.wait_for, "addr", [1])
     other = json.loads(folder.read("addr", 1))

@@ -3,6 +3,7 @@ not checked here; benchmarks are not tests)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,9 @@ def test_exchange_bench_runs_at_a_tiny_size() -> None:
         timeout=300,
     )
     assert "| 0.1 MB | " in out
+    assert re.search(
+        r"^\| 0\.1 MB \| [0-9.]+ \+ [0-9.]+: >= [0-9.]+ s, took [0-9.]+ s \|", out, re.M
+    )
     assert "| 2 x 0.1 MB: every round full, none stalled | 2/2 | yes |" in out
     rows = [line for line in out.splitlines() if line.startswith("| 2 x 0.1 MB | ")]
     assert len(rows) == 2
