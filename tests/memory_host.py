@@ -8,6 +8,8 @@ record rules as the real one. Dialing and opening a stream cost ``latency`` seco
 trio's clock. Inbound streams go through ``host_api.serve_stream``, like the libp2p host's,
 so the daemon's trust boundary is the real one. Everything else the daemon runs is real:
 its services, its protocol cores, its tasks, its checkpoints on disk.
+
+``RecordingGate`` admits everyone and keeps every rejection a host reports (for any host).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from peerlearn.node.host_api import (
     GossipMessage,
     Host,
     NextMessage,
+    OpenGate,
     PeerGate,
     PeerInfo,
     StreamHandler,
@@ -44,6 +47,26 @@ from peerlearn.node.offload import inline
 from peerlearn.node.runtime import Runtime
 
 WALL_CLOCK_EPOCH = 1_800_000_000.0  # the wall clock's reading at virtual time 0
+
+
+class RecordingGate(OpenGate):
+    """A gate that admits everyone and keeps every rejection it hears of."""
+
+    def __init__(self) -> None:
+        self.rejections: list[tuple[str, Offence, str]] = []
+
+    def rejected(self, peer_id: str, offence: Offence, detail: str) -> bool:
+        self.rejections.append((peer_id, offence, detail))
+        return False
+
+    async def got(self, peer_id: str, offence: Offence, detail: str) -> None:
+        """Wait (10 s at most) for a rejection of ``peer_id`` for ``offence`` whose detail
+        contains ``detail``."""
+        with trio.fail_after(10):
+            while not any(  # noqa: ASYNC110 (a list, not an event)
+                (p, o) == (peer_id, offence) and detail in d for p, o, d in self.rejections
+            ):
+                await trio.sleep(0.01)
 
 
 class _Pipe:

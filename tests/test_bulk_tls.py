@@ -19,7 +19,7 @@ from peerlearn.node import blob, bulk_tls
 from peerlearn.node.bulk_tls import BulkPath
 from peerlearn.node.framing import Pace
 from peerlearn.node.host import P2PHost, open_host
-from peerlearn.node.host_api import OpenGate
+from tests.memory_host import RecordingGate
 
 pytestmark = pytest.mark.integration
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
@@ -62,24 +62,6 @@ async def two_peers(
         nursery.cancel_scope.cancel()
 
 
-class Recorded(OpenGate):
-    """A gate that keeps every rejection it hears of."""
-
-    def __init__(self) -> None:
-        self.rejections: list[tuple[str, Offence, str]] = []
-
-    def rejected(self, peer_id: str, offence: Offence, detail: str) -> bool:
-        self.rejections.append((peer_id, offence, detail))
-        return False
-
-    async def got(self, peer_id: str, offence: Offence, detail: str) -> None:
-        with trio.fail_after(10):
-            while not any(  # noqa: ASYNC110 (a list, not an event)
-                (p, o) == (peer_id, offence) and detail in d for p, o, d in self.rejections
-            ):
-                await trio.sleep(0.01)
-
-
 async def push(a: P2PHost, b: P2PHost, bulk: BulkPath, data: bytes, seq: int = 0) -> None:
     await blob.push_blob(
         lambda: a.open_stream(b.peer_id, blob.PROTOCOL),
@@ -113,7 +95,7 @@ def test_a_body_that_is_not_the_signed_digest_is_refused_as_forged() -> None:
     async def main() -> None:
         received: list[bytes] = []
         async with two_peers(received) as (a, b, a_bulk, b_bulk):
-            offences = Recorded()
+            offences = RecordingGate()
             b.gate = offences
             with pytest.raises(blob.BlobRejected, match="does not match the offer"):
                 await blob.push_blob(

@@ -3,9 +3,8 @@ keeps sending cannot hold it open (in-process hosts, in virtual time)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,10 @@ from peerlearn.errors import NetworkError, Offence, RemoteProtocolError
 from peerlearn.identity import Identity
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.host_api import REFUSAL_DRAIN, REFUSAL_GRACE, Host, OpenGate, Stream
-from tests.memory_host import MemoryNetwork, MemoryStream
+from tests.memory_host import MemoryNetwork, MemoryStream, RecordingGate
 
 PROTOCOL = "/peerlearn/test/1"
 REASON = b"your model has a NaN in layer3"
-
-
-class Gate(OpenGate):
-    def __init__(self) -> None:
-        self.offences: list[Offence] = []
-
-    def rejected(self, peer_id: str, offence: Offence, detail: str) -> bool:
-        self.offences.append(offence)
-        return False
 
 
 async def refuse(stream: Stream) -> None:  # the handler: reads the input, says why, refuses
@@ -42,7 +32,9 @@ def run(test: Callable[[Path], Awaitable[None]], tmp_path: Path) -> None:
 
 
 @asynccontextmanager
-async def pair(tmp_path: Path, gate: Gate) -> AsyncIterator[tuple[Host, Host, list[MemoryStream]]]:
+async def pair(
+    tmp_path: Path, gate: RecordingGate
+) -> AsyncIterator[tuple[Host, Host, list[MemoryStream]]]:
     """Sender a, and b serving PROTOCOL with ``refuse`` (its inbound streams listed)."""
     network = MemoryNetwork()
     config = NodeConfig(data_dir=tmp_path, swarm="")
@@ -64,14 +56,14 @@ async def pair(tmp_path: Path, gate: Gate) -> AsyncIterator[tuple[Host, Host, li
 
 def test_the_peer_reads_why_before_the_stream_is_reset(tmp_path: Path) -> None:
     async def main(tmp_path: Path) -> None:
-        gate = Gate()
+        gate = RecordingGate()
         async with pair(tmp_path, gate) as (a, b, served):
             stream = await a.open_stream(b.peer_id, PROTOCOL)
             await stream.send_all(b"a model")
             await trio.sleep(1.0)  # the refusal has long been made
             assert await stream.receive_some() == REASON
             assert await stream.receive_some() == b""  # then the end of it, not a reset
-            assert gate.offences == [Offence.BAD_MODEL]
+            assert [offence for _, offence, _ in gate.rejections] == [Offence.BAD_MODEL]
             await stream.close()
             await trio.sleep(0.01)
             assert served[0].done
@@ -82,7 +74,7 @@ def test_the_peer_reads_why_before_the_stream_is_reset(tmp_path: Path) -> None:
 @pytest.mark.parametrize("flood", [False, True])
 def test_a_refused_peer_cannot_hold_the_stream_open(tmp_path: Path, flood: bool) -> None:
     async def main(tmp_path: Path) -> None:
-        async with pair(tmp_path, Gate()) as (a, b, served):
+        async with pair(tmp_path, RecordingGate()) as (a, b, served):
             stream = await a.open_stream(b.peer_id, PROTOCOL)
             await stream.send_all(b"a model")
             started = trio.current_time()
@@ -98,7 +90,7 @@ def test_a_refused_peer_cannot_hold_the_stream_open(tmp_path: Path, flood: bool)
                         else:
                             await trio.sleep(0.1)
 
-            with contextlib.suppress(NetworkError):
+            with suppress(NetworkError):
                 await keep_on()
             assert served[0].done
             assert trio.current_time() - started <= REFUSAL_GRACE + 0.1
