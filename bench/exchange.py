@@ -10,7 +10,7 @@ turn (peerlearn, then hivemind, then plain TCP for A->B), and the table gives ra
   the sender and the receiver spent per transfer, and so the least time that work needs on
   the machine's cores, beside the time it took: how close each system runs to what the
   machine allows.
-  peerlearn: ``share_model`` of the embedding API (safetensors, blob/2, TLS bulk path).
+  peerlearn: ``share_model`` of the embedding API (safetensors, blob/3, sealed bulk path).
   hivemind: its tensor serialization over a stream of its p2p daemon.
 - **Averaging**: ``--peers`` peers average a model of ``--sizes`` MB, ``--rounds`` rounds.
   peerlearn: ``average()`` of the embedding API (butterfly all-reduce; with

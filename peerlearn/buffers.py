@@ -47,10 +47,35 @@ Body = Bytes | Segments  # what a blob sender sends
 def chunks(body: Body, size: int) -> Iterator[memoryview]:
     """``body`` as consecutive views of at most ``size`` bytes (a view ends early where a
     segment does)."""
-    parts = body.parts if isinstance(body, Segments) else [memoryview(body).cast("B")]
-    for part in parts:
+    for part in _parts(body):
         for start in range(0, part.nbytes, size):
             yield part[start : start + size]
+
+
+def even_chunks(body: Body, staging: memoryview) -> Iterator[memoryview]:
+    """``body`` as consecutive views of ``len(staging)`` bytes each (the last one shorter),
+    wherever its segments end. A chunk that spans two segments is copied into ``staging``
+    and viewed there, valid until the next chunk is asked for."""
+    size, filled = len(staging), 0
+    for part in _parts(body):
+        start = 0
+        while start < part.nbytes:
+            if filled == 0 and part.nbytes - start >= size:
+                yield part[start : start + size]
+                start += size
+                continue
+            take = min(size - filled, part.nbytes - start)
+            staging[filled : filled + take] = part[start : start + take]
+            filled, start = filled + take, start + take
+            if filled == size:
+                yield staging
+                filled = 0
+    if filled:
+        yield staging[:filled]
+
+
+def _parts(body: Body) -> list[memoryview]:
+    return body.parts if isinstance(body, Segments) else [memoryview(body).cast("B")]
 
 
 def sha256(body: Body) -> bytes:

@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peerlearn.buffers import FillingDigest, Segments, allocate, gather, gather_and_digest
+from peerlearn.buffers import (
+    FillingDigest,
+    Segments,
+    allocate,
+    even_chunks,
+    gather,
+    gather_and_digest,
+)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -84,3 +91,19 @@ def test_gathered_segments_are_one_copy_with_its_digest() -> None:
     assert copy.tobytes() == joined
     assert digest == hashlib.sha256(joined).digest()
     assert gather_and_digest(b"") == (memoryview(b""), hashlib.sha256(b"").digest())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=8),
+    size=st.integers(min_value=1, max_value=16),
+)
+def test_even_chunks_cut_a_body_at_fixed_offsets_wherever_its_segments_end(
+    lengths: list[int], size: int
+) -> None:
+    parts = [os.urandom(n) for n in lengths]
+    staging = memoryview(bytearray(size))
+    pieces = [bytes(chunk) for chunk in even_chunks(Segments(parts), staging)]
+    assert b"".join(pieces) == b"".join(parts)
+    assert all(len(piece) == size for piece in pieces[:-1])
+    assert len(pieces) == -(-sum(lengths) // size)

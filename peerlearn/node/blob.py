@@ -1,17 +1,19 @@
-"""``/peerlearn/blob/2``: bulk transfer of a content-hashed blob over one direct stream.
+"""``/peerlearn/blob/3``: bulk transfer of a content-hashed blob over one direct stream.
 
 Exchange (each ``frame`` is length-prefixed, see ``framing``)::
 
     sender   -> frame(signed envelope "blob_offer" {sha256, size, kind, meta})
     receiver -> frame({ok: bool, reason: str[, bulk: invitation]})  # accepted, or why not
     (invited only)
-    sender   -> frame({via: "tls" | "stream"})        # where the body comes
-    sender   -> `size` raw bytes, in chunks, on this stream or the invited TLS connection
+    sender   -> frame({via: "bulk" | "stream"})       # where the body comes
+    sender   -> `size` raw bytes, in chunks, on this stream; or sealed records on the
+                invited bulk connection (``bulk_path``)
     receiver -> frame({ok: bool, reason: str})        # after sha256 + decode checks
 
-A receiver with a bulk path (``bulk_tls``) invites bodies of at least ``BULK_MIN_SIZE``
-bytes over a direct connection onto TLS, several times faster than the libp2p stream; the
-sender falls back to the stream when that port does not answer (a NAT in the way, say).
+A receiver with a bulk path (``bulk_path``) invites bodies of at least ``BULK_MIN_SIZE``
+bytes onto a direct connection, sealed with a key the invitation carries, several times
+faster than the libp2p stream; the sender falls back to the stream when that port does not
+answer (a NAT in the way, say).
 
 The receiver decides on the signed offer alone, before a byte of the body is read: the
 sender must be allowed to send this kind, the size must fit the kind's limit, and memory for
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import ssl
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -40,7 +42,7 @@ from peerlearn.buffers import Body, Bytes, allocate, sha256
 from peerlearn.errors import NetworkError, Offence, RemoteProtocolError
 from peerlearn.identity import Identity
 from peerlearn.nat.policy import blob_path_allowed
-from peerlearn.node.bulk_tls import BulkPath, Invitation, close_connection
+from peerlearn.node.bulk_path import BulkPath, Invitation, close_connection
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.framing import (
     DEFAULT_PACE,
@@ -55,7 +57,7 @@ from peerlearn.node.host_api import Host, Stream
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = "/peerlearn/blob/2"
+PROTOCOL = "/peerlearn/blob/3"
 OFFER_TYPE = "blob_offer"
 MAX_CONTROL_FRAME = 64 * 1024  # bytes; offers and replies
 MAX_KIND_LENGTH = 64  # characters
@@ -65,9 +67,9 @@ VERDICT_PACE = Pace(idle_timeout=120.0, min_rate=1.0, grace=120.0)
 _OFFER_KEYS = {"sha256", "size", "kind", "meta"}
 _REPLY_KEYS = {"ok", "reason"}
 _INVITING_REPLY_KEYS = {"ok", "reason", "bulk"}
-VIA_TLS, VIA_STREAM = "tls", "stream"
-BULK_MIN_SIZE = 1 << 18  # bytes; smaller bodies stay on the libp2p stream (a TLS connect costs
-# about 5 ms; a 1 MB model A->B took 29 ms over TLS, 57 ms over the stream)
+VIA_BULK, VIA_STREAM = "bulk", "stream"
+BULK_MIN_SIZE = 1 << 18  # bytes; smaller bodies stay on the libp2p stream (a bulk connection
+# costs a TCP connect; a 1 MB model A->B took 29 ms over TLS, 57 ms over the stream)
 _REPLY_LIMITS = wire.Limits(max_message_size=MAX_CONTROL_FRAME, max_array_len=16, max_map_len=4)
 
 
@@ -160,17 +162,17 @@ def decode_reply(data: bytes) -> tuple[bool, str, Invitation | None]:
     return ok, reason, invitation
 
 
-def encode_via(tls: bool) -> bytes:
-    return wire.pack({"via": VIA_TLS if tls else VIA_STREAM})
+def encode_via(bulk: bool) -> bytes:
+    return wire.pack({"via": VIA_BULK if bulk else VIA_STREAM})
 
 
 def decode_via(data: bytes) -> bool:
-    """True if the body comes over the invited TLS connection."""
+    """True if the body comes over the invited bulk connection."""
     body = wire.expect_map(wire.unpack(data, _REPLY_LIMITS), {"via"}, "blob via")
     via: str = wire.expect(body["via"], str, "via.via")
-    if via not in (VIA_TLS, VIA_STREAM):
+    if via not in (VIA_BULK, VIA_STREAM):
         raise RemoteProtocolError(f"blob via: unknown path {via[:20]!r}")
-    return via == VIA_TLS
+    return via == VIA_BULK
 
 
 async def _expect_ok(stream: ByteStream, stage: str, pace: Pace) -> Invitation | None:
@@ -201,23 +203,23 @@ async def send_blob(
 ) -> None:
     """Offer, send and get ``data`` confirmed; raises ``NetworkError`` if not delivered.
     ``wall_clock`` dates the signed offer. With ``bulk``, the body takes the receiver's
-    TLS bulk path when it invites us to and its port answers. ``sha256``: the digest of
+    bulk path when it invites us to and its port answers. ``sha256``: the digest of
     ``data`` when the caller has it already (a model pushed to several peers)."""
     digest = sha256 if sha256 is not None else await digest_of(data)
     body = {"sha256": digest, "size": len(data), "kind": kind, "meta": meta}
     offer = wire.seal(identity, OFFER_TYPE, body, seq=seq, timestamp=wall_clock())
     await send_frame(stream, offer)
     invitation = await _expect_ok(stream, "refused the offer", pace)
-    tls = None
+    connection = None
     try:
         if invitation is None:
             await send_paced(stream, data, chunk_size, pace)
         else:
-            tls = await _send_invited(stream, data, invitation, chunk_size, pace, bulk)
+            connection = await _send_invited(stream, data, invitation, chunk_size, pace, bulk)
         await _expect_ok(stream, "rejected the blob", VERDICT_PACE)
     finally:
-        if tls is not None:  # kept open until the verdict: the body has surely been read
-            close_connection(tls)
+        if connection is not None:  # kept open until the verdict: the body has been read
+            close_connection(connection)
 
 
 async def _receive_streamed(stream: Stream, size: int, pace: Pace) -> tuple[memoryview, bytes]:
@@ -245,28 +247,25 @@ async def _send_invited(
     chunk_size: int,
     pace: Pace,
     bulk: BulkPath | None,
-) -> ssl.SSLSocket | None:
-    """Send the body over the invited TLS connection (returned, for the caller to close),
+) -> socket.socket | None:
+    """Send the body over the invited bulk connection (returned, for the caller to close),
     or over ``stream`` if we cannot reach it or have no bulk path (None)."""
     ip, peer = stream.remote_ip, stream.remote_peer_id
-    tls = None
+    connection = None
     if bulk is not None and ip is not None and bulk.reachable(peer, trio.current_time()):
-        try:
-            tls = await bulk.connect(peer, ip, invitation, trio.current_time())
-        except RemoteProtocolError as exc:
-            raise BlobRejected(f"not sent: {exc}") from exc
-        if tls is None:
+        connection = await bulk.connect(peer, ip, invitation, trio.current_time())
+        if connection is None:
             bulk.fallbacks += 1
-    await send_frame(stream, encode_via(tls is not None))
-    if bulk is None or tls is None:
+    await send_frame(stream, encode_via(connection is not None))
+    if bulk is None or connection is None:
         await send_paced(stream, data, chunk_size, pace)
         return None
     try:
-        await bulk.send_body(tls, data, pace)
+        await bulk.send_body(connection, invitation, data, pace)
     except BaseException:
-        close_connection(tls)
+        close_connection(connection)
         raise
-    return tls
+    return connection
 
 
 async def _tell_refusal(stream: Stream, reason: str) -> None:
@@ -352,7 +351,8 @@ async def receive_blob(
             and connection is not None
             and decode_via(await receive_frame(stream, MAX_CONTROL_FRAME, pace))
         ):
-            data, digest = await bulk.receive_body(connection, offer.size, pace)
+            assert invitation is not None  # invited together with the connection
+            data, digest = await bulk.receive_body(connection, invitation, offer.size, pace)
         else:
             data, digest = await _receive_streamed(stream, offer.size, pace)
         blob = ReceivedBlob(stream.remote_peer_id, offer, data)

@@ -73,9 +73,9 @@ class NodeConfig:
     """Seconds allowed for one blob transfer (offer to acknowledgement)."""
 
     bulk_port: int = 0
-    """TCP port of the TLS path models of 256 KiB or more travel on, beside libp2p (0: any
-    free port; -1: off, every model takes the slower libp2p stream). Behind a NAT, forward
-    it as well as the libp2p port, or models fall back to the libp2p stream."""
+    """TCP port of the encrypted bulk path models of 256 KiB or more travel on, beside
+    libp2p (0: any free port; -1: off, every model takes the slower libp2p stream). Behind a
+    NAT, forward it as well as the libp2p port, or models fall back to the libp2p stream."""
 
     log_level: str = "info"
     """debug, info, warning or error."""

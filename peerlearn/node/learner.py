@@ -40,7 +40,7 @@ from peerlearn.learning.task import (
 )
 from peerlearn.learning.task_model import TaskModel
 from peerlearn.node import blob
-from peerlearn.node.bulk_tls import BulkPath
+from peerlearn.node.bulk_path import BulkPath
 from peerlearn.node.checkpoints import CheckpointStore
 from peerlearn.node.config import MODEL_ATTACKS, NodeConfig, parse_shard
 from peerlearn.node.host_api import Host

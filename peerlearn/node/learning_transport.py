@@ -30,7 +30,7 @@ from peerlearn.learning.aggregate import StateDict
 from peerlearn.learning.choices import Compression
 from peerlearn.learning.compression import ErrorFeedback
 from peerlearn.node import blob
-from peerlearn.node.bulk_tls import BulkPath
+from peerlearn.node.bulk_path import BulkPath
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.framing import Pace, receive_next_frame, send_frame
 from peerlearn.node.host_api import Host, Stream

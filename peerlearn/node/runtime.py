@@ -6,7 +6,7 @@ with ``MockClock`` runs the daemon in virtual time. Three more things are inject
 * ``open_host``: the libp2p host on real sockets by default; tests pass an in-process one;
 * ``wall_clock``: the time signed into messages and records and checked on arrival;
 * ``offload``: where CPU-heavy or blocking work runs (``peerlearn.node.offload``);
-* ``bulk_path``: the TLS path for large models on real sockets, or None (in-process hosts).
+* ``bulk_path``: the sealed bulk path for large models on real sockets, or None (in-process hosts).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from peerlearn.errors import ConfigError
 from peerlearn.identity import Identity
-from peerlearn.node.bulk_tls import BulkPath
+from peerlearn.node.bulk_path import BulkPath
 from peerlearn.node.config import NodeConfig, parse_listen_address
 from peerlearn.node.host import RelaySettings, all_loopback, open_host
 from peerlearn.node.host_api import Host, PeerGate
@@ -56,7 +56,7 @@ def open_libp2p_host(
 
 
 def open_bulk_path(config: NodeConfig) -> BulkPath | None:
-    """The TLS bulk path on the IP the node listens on (every interface if it listens on
+    """The bulk path on the IP the node listens on (every interface if it listens on
     several), unless ``bulk_port`` is -1."""
     if config.bulk_port < 0:
         return None

@@ -144,7 +144,7 @@ async def offer(
     reply = wire.unpack(await receive_frame(stream, blob.MAX_CONTROL_FRAME))
     if payload is not None and reply.get("ok"):
         if "bulk" in reply:
-            await send_frame(stream, blob.encode_via(tls=False))
+            await send_frame(stream, blob.encode_via(bulk=False))
         await stream.send_all(payload)
     return reply, stream
 

@@ -40,7 +40,7 @@ from peerlearn.learning.task import TaskContext
 from peerlearn.learning.task_model import TaskModel
 from peerlearn.learning.tasks.digits import DigitsTask
 from peerlearn.node import blob
-from peerlearn.node.bulk_tls import Invitation
+from peerlearn.node.bulk_path import Invitation
 from peerlearn.node.checkpoints import CheckpointError, CheckpointStore
 from peerlearn.node.control import decode_request
 from peerlearn.node.embedded import _received_tensors
@@ -81,7 +81,7 @@ def test_blob_reply(data: bytes) -> None:
     only((RemoteProtocolError,), blob.decode_reply, data)
 
 
-@given(mutated(blob.encode_reply(True, invitation=Invitation(4001, bytes(32), bytes(32)))))
+@given(mutated(blob.encode_reply(True, invitation=Invitation(4001, bytes(32), bytes(16)))))
 def test_blob_reply_inviting_to_the_bulk_path(data: bytes) -> None:
     only((RemoteProtocolError,), blob.decode_reply, data)
 
@@ -241,7 +241,7 @@ def test_dht_record(data: bytes) -> None:
         {"ok": True, b"reason": ""},
         {"ok": True, "reason": "", b"bulk": {}},
         {"t": "hello", b"member": 1},
-        {"via": "tls", b"x": 1},
+        {"via": "bulk", b"x": 1},
     ],
 )
 def test_maps_with_mixed_key_types_are_a_remote_error_not_a_type_error(mixed: Any) -> None:
