@@ -52,11 +52,11 @@ def chunks(body: Body, size: int) -> Iterator[memoryview]:
             yield part[start : start + size]
 
 
-def even_chunks(body: Body, staging: memoryview) -> Iterator[memoryview]:
-    """``body`` as consecutive views of ``len(staging)`` bytes each (the last one shorter),
-    wherever its segments end. A chunk that spans two segments is copied into ``staging``
-    and viewed there, valid until the next chunk is asked for."""
-    size, filled = len(staging), 0
+def even_chunks(body: Body, size: int) -> Iterator[memoryview]:
+    """``body`` as consecutive views of ``size`` bytes each (the last one shorter), wherever
+    its segments end. A chunk that spans two segments is copied into a buffer of its own
+    (made when first needed) and viewed there, valid until the next chunk is asked for."""
+    staging, filled = None, 0
     for part in _parts(body):
         start = 0
         while start < part.nbytes:
@@ -64,13 +64,15 @@ def even_chunks(body: Body, staging: memoryview) -> Iterator[memoryview]:
                 yield part[start : start + size]
                 start += size
                 continue
+            if staging is None:
+                staging = memoryview(bytearray(size))
             take = min(size - filled, part.nbytes - start)
             staging[filled : filled + take] = part[start : start + take]
             filled, start = filled + take, start + take
             if filled == size:
                 yield staging
                 filled = 0
-    if filled:
+    if staging is not None and filled:
         yield staging[:filled]
 
 

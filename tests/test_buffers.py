@@ -102,8 +102,7 @@ def test_even_chunks_cut_a_body_at_fixed_offsets_wherever_its_segments_end(
     lengths: list[int], size: int
 ) -> None:
     parts = [os.urandom(n) for n in lengths]
-    staging = memoryview(bytearray(size))
-    pieces = [bytes(chunk) for chunk in even_chunks(Segments(parts), staging)]
+    pieces = [bytes(chunk) for chunk in even_chunks(Segments(parts), size)]
     assert b"".join(pieces) == b"".join(parts)
     assert all(len(piece) == size for piece in pieces[:-1])
     assert len(pieces) == -(-sum(lengths) // size)

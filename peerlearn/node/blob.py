@@ -69,7 +69,7 @@ _REPLY_KEYS = {"ok", "reason"}
 _INVITING_REPLY_KEYS = {"ok", "reason", "bulk"}
 VIA_BULK, VIA_STREAM = "bulk", "stream"
 BULK_MIN_SIZE = 1 << 18  # bytes; smaller bodies stay on the libp2p stream (a bulk connection
-# costs a TCP connect; a 1 MB model A->B took 29 ms over TLS, 57 ms over the stream)
+# costs a TCP connect; a 1 MB model A->B took 29 ms over it (TLS then), 57 ms over the stream)
 _REPLY_LIMITS = wire.Limits(max_message_size=MAX_CONTROL_FRAME, max_array_len=16, max_map_len=4)
 
 
