@@ -1,7 +1,7 @@
 """Many peers pushing blobs at each other over real connections: do pushes keep flowing?
 
 Each of ``--nodes`` processes runs a host on 127.0.0.1 and, every ``--interval`` seconds, pushes
-``--size-mb`` of bytes over ``/peerlearn/blob/2`` to ``--peers`` random others (one push per
+``--size-mb`` of bytes over ``/peerlearn/blob/3`` to ``--peers`` random others (one push per
 destination at a time, as the daemon does), each body on the libp2p stream (no bulk path).
 With ``--cut-after S``, pushes of the first half are cancelled after S seconds, mid-write
 most of the time; the second half then shows whether the connections survived that.

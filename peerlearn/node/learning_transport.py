@@ -1,6 +1,6 @@
 """How the learning drivers reach peers: models as blobs, MoDeST's small messages as envelopes.
 
-* models (any algorithm): safetensors bytes over ``/peerlearn/blob/2`` (``node.blob``), the
+* models (any algorithm): safetensors bytes over ``/peerlearn/blob/3`` (``node.blob``), the
   round's metadata inside the signed offer; with ``compression`` set, the compressed model
   (``learning.compression``), its codec named in the metadata under ``compression``;
 * MoDeST's small messages (ping, pong, ack, membership): signed envelopes of type
