@@ -311,6 +311,12 @@ def a_to_b(args: argparse.Namespace, pythons: dict[str, str]) -> list[dict[str, 
     return rows
 
 
+def least_seconds(cpu: list[float]) -> float:
+    """The least time ``cpu`` seconds of work (sender's and receiver's) take on this
+    machine's cores."""
+    return sum(cpu) / CORES
+
+
 def ab_cpu_line(row: dict[str, Any]) -> str:
     """CPU-s per transfer (sender + receiver), and the shortest time the machine's cores
     leave for that much work, beside the time it took."""
@@ -320,8 +326,7 @@ def ab_cpu_line(row: dict[str, Any]) -> str:
         if not cpu or not isinstance(speed, float):
             return "-"
         seconds = row["size_mb"] / speed
-        floor = sum(cpu) / CORES
-        return f"{cpu[0]:.3f} + {cpu[1]:.3f}: >= {floor:.3f} s, took {seconds:.3f} s"
+        return f"{cpu[0]:.3f} + {cpu[1]:.3f}: >= {least_seconds(cpu):.3f} s, took {seconds:.3f} s"
 
     return f"| {row['size_mb']:g} MB | " + " | ".join(map(cell, A_TO_B_SYSTEMS)) + " |"
 
@@ -480,7 +485,7 @@ def goals(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 kept = row["tcp-kept"] / row["tcp"]
                 out.append(("(blocking TCP keeping the model, for scale)", f"{kept:.2f}x", None))
             if row.get("peerlearn cpu"):  # context: as fast as peerlearn's CPU use allows here
-                fastest = row["size_mb"] / (sum(row["peerlearn cpu"]) / CORES) / row["tcp"]
+                fastest = row["size_mb"] / least_seconds(row["peerlearn cpu"]) / row["tcp"]
                 out.append(
                     (
                         f"(peerlearn's CPU per transfer over {CORES} cores allows)",
