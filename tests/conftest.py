@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 T = TypeVar("T")
@@ -57,3 +58,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if required and report.skipped and any(item.get_closest_marker(m) for m in ROOT_MARKERS):
         report.outcome = "failed"
         report.longrepr = f"root-only test skipped although CI runs as root: {report.longrepr}"
+
+
+@pytest.fixture
+def one_torch_thread() -> Any:
+    """Every in-process node trains on this one thread in turn: tiny models run fastest
+    without intra-op threads, which only contend with each other on a small machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

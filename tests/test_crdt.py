@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from peerlearn import wire
 from peerlearn.errors import LocalProtocolError, Offence, RemoteProtocolError
-from peerlearn.gossip.admission import Admission, AdmissionMode, issue_invite
+from peerlearn.gossip.admission import (
+    Admission,
+    AdmissionMode,
+    issue_invite,
+    pow_valid,
+    solve_pow,
+)
 from peerlearn.gossip.crdt import (
     MAX_CLOCK,
     DigestPage,
@@ -192,6 +198,47 @@ def test_owner_cap_drops_the_least_active_but_never_ourselves() -> None:
         state.merge([sign_entry(writer, SWARM, "member", clock, {"addrs": []})])
     assert set(state.owners()) == {me.public_key, WRITERS[3].public_key}
     assert state.evicted_owners == 2
+
+
+def test_established_owners_are_never_evicted_for_members_we_only_heard_of() -> None:
+    me, met, heard = WRITERS[0], WRITERS[1], WRITERS[2:]
+    state = SwarmState(SWARM, max_owners=2, protect=me.public_key)
+    state.merge([sign_entry(me, SWARM, "member", 1, {"addrs": []})])
+    state.merge([sign_entry(met, SWARM, "member", 2, {"addrs": []})])
+    state.establish(met.public_key)  # a sync session with it, or a model from it
+    for clock, writer in enumerate(heard, start=3):  # newer, so "more active"
+        state.merge([sign_entry(writer, SWARM, "member", clock, {"addrs": []})])
+    assert set(state.owners()) == {me.public_key, met.public_key}
+    assert state.is_established(met.public_key) and state.evicted_owners == 2
+
+
+def test_a_record_dated_ahead_counts_as_active_only_from_when_it_arrived() -> None:
+    """Fakes dated 59 s ahead used to look more active than every honest member."""
+    honest, fake = WRITERS[1], WRITERS[2]
+    state = SwarmState(SWARM, max_owners=2, protect=WRITERS[0].public_key)
+    state.merge([sign_entry(WRITERS[0], SWARM, "member", clock_at(NOW), {"addrs": []})], NOW)
+    ahead = sign_entry(fake, SWARM, "member", clock_at(NOW + 59), {"addrs": []})
+    state.merge(state.triage([ahead], NOW).candidates, NOW)
+    beat = sign_entry(honest, SWARM, "member", clock_at(NOW + 1), {"addrs": []})
+    state.merge([beat], NOW + 1)  # a second later, dated honestly: the more active one
+    assert set(state.owners()) == {WRITERS[0].public_key, honest.public_key}
+
+
+def test_members_must_carry_their_proof_of_work_checked_before_the_signature() -> None:
+    bits = 8
+    state = SwarmState(SWARM, admission=Admission(pow_bits=bits))
+    writer = WRITERS[1]
+    nonce = solve_pow(SWARM, writer.public_key, bits)
+    assert pow_valid(SWARM, writer.public_key, nonce, bits)
+    assert not pow_valid("another-swarm", writer.public_key, nonce, bits)
+    good = sign_entry(writer, SWARM, "member", 5, {"addrs": [], "pow": nonce})
+    lazy = sign_entry(WRITERS[2], SWARM, "member", 5, {"addrs": []})
+    stolen = sign_entry(WRITERS[3], SWARM, "member", 5, {"addrs": [], "pow": nonce})
+    unsigned = Entry(good.owner, good.name, good.clock, good.value, bytes(64))
+    triage = state.triage([good, lazy, stolen, unsigned], NOW)
+    assert triage.candidates == [good, unsigned]  # the signature is the next, dearer step
+    offences = {error.offence for _, error in triage.rejected}
+    assert offences == {Offence.NOT_MEMBER} and len(triage.rejected) == 2
 
 
 def test_a_flood_of_members_costs_log_n_per_entry() -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from peerlearn.node.swarm import DIAL_RETRY_FIRST, DIAL_RETRY_MAX, DialBackoff
+from peerlearn.backoff import Backoff
+from peerlearn.node.swarm import DIAL_RETRY_FIRST, DIAL_RETRY_MAX
 
 
 def test_failed_dials_wait_twice_as_long_each_time_up_to_a_cap() -> None:
-    b = DialBackoff()
+    b = Backoff(DIAL_RETRY_FIRST, DIAL_RETRY_MAX)
     assert b.due("p", 0.0)
     waits = []
     now = 0.0
@@ -23,7 +24,7 @@ def test_failed_dials_wait_twice_as_long_each_time_up_to_a_cap() -> None:
 
 
 def test_a_reset_peer_is_dialled_at_once_and_no_longer_unreachable() -> None:
-    b = DialBackoff()
+    b = Backoff(DIAL_RETRY_FIRST, DIAL_RETRY_MAX)
     b.failed("p", 0.0)
     b.failed("q", 0.0)
     b.reset("p")  # it reached us, or published new addresses
@@ -33,7 +34,7 @@ def test_a_reset_peer_is_dialled_at_once_and_no_longer_unreachable() -> None:
 
 
 def test_a_member_gone_for_days_is_still_redialled_at_the_cap() -> None:
-    b = DialBackoff()
+    b = Backoff(DIAL_RETRY_FIRST, DIAL_RETRY_MAX)
     b.failures["p"] = (5000, 0.0)  # 2**4999 seconds would not even fit a float
     b.failed("p", 0.0)
     assert b.failures["p"] == (5001, DIAL_RETRY_MAX)

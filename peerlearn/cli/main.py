@@ -203,6 +203,13 @@ async def _feed_dashboard(daemon: Any, board: Dashboard) -> None:
 @click.option("--swarm-authority", default=None, help="admission token: the swarm's peer ID.")
 @click.option("--invite", default=None, help="admission token: this node's invite token.")
 @click.option(
+    "--member-pow-bits",
+    type=int,
+    default=None,
+    help="Proof of work (leading zero bits) every member must show; the same on every node "
+    "of a swarm [default: 0, none].",
+)
+@click.option(
     "--fresh",
     is_flag=True,
     default=None,

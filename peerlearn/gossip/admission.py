@@ -8,7 +8,13 @@
   record, and every node checks it. For a lab or a group that grows over time.
 
 An invite is the signed tuple ``(authority, swarm, member, expires)``; as a token it is that
-msgpack list in URL-safe base64 behind ``INVITE_PREFIX``. Nothing here does I/O.
+msgpack list in URL-safe base64 behind ``INVITE_PREFIX``.
+
+Any mode may also ask a proof of work of each member (``pow_bits``): its member record
+carries a nonce such that sha256(domain, swarm, public key, nonce) starts with ``pow_bits``
+zero bits. It is found once per identity (about 2**pow_bits hashes; a second or so at 20
+bits on one core) and checked with one hash, before the record's signature, so ten thousand
+fake identities cost their maker hours while costing us nothing. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +40,9 @@ from peerlearn.identity import (
 
 INVITE_PREFIX = "plinv1."
 MAX_INVITE_BYTES = 512
+MAX_POW_BITS = 32  # beyond, finding a nonce takes a day on one core
 _DOMAIN = b"peerlearn/invite/v1"
+_POW_DOMAIN = b"peerlearn/member-pow/v1"
 _LIMITS = wire.Limits(max_message_size=MAX_INVITE_BYTES, max_array_len=8, max_map_len=0)
 
 
@@ -104,6 +114,35 @@ def invite_from_token(token: str) -> Invite:
         raise ConfigError(f"the invite token is damaged or forged ({exc})") from exc
 
 
+def _pow_hash(swarm: str, owner: bytes) -> hashlib._Hash:
+    return hashlib.sha256(_POW_DOMAIN + swarm.encode() + b"\0" + owner)
+
+
+def _leading_zeros(digest: bytes, bits: int) -> bool:
+    return int.from_bytes(digest, "big") >> (256 - bits) == 0
+
+
+def pow_valid(swarm: str, owner: bytes, nonce: bytes, bits: int) -> bool:
+    """Whether ``nonce`` is ``owner``'s proof of work of ``bits`` bits in ``swarm``."""
+    digest = _pow_hash(swarm, owner)
+    digest.update(nonce)
+    return _leading_zeros(digest.digest(), bits)
+
+
+def solve_pow(swarm: str, owner: bytes, bits: int) -> bytes:
+    """A nonce that proves ``bits`` bits of work for ``owner`` (about 2**bits hashes)."""
+    if not 0 <= bits <= MAX_POW_BITS:
+        raise ValueError(f"pow_bits must be 0-{MAX_POW_BITS}, not {bits}")
+    prefix = _pow_hash(swarm, owner)
+    for counter in itertools.count():
+        nonce = counter.to_bytes(8, "big")
+        digest = prefix.copy()
+        digest.update(nonce)
+        if _leading_zeros(digest.digest(), bits):
+            return nonce
+    raise AssertionError("unreachable")
+
+
 @dataclass(frozen=True)
 class Admission:
     """A swarm's admission rule, applied to member records and to who may talk to us."""
@@ -111,11 +150,18 @@ class Admission:
     mode: AdmissionMode = AdmissionMode.OPEN
     allowlist: frozenset[bytes] = frozenset()
     authority: bytes | None = None  # token mode: the public key that signs invites
+    pow_bits: int = 0  # proof of work each member record must carry (0: none)
 
     def check_member(self, swarm: str, owner: bytes, value: Any, now: float) -> None:
         """Raise ``RemoteProtocolError`` (not a member) unless ``owner``'s member record
         ``value`` admits it under this rule."""
         who = peer_id_from_public_key(owner)
+        if self.pow_bits:
+            nonce = value.get("pow") if isinstance(value, dict) else None
+            if not isinstance(nonce, bytes) or not pow_valid(swarm, owner, nonce, self.pow_bits):
+                raise RemoteProtocolError(
+                    f"{who} carries no proof of work of {self.pow_bits} bits", Offence.NOT_MEMBER
+                )
         if self.mode is AdmissionMode.ALLOWLIST and owner not in self.allowlist:
             raise RemoteProtocolError(f"{who} is not on the allowlist", Offence.NOT_MEMBER)
         if self.mode is not AdmissionMode.TOKEN or owner == self.authority:

@@ -20,8 +20,14 @@ Remote entries go through three steps, so the expensive one can leave the event 
 
 Merge is commutative, associative and idempotent (tests/test_crdt.py). Size is bounded:
 records overwrite their previous versions, values are capped, and beyond ``max_owners``
-owners the least recently active one is dropped (never ourselves), in O(log n) per entry.
-Anti-entropy (``peerlearn.gossip.sync``) pages the digest by owner.
+owners the least recently active one is dropped, in O(log n) per entry. Strangers cannot
+push the members we know out: an owner's activity is the date of its newest record, but
+never later than when we received it (a record dated a minute ahead does not make its owner
+the most active), and *established* owners (we met them in person, in a sync session on
+their own authenticated stream, or they delivered a model we accepted) are never dropped,
+nor are we; newcomers arrive at the rate ``joins`` allows per introducer
+(``peerlearn.gossip.joins``). Anti-entropy (``peerlearn.gossip.sync``) pages the digest by
+owner.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 from peerlearn import wire
 from peerlearn.errors import LocalProtocolError, Offence, RemoteProtocolError
 from peerlearn.gossip.admission import Admission
+from peerlearn.gossip.joins import JoinLimiter
 from peerlearn.gossip.schemas import RECORD_NAMES, check_record
 from peerlearn.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
 
@@ -166,6 +173,7 @@ class Triage:
     rejected: list[tuple[Entry, RemoteProtocolError]] = field(default_factory=list)
     known: int = 0  # entries we hold already, or older versions of them
     unknown_owner: int = 0  # records of owners that are not (yet) members: ignored
+    deferred: int = 0  # newcomers over their introducer's rate: they come again later
 
 
 class SwarmState:
@@ -179,17 +187,22 @@ class SwarmState:
         max_owners: int = DEFAULT_MAX_OWNERS,
         max_skew: float = DEFAULT_MAX_SKEW,
         protect: bytes | None = None,
+        joins: JoinLimiter | None = None,
     ) -> None:
-        """``protect`` (our own public key) is never evicted."""
+        """``protect`` (our own public key) is never evicted; ``joins`` limits the newcomers
+        each introducer brings (None: no limit)."""
         self.swarm = swarm
         self.admission = admission or Admission()
         self.max_owners = max_owners
         self.max_skew = max_skew
         self.protect = protect
+        self.joins = joins
         self.entries: dict[Key, Entry] = {}
         self.evicted_owners = 0
-        self._activity: dict[bytes, int] = {}  # owner -> highest clock among its entries
-        self._heap: list[tuple[int, bytes]] = []  # (activity, owner), stale items skipped
+        self._activity: dict[bytes, int] = {}  # owner -> its newest clock, as of its arrival
+        self._established: set[bytes] = set()  # owners never evicted (see ``establish``)
+        # (activity, owner) of owners that may be evicted; stale items are skipped
+        self._heap: list[tuple[int, bytes]] = []
         self._sorted_owners: list[bytes] | None = None
 
     # -- local writes -----------------------------------------------------------------------
@@ -201,13 +214,30 @@ class SwarmState:
         if previous is not None and previous.clock >= clock:
             clock = previous.clock + 1
         entry = sign_entry(identity, self.swarm, name, clock, value)
-        self._merge_one(entry)
+        self._merge_one(entry, now)
         return entry
+
+    def establish(self, owner: bytes) -> None:
+        """``owner`` proved itself in person (a sync session on its own authenticated
+        stream, or a model we accepted from it): from now on it is never evicted in favour
+        of members we only heard of."""
+        if owner in self._activity:
+            self._established.add(owner)
+
+    def is_established(self, owner: bytes) -> bool:
+        return owner in self._established
+
+    def established_count(self) -> int:
+        return len(self._established)
 
     # -- remote entries ---------------------------------------------------------------------
 
-    def triage(self, entries: Iterable[Entry], now: float) -> Triage:
-        """Cheap checks before signatures: clock bound, schema, admission, novelty.
+    def triage(
+        self, entries: Iterable[Entry], now: float, introducers: Sequence[str] = ()
+    ) -> Triage:
+        """Cheap checks before signatures: clock bound, schema, admission, novelty, and the
+        rate of newcomers ``introducers`` (whoever handed us ``entries``: a peer ID, its IP
+        address) may bring; none for our own saved state.
 
         Member records are looked at first, so an owner's other records in the same batch
         count once its membership is a candidate.
@@ -231,6 +261,11 @@ class SwarmState:
                 check_record(entry.name, entry.value)
                 if entry.name == "member":
                     self.admission.check_member(self.swarm, entry.owner, entry.value, now)
+                    fresh = not self.is_member(entry.owner) and entry.owner not in newcomers
+                    joins = self.joins
+                    if fresh and introducers and joins and not joins.allow(introducers, now):
+                        out.deferred += 1
+                        continue
                     newcomers.add(entry.owner)
                 elif not self.is_member(entry.owner) and entry.owner not in newcomers:
                     out.unknown_owner += 1
@@ -241,8 +276,9 @@ class SwarmState:
             out.candidates.append(entry)
         return out
 
-    def merge(self, verified: Iterable[Entry]) -> list[Entry]:
+    def merge(self, verified: Iterable[Entry], now: float | None = None) -> list[Entry]:
         """Merge entries whose signatures were verified; returns those that changed the state.
+        ``now``: when they arrived (an owner's activity is never dated later).
 
         Triage ran before; between the two the state may have moved on, so novelty and
         membership are checked again (cheaply).
@@ -251,46 +287,51 @@ class SwarmState:
         for entry in sorted(verified, key=lambda e: e.name != "member"):
             if entry.name != "member" and not self.is_member(entry.owner):
                 continue
-            if self._merge_one(entry):
+            if self._merge_one(entry, now):
                 changed.append(entry)
         return changed
 
-    def _merge_one(self, entry: Entry) -> bool:
+    def _merge_one(self, entry: Entry, now: float | None) -> bool:
         current = self.entries.get(entry.key)
         if current is not None and not entry.wins_over(current):
             return False
+        activity = entry.clock if now is None else min(entry.clock, clock_at(now))
         if entry.owner not in self._activity:
             self._sorted_owners = None
-            self._activity[entry.owner] = entry.clock
-            heapq.heappush(self._heap, (entry.clock, entry.owner))
-        elif entry.clock > self._activity[entry.owner]:
-            self._activity[entry.owner] = entry.clock
-            heapq.heappush(self._heap, (entry.clock, entry.owner))
+            self._activity[entry.owner] = activity
+            self._heap_push(activity, entry.owner)
+        elif activity > self._activity[entry.owner]:
+            self._activity[entry.owner] = activity
+            self._heap_push(activity, entry.owner)
         self.entries[entry.key] = entry
         self._bound()
         return True
 
+    def _evictable(self, owner: bytes) -> bool:
+        return owner != self.protect and owner not in self._established
+
+    def _heap_push(self, activity: int, owner: bytes) -> None:
+        if self._evictable(owner):
+            heapq.heappush(self._heap, (activity, owner))
+
     def _bound(self) -> None:
-        """Drop the least recently active owners beyond ``max_owners`` (O(log n) each)."""
-        kept = []
+        """Drop the least recently active owners beyond ``max_owners`` (O(log n) each),
+        never ourselves nor an established owner: beyond the bound with only those left
+        (the bound was lowered), nothing is dropped."""
         while len(self._activity) > self.max_owners and self._heap:
             activity, owner = heapq.heappop(self._heap)
-            if self._activity.get(owner) != activity:
-                continue  # a stale heap item: the owner was active since, or is gone
-            if owner == self.protect:
-                kept.append((activity, owner))
-                continue
+            if self._activity.get(owner) != activity or not self._evictable(owner):
+                continue  # a stale heap item: active since, established, or gone
             self._forget(owner)
-        for item in kept:
-            heapq.heappush(self._heap, item)
         if len(self._heap) > 4 * len(self._activity) + 64:  # compact stale items
-            self._heap = [(a, o) for o, a in self._activity.items()]
+            self._heap = [(a, o) for o, a in self._activity.items() if self._evictable(o)]
             heapq.heapify(self._heap)
 
     def _forget(self, owner: bytes) -> None:
         for name in RECORD_NAMES:
             self.entries.pop((owner, name), None)
         del self._activity[owner]
+        self._established.discard(owner)
         self._sorted_owners = None
         self.evicted_owners += 1
 

@@ -2,7 +2,8 @@
 
 A peer owns one record of each name; these are their shapes:
 
-``member``     ``{"addrs": [multiaddr, ...], "invite": bytes?}``  (up to 8 addresses)
+``member``     ``{"addrs": [multiaddr, ...], "invite": bytes?, "pow": bytes?}``  (up to 8
+               addresses; ``pow``: the proof-of-work nonce, see ``admission``)
 ``heartbeat``  ``{"t": unix time}``
 ``round``      ``{"round": int}``
 ``model``      ``{"version": int, "sha256": hex str}``
@@ -21,6 +22,7 @@ RECORD_NAMES = ("member", "heartbeat", "round", "model", "metrics")
 MAX_ADDRS = 8
 MAX_ADDR_LENGTH = 256  # characters
 MAX_INVITE_BYTES = 512
+MAX_POW_NONCE = 16  # bytes
 MAX_METRICS = 16
 MAX_METRIC_NAME = 32  # characters
 MAX_ROUND = 2**62
@@ -47,7 +49,7 @@ def _fields(
 
 
 def _member(value: Any) -> None:
-    fields = _fields(value, {"addrs"}, {"invite"})
+    fields = _fields(value, {"addrs"}, {"invite", "pow"})
     addrs = fields["addrs"]
     if not isinstance(addrs, list) or len(addrs) > MAX_ADDRS:
         raise RemoteProtocolError(f"member addrs must be a list of at most {MAX_ADDRS}")
@@ -57,6 +59,9 @@ def _member(value: Any) -> None:
     invite = fields.get("invite")
     if invite is not None and (not isinstance(invite, bytes) or len(invite) > MAX_INVITE_BYTES):
         raise RemoteProtocolError("member invite must be bytes")
+    nonce = fields.get("pow")
+    if nonce is not None and (not isinstance(nonce, bytes) or len(nonce) > MAX_POW_NONCE):
+        raise RemoteProtocolError(f"member pow must be at most {MAX_POW_NONCE} bytes")
 
 
 def _heartbeat(value: Any) -> None:

@@ -105,7 +105,21 @@ class NodeConfig:
     """admission = token: this node's invite token (`peerlearn swarm invite PEER_ID`)."""
 
     max_members: int = 10_000
-    """Most members the swarm state keeps; beyond it the least recently active are dropped."""
+    """Most members the swarm state keeps; beyond it the least recently active are dropped,
+    never members this node met in person (a sync session, or a model it accepted)."""
+
+    member_join_burst: int = 1000
+    """Newcomers one peer (or one IP address) may introduce at once; a node that joins
+    learns a swarm this large from its first peer in one go."""
+
+    member_joins_per_second: float = 2.0
+    """Newcomers one peer (or one IP address) may introduce per second after the burst; the
+    rest wait for the next anti-entropy session."""
+
+    member_pow_bits: int = 0
+    """Proof of work every member record must carry: leading zero bits of a sha256 (each
+    identity then costs about 2**bits hashes: about a second at 20 on one core). Every node
+    of a swarm must use the same value; 0: none."""
 
     max_update_ratio: float = 10.0
     """Refuse models whose distance to ours exceeds this times (|our model| + sqrt(size));
@@ -244,6 +258,8 @@ def _validate(config: NodeConfig) -> NodeConfig:
         "stream_min_rate",
         "received_quota",
         "max_members",
+        "member_join_burst",
+        "member_joins_per_second",
         "relay_circuit_seconds",
         "relay_circuit_bytes",
     )
@@ -256,6 +272,11 @@ def _validate(config: NodeConfig) -> NodeConfig:
         raise ConfigError(f"bulk_port must be -1 (off) or 0-65535, got {config.bulk_port}")
     if config.max_update_ratio < 0:
         raise ConfigError(f"max_update_ratio must not be negative, got {config.max_update_ratio}")
+    from peerlearn.gossip.admission import MAX_POW_BITS
+
+    if not 0 <= config.member_pow_bits <= MAX_POW_BITS:
+        bits = config.member_pow_bits
+        raise ConfigError(f"member_pow_bits must be 0-{MAX_POW_BITS}, got {bits}")
     admission_rule(config)
     if config.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"log_level must be debug/info/warning/error, not {config.log_level!r}")
@@ -382,7 +403,8 @@ def admission_rule(config: NodeConfig) -> Admission:
             text = path.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read allowlist_file {path}: {exc.strerror}") from None
-        return Admission(mode, allowlist=parse_allowlist(text, str(path)))
+        allowlist = parse_allowlist(text, str(path))
+        return Admission(mode, allowlist=allowlist, pow_bits=config.member_pow_bits)
     if mode is AdmissionMode.TOKEN:
         if not config.swarm_authority or not config.invite:
             raise ConfigError(
@@ -399,8 +421,8 @@ def admission_rule(config: NodeConfig) -> Admission:
                 f"the invite is not for swarm {config.swarm!r} of authority "
                 f"{config.swarm_authority}"
             )
-        return Admission(mode, authority=authority)
-    return Admission(mode)
+        return Admission(mode, authority=authority, pow_bits=config.member_pow_bits)
+    return Admission(mode, pow_bits=config.member_pow_bits)
 
 
 LEARNING_ALGORITHMS = ("gossip-vca", "gossip", "dpsgd", "modest")

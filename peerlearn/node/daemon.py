@@ -26,6 +26,7 @@ from peerlearn.errors import (
 )
 from peerlearn.gossip.admission import Admission, AdmissionMode, invite_from_token
 from peerlearn.gossip.crdt import SwarmState
+from peerlearn.gossip.joins import JoinLimiter, JoinSettings
 from peerlearn.identity import Identity, load_or_create_identity, peer_id_from_public_key
 from peerlearn.learning.hygiene import check_finite
 from peerlearn.learning.task import TaskFactory
@@ -129,11 +130,13 @@ class Daemon:
         self._on_update = on_update
         admission = admission_rule(config)
         if config.swarm:
+            joins = JoinSettings(config.member_join_burst, config.member_joins_per_second)
             state = SwarmState(
                 config.swarm,
                 admission=admission,
                 max_owners=config.max_members,
                 protect=self.identity.public_key,
+                joins=JoinLimiter(joins),
             )
             self.swarm = SwarmService(
                 host,

@@ -217,7 +217,9 @@ class Learner:
     # -- steps the drivers ask for ----------------------------------------------------------
 
     def members_pk(self) -> list[bytes]:
-        return sorted(self.swarm.state.records("member"))
+        """The members models can go to: those we are connected to, and ourselves (a
+        member record alone, which anyone can make, takes no pushes)."""
+        return self.swarm.reachable_members()
 
     async def merge(self, own: StateDict, received: list[StateDict]) -> StateDict:
         """A gossip / D-PSGD round's merge of ``received`` into ``own`` (off the event loop)."""
@@ -290,6 +292,7 @@ class Learner:
         pk = public_key_from_peer_id(received.sender_id)  # checked against the signed offer
         self.driver.receive_model(pk, received.offer.kind, meta, model)
         self.transport.model_received(received.offer.size)
+        self.swarm.establish(received.sender_id)
 
     # -- main loop --------------------------------------------------------------------------
 

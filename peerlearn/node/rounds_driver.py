@@ -2,9 +2,11 @@
 
 The core decides when a round's phases begin and end, which received models a merge takes
 and whom the trained model goes to; this driver has the learner train and merge (off the
-event loop) and pushes the models. Pushes run beside the rounds, at most one per peer at a
-time: a peer that stopped answering (crashed, partitioned) is skipped while its push is
-stuck, instead of holding every round up until ``blob_timeout``.
+event loop) and pushes the models. The core draws targets among the members the learner can
+reach, less those whose last push failed (tried again after ``PUSH_RETRY_FIRST`` seconds,
+doubling). Pushes run beside the rounds, at most one per peer at a time: a peer that
+stopped answering (crashed, partitioned) is skipped while its push is stuck, instead of
+holding every round up until ``blob_timeout``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from peerlearn.backoff import Backoff
 from peerlearn.errors import RemoteProtocolError
 from peerlearn.gossip import rounds
 from peerlearn.learning.aggregate import StateDict
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
     from peerlearn.node.learner import Learner
 
 PUSH_DRAIN = 10.0  # seconds the last round's pushes may still take after learning ends
+PUSH_RETRY_FIRST = 2.0  # seconds a peer whose push failed gets no models; doubles per failure
+PUSH_RETRY_MAX = 120.0  # seconds
 ATTACKER_VIEW_ROUNDS = 5  # an experiment's attacker estimates the honest models from each
 # peer's latest model of this many past rounds (the literature's attacker knows them all)
 
@@ -54,6 +59,7 @@ class RoundsDriver:
         self.core = rounds.RoundsNode(learner.me, settings, rng, completed_rounds=learner.round)
         self.pushing: set[bytes] = set()  # peers a model is on its way to
         self.pushes_skipped = 0
+        self.failing = Backoff(PUSH_RETRY_FIRST, PUSH_RETRY_MAX)  # by peer key, hex
 
     def current_round(self) -> int:
         return self.core.completed
@@ -74,7 +80,8 @@ class RoundsDriver:
                 timer = core.get_timer()
                 if timer is not None:
                     await trio.sleep_until(timer)
-                core.set_members(learner.members_pk())
+                now = trio.current_time()
+                core.set_members(m for m in learner.members_pk() if self.failing.due(m.hex(), now))
                 core.handle_timer(trio.current_time())
                 event = core.next_event()
                 if isinstance(event, rounds.TrainRound):
@@ -101,6 +108,10 @@ class RoundsDriver:
     async def _push(self, send: rounds.Send) -> None:
         try:
             meta = rounds.encode_meta(send)
-            await self.learner.transport.push_model(send.dst, send.model, MODEL_KIND, meta)
+            pushed = await self.learner.transport.push_model(send.dst, send.model, MODEL_KIND, meta)
         finally:
             self.pushing.discard(send.dst)
+        if pushed:
+            self.failing.reset(send.dst.hex())
+        else:
+            self.failing.failed(send.dst.hex(), trio.current_time())

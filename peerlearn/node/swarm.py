@@ -15,6 +15,12 @@
   a worker thread, then merged; whatever is rejected is counted against the peer it came
   from. Peers whose identify shows no ``/peerlearn/sync/2`` are not peerlearn nodes: they
   are left alone.
+* Strangers: a gossip message carries its publisher's own records only (each node gossips
+  its own writes; anything else is refused), newcomers arrive at the rate each introducer
+  is allowed (``peerlearn.gossip.joins``, by peer and by IP address), and a member we met in
+  a sync session is established (never evicted for members we only heard of). Models go
+  only to members we are connected to (``reachable_members``): a member record nobody can
+  reach takes no pushes.
 """
 
 from __future__ import annotations
@@ -24,13 +30,12 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from peerlearn import wire
-from peerlearn.backoff import doubling_delay
+from peerlearn.backoff import Backoff
 from peerlearn.errors import (
     NetworkError,
     Offence,
@@ -39,7 +44,7 @@ from peerlearn.errors import (
     RemoteProtocolError,
 )
 from peerlearn.gossip import records, sync
-from peerlearn.gossip.admission import AdmissionMode
+from peerlearn.gossip.admission import AdmissionMode, solve_pow
 from peerlearn.gossip.crdt import (
     DigestPage,
     Entry,
@@ -81,32 +86,13 @@ SAVE_INTERVAL = 30.0  # seconds between saves of a changing swarm state
 SAVE_AT_SHUTDOWN = 5.0  # seconds the last save may take
 
 
-@dataclass
-class DialBackoff:
-    """When to dial a peer again after failed dials: ``DIAL_RETRY_FIRST`` seconds, doubling
-    per failure up to ``DIAL_RETRY_MAX`` (a dead member is not dialled every half second)."""
-
-    failures: dict[str, tuple[int, float]] = field(default_factory=dict)  # peer: (n, retry at)
-
-    def due(self, peer: str, now: float) -> bool:
-        return now >= self.failures.get(peer, (0, now))[1]
-
-    def failed(self, peer: str, now: float) -> None:
-        n = self.failures.get(peer, (0, now))[0] + 1
-        self.failures[peer] = (n, now + doubling_delay(DIAL_RETRY_FIRST, n, DIAL_RETRY_MAX))
-
-    def reset(self, peer: str) -> None:
-        """Connected, or its addresses changed: dial it at once next time."""
-        self.failures.pop(peer, None)
-
-    @property
-    def unreachable(self) -> set[str]:
-        """Peers whose last dial failed."""
-        return set(self.failures)
-
-
 def topic(swarm: str) -> str:
     return f"/peerlearn/{swarm}/crdt/1"
+
+
+def _introducers(peer_id: str, ip: str | None) -> tuple[str, ...]:
+    """Whom newcomers handed over by ``peer_id`` count against: the peer and its address."""
+    return (peer_id,) if ip is None else (peer_id, f"ip:{ip}")
 
 
 class SwarmService:
@@ -150,11 +136,12 @@ class SwarmService:
         self._providers: dict[str, list[str]] = {}  # from the DHT
         self._busy: set[str] = set()  # peers being dialled or synced by discovery
         self._serving: set[str] = set()  # peers whose sync session we serve right now
-        self._backoff = DialBackoff()
+        self._backoff = Backoff(DIAL_RETRY_FIRST, DIAL_RETRY_MAX)
         self._random = random.Random()
         self._sequence = sequence
         self._store = store
         self._changed = trio.Event()
+        self._pow: bytes | None = None  # our member record's proof of work, if asked
         if store is not None:
             self._restore(store)
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
@@ -182,6 +169,23 @@ class SwarmService:
         """Peer IDs of every member that published a member record (ourselves included)."""
         return sorted(peer_id_from_public_key(o) for o in self.state.records("member"))
 
+    def reachable_members(self) -> list[bytes]:
+        """Public keys of the members we are connected to, and ours: where models can go."""
+        connected = {p.peer_id for p in self.host.connected_peers()}
+        members = [self.host.identity.public_key]
+        for peer_id in sorted(connected - self.foreign_peers):
+            try:
+                key = public_key_from_peer_id(peer_id)
+            except ValueError:
+                continue
+            if self.state.is_member(key):
+                members.append(key)
+        return sorted(members)
+
+    def establish(self, peer_id: str) -> None:
+        """``peer_id`` proved itself (it delivered a model we accepted): never evicted."""
+        self.state.establish(public_key_from_peer_id(peer_id))
+
     def member_count(self) -> int:
         return len(self.state.records("member"))
 
@@ -192,10 +196,13 @@ class SwarmService:
             return False
 
     def status(self) -> dict[str, Any]:
+        joins = self.state.joins
         return {
             "entries": len(self.state.entries),
             "members": self.member_count(),
+            "established": self.state.established_count(),
             "evicted_owners": self.state.evicted_owners,
+            "joins_deferred": joins.deferred if joins is not None else 0,
             "admission": self.state.admission.mode.value,
             "foreign_peers": len(self.foreign_peers),
         }
@@ -215,17 +222,22 @@ class SwarmService:
 
     # -- remote entries -------------------------------------------------------------------
 
-    async def accept(self, entries: list[Entry], source: str) -> list[Entry]:
-        """Triage, verify and merge entries that came from ``source`` (a peer ID); what is
-        rejected is counted against ``source``, once per kind of offence per batch. Large
-        batches are taken a slice at a time, so the event loop is never held for long."""
+    async def accept(
+        self, entries: list[Entry], source: str, source_ip: str | None = None
+    ) -> list[Entry]:
+        """Triage, verify and merge entries that came from ``source`` (a peer ID, connected
+        from ``source_ip`` if known); what is rejected is counted against ``source``, once
+        per kind of offence per batch; newcomers arrive at the rate ``source`` and its IP
+        may introduce them. Large batches are taken a slice at a time, so the event loop
+        is never held for long."""
         if len(entries) > ACCEPT_SLICE:
             changed = []
             for start in range(0, len(entries), ACCEPT_SLICE):
-                changed += await self.accept(entries[start : start + ACCEPT_SLICE], source)
+                part = entries[start : start + ACCEPT_SLICE]
+                changed += await self.accept(part, source, source_ip)
                 await trio.lowlevel.checkpoint()
             return changed
-        triage = self.state.triage(entries, self.wall_clock())
+        triage = self.state.triage(entries, self.wall_clock(), _introducers(source, source_ip))
         offences: dict[Offence, list[str]] = defaultdict(list)
         for _, error in triage.rejected:
             offences[error.offence].append(str(error))
@@ -238,7 +250,7 @@ class SwarmService:
         for offence, reasons in offences.items():
             detail = f"{len(reasons)} swarm records rejected, e.g. {reasons[0]}"
             self.host.reject(source, offence, detail)
-        changed = self.state.merge(verified)
+        changed = self.state.merge(verified, self.wall_clock())
         if changed:
             self._notify(changed)
         return changed
@@ -256,7 +268,7 @@ class SwarmService:
         entries = loaded.value
         triage = self.state.triage(entries, self.wall_clock())
         verified, _ = verify_entries(self.swarm, triage.candidates)
-        kept = self.state.merge(verified)
+        kept = self.state.merge(verified, self.wall_clock())
         dropped = len(entries) - len(kept) - triage.known
         logger.info("restored %d swarm records (%d invalid dropped)", len(kept), dropped)
 
@@ -286,6 +298,11 @@ class SwarmService:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if self.host.connected_peers():
             self.join_started = trio.current_time()
+        bits = self.state.admission.pow_bits
+        if bits:
+            logger.info("finding this node's proof of work (%d bits, ~2**%d hashes)", bits, bits)
+            owner = self.host.identity.public_key
+            self._pow = await self.offload(solve_pow, self.swarm, owner, bits)
         self.write("member", self._member_value())
         self.write("heartbeat", {"t": self.wall_clock()})
         async with self.host.subscribe(topic(self.swarm)) as next_message, trio.open_nursery() as n:
@@ -302,15 +319,23 @@ class SwarmService:
         value: dict[str, Any] = {"addrs": self.host.addrs()}
         if self.invite is not None:
             value["invite"] = self.invite
+        if self._pow is not None:
+            value["pow"] = self._pow
         return value
 
     async def _receive_gossip(self, next_message: Callable[[], Awaitable[Any]]) -> None:
+        """Each node gossips its own writes only, so a message holding another owner's
+        records is refused whole (records of others travel by anti-entropy)."""
         while True:
             message = await next_message()
             try:
                 entries = decode_entries(message.data, GOSSIP_LIMITS)
-            except RemoteProtocolError as exc:
-                self.host.reject(message.sender_id, exc.offence, f"swarm gossip: {exc}")
+                publisher = public_key_from_peer_id(message.sender_id)
+                if any(entry.owner != publisher for entry in entries):
+                    raise RemoteProtocolError("gossip carries records of another owner")
+            except (RemoteProtocolError, ValueError) as exc:
+                offence = getattr(exc, "offence", Offence.MALFORMED)
+                self.host.reject(message.sender_id, offence, f"swarm gossip: {exc}")
                 continue
             await self.accept(entries, message.sender_id)
 
@@ -551,7 +576,7 @@ class SwarmService:
             return False
         if not isinstance(frame, sync.Hello):
             raise RemoteProtocolError(f"expected hello, got {type(frame).__name__}")
-        await self._introduce(frame.member, stream.remote_peer_id)
+        await self._introduce(frame.member, stream)
         if not eager:
             await send_frame(stream, sync.encode_want(first))
         page: DigestPage | None = first
@@ -569,24 +594,31 @@ class SwarmService:
                     raise RemoteProtocolError(
                         "sent more records than a swarm holds", Offence.OVERSIZED
                     )
-                await self.accept(frame.entries, stream.remote_peer_id)
+                await self.accept(frame.entries, stream.remote_peer_id, stream.remote_ip)
                 more = frame.more
             page = next(pages, None)
             if page is not None:
                 await send_frame(stream, sync.encode_want(page))
         return True
 
-    async def _introduce(self, member: Entry, peer_id: str) -> None:
-        """Admit the peer's member record from a hello, or raise why not."""
+    async def _introduce(self, member: Entry, stream: Stream) -> None:
+        """Admit the peer's member record from a hello, or raise why not. A peer that
+        introduces itself on its own authenticated stream is established (never evicted in
+        favour of members we only heard of); its IP address may bring only so many."""
+        peer_id = stream.remote_peer_id
         if member.owner != public_key_from_peer_id(peer_id):
             raise RemoteProtocolError("hello carries someone else's member record", Offence.FORGED)
-        triage = self.state.triage([member], self.wall_clock())
+        introducers = _introducers(peer_id, stream.remote_ip)
+        triage = self.state.triage([member], self.wall_clock(), introducers)
         if triage.rejected:
             raise triage.rejected[0][1]
+        if triage.deferred:
+            raise NetworkError("too many newcomers from that address right now; try later")
         verified, forged = verify_entries(self.swarm, triage.candidates)
         if forged:
             raise RemoteProtocolError("hello member record has a bad signature", Offence.FORGED)
-        changed = self.state.merge(verified)
+        changed = self.state.merge(verified, self.wall_clock())
+        self.state.establish(member.owner)
         if changed:
             self._notify(changed)
 
@@ -620,10 +652,13 @@ class SwarmService:
                     await send_frame(stream, sync.encode_refused("starting"))
                     return
                 try:
-                    await self._introduce(frame.member, peer)
+                    await self._introduce(frame.member, stream)
                 except RemoteProtocolError as exc:
                     await send_frame(stream, sync.encode_refused(str(exc)))
                     raise
+                except NetworkError as exc:
+                    await send_frame(stream, sync.encode_refused(str(exc)))
+                    return
                 await send_frame(stream, sync.encode_hello(me))
                 await self._serve_pages(stream)
         except trio.TooSlowError:
