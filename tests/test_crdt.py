@@ -209,7 +209,8 @@ def test_established_owners_are_never_evicted_for_members_we_only_heard_of() -> 
     for clock, writer in enumerate(heard, start=3):  # newer, so "more active"
         state.merge([sign_entry(writer, SWARM, "member", clock, {"addrs": []})])
     assert set(state.owners()) == {me.public_key, met.public_key}
-    assert state.is_established(met.public_key) and state.evicted_owners == 2
+    assert state.is_established(met.public_key)
+    assert state.evicted_owners == 2
 
 
 def test_a_record_dated_ahead_counts_as_active_only_from_when_it_arrived() -> None:
@@ -238,7 +239,8 @@ def test_members_must_carry_their_proof_of_work_checked_before_the_signature() -
     triage = state.triage([good, lazy, stolen, unsigned], NOW)
     assert triage.candidates == [good, unsigned]  # the signature is the next, dearer step
     offences = {error.offence for _, error in triage.rejected}
-    assert offences == {Offence.NOT_MEMBER} and len(triage.rejected) == 2
+    assert offences == {Offence.NOT_MEMBER}
+    assert len(triage.rejected) == 2
 
 
 def test_a_flood_of_members_costs_log_n_per_entry() -> None:
