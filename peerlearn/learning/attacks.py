@@ -1,7 +1,9 @@
 """Attacks for experiments: data poisoning (label flip) and model poisoning.
 
 Model-poisoning attacks are omniscient, as in the literature: they see the honest models
-of the round (``honest``) and return the model a Byzantine node sends.
+of the round (``honest``) and return the model a Byzantine node sends. ``ratchet`` makes a
+model for each receiver: the receiver's own model plus a change along a fixed direction,
+just under the bound the receiver will check it against (it knows that bound too).
 """
 
 from __future__ import annotations
@@ -75,9 +77,25 @@ def ipm(own: StateDict, honest: Sequence[StateDict], g: torch.Generator) -> Stat
     return _map(own, lambda n, t: -IPM_EPSILON * _stats(honest, n)[0])
 
 
+RATCHET_MARGIN = 0.99  # of the receiver's bound
+
+
+def ratchet_direction(own: StateDict, g: torch.Generator) -> StateDict:
+    """A random direction of unit norm over the averaged tensors (one per attacker)."""
+    noise = _map(own, lambda n, t: torch.randn(t.shape, generator=g))
+    norm = math.sqrt(sum(float((t**2).sum()) for n, t in noise.items() if is_averaged(n, t)))
+    return _map(noise, lambda n, t: t / norm)
+
+
+def ratchet(receiver: StateDict, bound: float, direction: StateDict) -> StateDict:
+    """The receiver's own model plus ``direction`` scaled to just under ``bound``."""
+    return _map(receiver, lambda n, t: t + RATCHET_MARGIN * bound * direction[n].to(t.dtype))
+
+
 def model_attack(name: str, *, nodes: int, byzantine: int) -> ModelAttack | None:
-    """The model-poisoning function for ``name`` (None for none and label-flip)."""
-    if name in ("none", "label-flip"):
+    """The model-poisoning function for ``name`` (None for none, label-flip and the
+    per-receiver ratchet)."""
+    if name in ("none", "label-flip", "ratchet"):
         return None
     if name == "sign-flip":
         return sign_flip

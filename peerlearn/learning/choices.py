@@ -14,7 +14,8 @@ from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 ALGORITHMS = ("fedavg", "dpsgd", "gossip", "gossip-vca", "modest")
 FILTERS = ("none", "median", "trimmed", "krum", "clip", "bristle")
 PARTITIONS = ("iid", "label-skew", "dirichlet")
-ATTACKS = ("none", "label-flip", "sign-flip", "gaussian", "alie", "ipm")
+ATTACKS = ("none", "label-flip", "sign-flip", "gaussian", "alie", "ipm", "ratchet")
+PER_RECEIVER_ATTACKS = ("ratchet",)  # a model made for each receiver (the simulator's)
 SHARED_START = ("fedavg", "modest")  # algorithms whose nodes all start from one model
 
 

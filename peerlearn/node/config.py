@@ -125,6 +125,11 @@ class NodeConfig:
     """Refuse models whose distance to ours exceeds this times (|our model| + sqrt(size));
     0: no bound. NaN/inf values and wrong layouts are always refused."""
 
+    update_clip_ratio: float = 1.0
+    """Scale a received model back toward ours when it lies farther than this times the
+    median distance of the other recent senders' models (so no one peer can move the bound;
+    Bristle is exempt); 0: no clipping."""
+
     fresh: bool = False
     """Set unusable (or any) checkpoints aside and start learning from round 0."""
 
@@ -270,8 +275,9 @@ def _validate(config: NodeConfig) -> NodeConfig:
         raise ConfigError("need max_blob_size <= blob_memory_per_peer <= blob_memory")
     if not -1 <= config.bulk_port <= 65535:
         raise ConfigError(f"bulk_port must be -1 (off) or 0-65535, got {config.bulk_port}")
-    if config.max_update_ratio < 0:
-        raise ConfigError(f"max_update_ratio must not be negative, got {config.max_update_ratio}")
+    for name in ("max_update_ratio", "update_clip_ratio"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(config, name)}")
     from peerlearn.gossip.admission import MAX_POW_BITS
 
     if not 0 <= config.member_pow_bits <= MAX_POW_BITS:

@@ -39,7 +39,7 @@ from peerlearn.errors import LocalProtocolError, PeerlearnError, RemoteProtocolE
 from peerlearn.gossip.butterfly import PartMessage
 from peerlearn.learning import aggregate, compression, robust
 from peerlearn.learning.choices import Codec, Compression
-from peerlearn.learning.hygiene import check_finite, check_received
+from peerlearn.learning.hygiene import UpdateBound, check_finite
 from peerlearn.learning.task import TaskFactory
 from peerlearn.node import allreduce, blob
 from peerlearn.node.allreduce import Averaged
@@ -187,6 +187,9 @@ class AsyncNode:
         self._rule = robust.create_rule(
             config.filter if config.filter != "bristle" else "mean", f=config.byzantine_bound
         )
+        self._bound = UpdateBound.for_merge(
+            config.algo, config.filter, config.max_update_ratio, config.update_clip_ratio
+        )
         self._compression = Compression.parse(config.compression)
         enabled = self._compression.enabled
         self._feedback = compression.ErrorFeedback(self._compression) if enabled else None
@@ -225,6 +228,7 @@ class AsyncNode:
             "embedding": {
                 "rejected_updates": self.rejected_updates,
                 "dropped_parts": self._parts.dropped,
+                **self._bound.status(),
             },
         }
 
@@ -277,23 +281,22 @@ class AsyncNode:
     def merge(self, own: StateDict, updates: Sequence[Update | StateDict]) -> StateDict:
         """Merge received models into ``own`` with the configured rule, beta and VCA.
 
-        Each model must first pass ``hygiene.check_received`` against ``own`` (same layout,
-        finite values, update norm within ``max_update_ratio``); the others are left out,
-        logged and counted in ``rejected_updates``.
+        Each model must first pass the checks of ``hygiene.admit_received`` against ``own``
+        (same layout, finite values, update norm within ``max_update_ratio``), and is clipped
+        to its sender's bound (``update_clip_ratio``); the others are left out, logged and
+        counted in ``rejected_updates``.
         """
         received = []
         for update in updates:
             model = update.model if isinstance(update, Update) else update
             if model is None:
                 continue
+            sender = update.sender if isinstance(update, Update) else "the caller"
             try:
-                check_received(model, own, max_update_ratio=self._daemon.config.max_update_ratio)
+                received.append(self._bound.admit(sender, model, own))
             except RemoteProtocolError as exc:
                 self.rejected_updates += 1
-                sender = update.sender if isinstance(update, Update) else "the caller"
                 logger.warning("not merging the model from %s: %s", sender, exc)
-                continue
-            received.append(model)
         return aggregate.merge_received(
             own,
             received,

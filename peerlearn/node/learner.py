@@ -30,7 +30,7 @@ from peerlearn.identity import public_key_from_peer_id
 from peerlearn.learning import attacks, robust
 from peerlearn.learning.aggregate import StateDict
 from peerlearn.learning.compression import decode_from_peer
-from peerlearn.learning.hygiene import check_received
+from peerlearn.learning.hygiene import Admitted, UpdateBound, admit_received
 from peerlearn.learning.task import (
     TaskContext,
     TaskFactory,
@@ -131,6 +131,9 @@ class Learner:
         self.rule = robust.create_rule(
             "mean" if config.filter == "bristle" else config.filter, f=config.byzantine_bound
         )
+        self.bound = UpdateBound.for_merge(
+            config.algo, config.filter, config.max_update_ratio, config.update_clip_ratio
+        )
         self.round = 0  # the last round whose checkpoint is on disk
         self.accuracy: float | None = None  # the task's metric
         self.metrics: dict[str, float] = {}
@@ -183,6 +186,7 @@ class Learner:
             "resumed_from_round": self.resumed,
             "attack": self.config.attack,
             "gossip_undelivered": self.host.publish_failures,
+            **self.bound.status(),
         }
 
     def current_round(self) -> int:
@@ -274,23 +278,25 @@ class Learner:
         return self._model_bytes + MODEL_SIZE_SLACK
 
     async def accept_blob(self, received: blob.ReceivedBlob) -> None:
-        """Called by the daemon for learner blobs: the model must pass
-        ``hygiene.check_received`` against ours before the driver (and any merge) sees it."""
-        own, limit, ratio = self.model, self.max_model_bytes, self.config.max_update_ratio
+        """Called by the daemon for learner blobs: the model must pass the checks of
+        ``hygiene.admit_received`` against ours (and is clipped to the sender's bound)
+        before the driver (and any merge) sees it."""
+        own, size, ratio = self.model, self.max_model_bytes, self.config.max_update_ratio
         meta = dict(received.offer.meta)
         codec = meta.pop(COMPRESSION_KEY, None)
         reference = self.transport.reference
+        pk = public_key_from_peer_id(received.sender_id)  # checked against the signed offer
+        limit = self.bound.limit_for(pk)
 
-        def decode_and_check() -> StateDict:
-            model = state_dict_from_bytes(received.data, limit)
+        def decode_and_check() -> Admitted:
+            model = state_dict_from_bytes(received.data, size)
             if codec is not None:
                 model = decode_from_peer(model, own, codec, reference)
-            check_received(model, own, max_update_ratio=ratio)
-            return model
+            return admit_received(model, own, max_update_ratio=ratio, limit=limit)
 
-        model = await self.offload(decode_and_check)
-        pk = public_key_from_peer_id(received.sender_id)  # checked against the signed offer
-        self.driver.receive_model(pk, received.offer.kind, meta, model)
+        admitted = await self.offload(decode_and_check)
+        self.bound.record(pk, admitted, limit)
+        self.driver.receive_model(pk, received.offer.kind, meta, admitted.model)
         self.transport.model_received(received.offer.size)
         self.swarm.establish(received.sender_id)
 

@@ -12,8 +12,11 @@ Algorithms:
 Every node trains the same ``Task`` the daemon would (``task``, ``task_options``), through a
 ``TaskModel``; bytes are counted from the encoded messages (safetensors models, msgpack
 MoDeST messages). Filters (``none``, ``median``, ``trimmed``, ``krum``, ``clip``, ``bristle``)
-replace the rule that combines received models. Byzantine nodes poison data (``label-flip``)
-or models (``sign-flip``, ``gaussian``, ``alie``, ``ipm``). ``compression`` (``int8``,
+replace the rule that combines received models; before that, every received model passes
+the daemon's checks (``hygiene``: layout, finite values, the update bound, clipping to each
+node's ``UpdateBound``). Byzantine nodes poison data (``label-flip``) or models
+(``sign-flip``, ``gaussian``, ``alie``, ``ipm``; ``ratchet``: each receiver's own model plus
+a change just under the bound that receiver applies). ``compression`` (``int8``,
 ``int4``, ``topk:F``) compresses every model a node sends, with error feedback, against the
 model both sides hold where there is one (FedAvg's global model, MoDeST's shared start);
 receivers get what the daemon's would rebuild, and bytes count the compressed encoding.
@@ -22,6 +25,7 @@ Same config -> same trace hash.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -34,7 +38,7 @@ from typing import Any, TypeVar
 import torch
 
 from peerlearn import wire
-from peerlearn.errors import LocalProtocolError
+from peerlearn.errors import LocalProtocolError, RemoteProtocolError
 from peerlearn.gossip import modest, rounds
 from peerlearn.learning import attacks, robust
 from peerlearn.learning.aggregate import StateDict
@@ -47,6 +51,12 @@ from peerlearn.learning.choices import (
     experiment_shards,
 )
 from peerlearn.learning.compression import ErrorFeedback
+from peerlearn.learning.hygiene import (
+    DEFAULT_CLIP_RATIO,
+    DEFAULT_MAX_UPDATE_RATIO,
+    UpdateBound,
+    update_norm_bound,
+)
 from peerlearn.learning.task import TaskContext, Training, create_task, parse_task_options
 from peerlearn.learning.task_model import TaskModel
 from peerlearn.tensors import state_dict_to_bytes
@@ -87,6 +97,8 @@ class SimConfig:
     train_time: float = 1.0  # seconds per local training
     eval_every: int = 1
     compression: str = "none"  # none, int8, int4 or topk:F: every model a node sends
+    max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO  # as the daemon's setting
+    clip_ratio: float = DEFAULT_CLIP_RATIO  # as the daemon's update_clip_ratio (0: none)
 
     def resolved(self) -> SimConfig:
         if self.algo not in ALGORITHMS:
@@ -154,8 +166,10 @@ class _Node:
     learner: TaskModel
     generator: torch.Generator  # the node's attacks
     model: StateDict  # its exchanged state
+    bound: UpdateBound  # how far a received model may lie from its own
     alive: bool = True
     feedback: ErrorFeedback | None = None  # with compression: what it has not sent yet
+    direction: StateDict | None = None  # a ratchet attacker's
 
 
 class _Trace:
@@ -182,6 +196,7 @@ class Simulation:
         self.bytes_sent = 0
         self.result = SimResult(config)
         self.nodes = self._make_nodes()
+        self.by_pk = {n.pk: n for n in self.nodes}
         self.honest = [n for n in self.nodes if not n.byzantine]
         self.model_bytes = len(state_dict_to_bytes(self.nodes[0].model))
         # MoDeST's nodes all start from one model; compressed changes are sent against it
@@ -251,8 +266,12 @@ class Simulation:
                     learner,
                     torch.Generator().manual_seed(c.seed * 100_003 + i),
                     learner.state(),
+                    UpdateBound.for_merge(c.algo, c.filter, c.max_update_ratio, c.clip_ratio),
                 )
             )
+        for node in nodes:
+            if node.byzantine and c.attack == "ratchet":
+                node.direction = attacks.ratchet_direction(node.model, node.generator)
         return nodes
 
     # -- shared steps ---------------------------------------------------------------------
@@ -266,6 +285,29 @@ class Simulation:
         if node.byzantine and self.attack is not None and honest_models:
             return self.attack(model, honest_models, node.generator)
         return model
+
+    def _for_receiver(self, node: _Node, receiver: _Node, model: StateDict) -> StateDict:
+        """What ``node`` sends ``receiver``: ``model``, or a ratchet attacker's model made
+        for that receiver, just under the bound it will be checked against."""
+        if node.direction is None:
+            return model
+        bound = receiver.bound.limit_for(node.pk)
+        if bound is None:
+            bound = update_norm_bound(receiver.model, self.config.max_update_ratio)
+        return attacks.ratchet(receiver.model, bound, node.direction)
+
+    def _admitted(
+        self, node: _Node, senders: Sequence[bytes], models: Sequence[StateDict]
+    ) -> list[StateDict]:
+        """The received models ``node`` may merge, each checked (and clipped) against its
+        model as the daemon does; the refused are left out."""
+        out = []
+        for sender, model in zip(senders, models, strict=True):
+            try:
+                out.append(node.bound.admit(sender, model, node.model))
+            except RemoteProtocolError:
+                self.trace.add("refused", node.index, self.by_pk[sender].index)
+        return out
 
     def _send(self, node: _Node, model: StateDict, reference: StateDict | None = None) -> StateDict:
         """The model ``node``'s receivers get when it sends ``model``."""
@@ -344,7 +386,7 @@ class Simulation:
         c = self.config
         settings = rounds.RoundSettings(c.algo, c.fanout, c.train_time, c.rounds)
         members = [n.pk for n in self.nodes]
-        by_pk = {n.pk: n for n in self.nodes}
+        by_pk = self.by_pk
         cores = {
             n.pk: rounds.RoundsNode(n.pk, settings, random.Random(c.seed * 7_919 + n.index))
             for n in self.nodes
@@ -360,6 +402,8 @@ class Simulation:
             for n in alive:
                 self._step(cores[n.pk], rounds.TrainRound, r)
                 trained[n.index] = self._local_train(n, n.model)
+            for n in alive:  # a round's received models are checked against the trained one
+                n.model = trained[n.index]
             honest = [trained[n.index] for n in alive if not n.byzantine]
             for n in alive:
                 core = cores[n.pk]
@@ -370,13 +414,16 @@ class Simulation:
                 for send in sends:
                     meta = rounds.encode_meta(send)
                     self.bytes_sent += self.sent_bytes + len(wire.pack(meta))
-                    if by_pk[send.dst].alive:
-                        cores[send.dst].receive(n.pk, rounds.decode_meta(meta, send.model), now)
+                    receiver = by_pk[send.dst]
+                    if receiver.alive:
+                        model = self._for_receiver(n, receiver, send.model)
+                        cores[send.dst].receive(n.pk, rounds.decode_meta(meta, model), now)
                 self.trace.add(r, n.index, sorted(by_pk[s.dst].index for s in sends))
             for n in alive:
                 merge = self._step(cores[n.pk], rounds.MergeRound, r)
+                received = self._admitted(n, merge.senders, merge.received)
                 n.model = n.learner.merge(
-                    trained[n.index], merge.received, algo=c.algo, rule=self.rule, beta=c.beta
+                    trained[n.index], received, algo=c.algo, rule=self.rule, beta=c.beta
                 )
                 cores[n.pk].merged(r, r * c.train_time)
             self._evaluate_nodes(r, r * c.train_time)
@@ -409,7 +456,7 @@ class _ModestNetwork:
             round_time=c.train_time,
             message_time=MESSAGE_LATENCIES * c.latency,
         )
-        self.by_pk = {n.pk: n for n in sim.nodes}
+        self.by_pk = sim.by_pk
         peers = [n.pk for n in sim.nodes]
         self.cores = {n.pk: modest.ModestNode(n.pk, peers, self.settings) for n in sim.nodes}
         self.queue: list[tuple[float, int, str, Any]] = []
@@ -494,6 +541,11 @@ class _ModestNetwork:
                     type(message).__name__,
                     getattr(message, "round", None),
                 )
+                if isinstance(message, modest.TrainedModel | modest.AggregatedModel):
+                    admitted = self.sim._admitted(self.by_pk[dst], [src], [message.model])
+                    if not admitted:
+                        continue
+                    message = dataclasses.replace(message, model=admitted[0])
                 self.cores[dst].receive(src, message, self.now)
                 self._flush(dst)
             elif kind == "round":
