@@ -239,6 +239,8 @@ def test_parts_a_peer_floods_in_are_dropped_and_counted_in_status(tmp_path: Path
                 assert (await a.status())["embedding"] == {
                     "rejected_updates": 0,
                     "dropped_parts": len(flood) - PART_ROUNDS,
+                    "updates_clipped": 0,  # parts do not go through merge()
+                    "median_distance": None,
                 }
 
     trio.run(main)

@@ -18,13 +18,17 @@ answer (a NAT in the way, say).
 The receiver decides on the signed offer alone, before a byte of the body is read: the
 sender must be allowed to send this kind, the size must fit the kind's limit, and memory for
 the body is reserved from a global and a per-peer budget (a full budget is a polite "busy",
-not an offence). Both sides keep a pace (``framing.Pace``), so a stalled peer is cut off
-within seconds. The sender only reports success after the receiver's final ``ok``: nothing
-is dropped silently.
+not an offence). A reservation lives only while its body moves: the body must start within
+``BODY_START_TIMEOUT`` seconds of the acceptance and then keep a pace (``framing.Pace``), so
+an offer whose body never comes holds memory for seconds, not for the transfer timeout.
+Bodies nobody asked for (``model_update``, what ``node share`` sends) may hold half of the
+budget at most, so they never crowd out the models a node learns from. The sender only
+reports success after the receiver's final ``ok``: nothing is dropped silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import socket
@@ -71,6 +75,9 @@ VIA_BULK, VIA_STREAM = "bulk", "stream"
 BULK_MIN_SIZE = 1 << 18  # bytes; smaller bodies stay on the libp2p stream (a bulk connection
 # costs a TCP connect; a 1 MB model A->B took 29 ms over it (TLS then), 57 ms over the stream)
 _REPLY_LIMITS = wire.Limits(max_message_size=MAX_CONTROL_FRAME, max_array_len=16, max_map_len=4)
+BODY_START_TIMEOUT = 5.0  # seconds from our acceptance to the body's first byte (a sender
+# whose bulk port connect fails, 3 s at most, then starts on the stream)
+MAX_BLOBS_PER_PEER = 8  # bodies one peer may have reserved at once
 
 
 @dataclass(frozen=True)
@@ -100,32 +107,49 @@ class BlobBusy(Exception):
 
 class BlobBudget:
     """Memory for inbound blob bodies: at most ``total`` bytes held at once, at most
-    ``per_peer`` of them for one peer. Reserved from the offer, before the body is read."""
+    ``per_peer`` of them (and ``MAX_BLOBS_PER_PEER`` bodies) for one peer, and at most
+    ``total // 2`` for *unsolicited* bodies (shared files, not models to learn from).
+    Reserved from the offer, before the body is read."""
 
     def __init__(self, total: int, per_peer: int) -> None:
         self.total = total
         self.per_peer = per_peer
+        self.unsolicited_total = total // 2
         self.held = 0
+        self.unsolicited_held = 0
         self._by_peer: Counter[str] = Counter()
+        self._blobs: Counter[str] = Counter()
         self.refused = 0
 
+    def _room(self, peer: str, size: int, unsolicited: bool) -> bool:
+        return (
+            self.held + size <= self.total
+            and self._by_peer[peer] + size <= self.per_peer
+            and self._blobs[peer] < MAX_BLOBS_PER_PEER
+            and (not unsolicited or self.unsolicited_held + size <= self.unsolicited_total)
+        )
+
     @contextmanager
-    def reserve(self, peer: str, size: int) -> Iterator[None]:
+    def reserve(self, peer: str, size: int, *, unsolicited: bool = False) -> Iterator[None]:
         """Hold ``size`` bytes for ``peer`` for the block; ``BlobBusy`` if there is no room."""
-        if self.held + size > self.total or self._by_peer[peer] + size > self.per_peer:
+        if not self._room(peer, size, unsolicited):
             self.refused += 1
             raise BlobBusy(
                 f"busy: {self.held >> 20} MiB of {self.total >> 20} MiB of blob memory in use"
             )
         self.held += size
+        self.unsolicited_held += size if unsolicited else 0
         self._by_peer[peer] += size
+        self._blobs[peer] += 1
         try:
             yield
         finally:
             self.held -= size
+            self.unsolicited_held -= size if unsolicited else 0
             self._by_peer[peer] -= size
-            if self._by_peer[peer] <= 0:
-                del self._by_peer[peer]
+            self._blobs[peer] -= 1
+            if self._blobs[peer] <= 0:
+                del self._by_peer[peer], self._blobs[peer]
 
 
 def parse_offer(envelope: wire.Envelope, max_size: int) -> BlobOffer:
@@ -345,16 +369,17 @@ async def receive_blob(
             invitation = bulk.invite()
             connection = holding.enter_context(bulk.expecting(invitation))
         await send_frame(stream, encode_reply(True, invitation=invitation))
+        body_pace = dataclasses.replace(pace, start_timeout=BODY_START_TIMEOUT)
         data: Bytes
         if (
             bulk is not None
             and connection is not None
-            and decode_via(await receive_frame(stream, MAX_CONTROL_FRAME, pace))
+            and decode_via(await receive_frame(stream, MAX_CONTROL_FRAME, body_pace))
         ):
             assert invitation is not None  # invited together with the connection
-            data, digest = await bulk.receive_body(connection, invitation, offer.size, pace)
+            data, digest = await bulk.receive_body(connection, invitation, offer.size, body_pace)
         else:
-            data, digest = await _receive_streamed(stream, offer.size, pace)
+            data, digest = await _receive_streamed(stream, offer.size, body_pace)
         blob = ReceivedBlob(stream.remote_peer_id, offer, data)
         try:
             if digest != offer.sha256:

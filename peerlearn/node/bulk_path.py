@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import secrets
 import socket
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +59,8 @@ RECORD = 1 << 18  # body bytes per sealed record, and per socket call (as fast a
 # records, and a quarter of the buffers: a peer of 8 averaging moves 14 bodies at once)
 CONNECT_TIMEOUT = 3.0  # seconds for the TCP connect to a peer's bulk port
 HANDSHAKE_TIMEOUT = 10.0  # seconds for a connection to present its token
-MAX_HANDSHAKES = 8  # connections to the bulk port being vetted at once
+MAX_HANDSHAKES = 64  # connections without a token yet; beyond, the longest waiting is closed
+MAX_HANDSHAKES_PER_IP = 8  # the same from one address
 MAX_TRANSFERS = 32  # bodies moving at once (each holds a worker thread)
 CONNECT_RETRY_AFTER = 300.0  # seconds before retrying a peer whose bulk port did not answer
 PACE_CHECK = 0.1  # seconds: a receiver checks its pace at least this often (and every RECORD)
@@ -158,6 +161,13 @@ async def _blocking_socket(stream: trio.SocketStream) -> socket.socket:
     return sock
 
 
+def _peer_ip(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"
+
+
 def _keep_pace(pace: Pace, started: float, done: int, total: int, what: str) -> None:
     """``TransferTooSlowError`` if ``done`` bytes by now fall behind ``pace``'s rate (a
     silent peer is caught by the socket's timeout, ``pace.idle_timeout``)."""
@@ -175,7 +185,9 @@ class BulkPath:
         self._listen_socket = socket.create_server((bind_host, port), backlog=64)
         self.port: int = self._listen_socket.getsockname()[1]
         self._waiting: dict[bytes, trio.MemorySendChannel[socket.socket]] = {}
-        self._handshakes = trio.CapacityLimiter(MAX_HANDSHAKES)
+        # connections without a token yet, oldest first: (their address, their vetting)
+        self._vetting: OrderedDict[int, tuple[str, trio.CancelScope]] = OrderedDict()
+        self._arrivals = itertools.count()
         self._threads = trio.CapacityLimiter(MAX_TRANSFERS)
         self._unreachable: dict[str, float] = {}  # peer id -> when its port did not answer
         self.refused = 0  # connections closed: no token in time, or a token nobody awaits
@@ -192,37 +204,48 @@ class BulkPath:
             task_status.started()
             while True:
                 stream = await listener.accept()
-                if self._handshakes.available_tokens < 1:
-                    self.refused += 1
-                    await stream.aclose()
-                    continue
-                nursery.start_soon(self._vet, stream)
+                ip = _peer_ip(stream)
+                self._make_room(ip)
+                scope = trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT)
+                arrival = next(self._arrivals)
+                self._vetting[arrival] = (ip, scope)
+                nursery.start_soon(self._vet, stream, arrival, scope)
 
-    async def _vet(self, stream: trio.SocketStream) -> None:
+    def _make_room(self, ip: str) -> None:
+        """Close the longest waiting connection without a token from ``ip`` if it has
+        ``MAX_HANDSHAKES_PER_IP``, and the longest waiting of all if there are
+        ``MAX_HANDSHAKES``."""
+        same = [a for a, (source, _) in self._vetting.items() if source == ip]
+        if len(same) >= MAX_HANDSHAKES_PER_IP:
+            self._vetting.pop(same[0])[1].cancel()
+        if len(self._vetting) >= MAX_HANDSHAKES:
+            self._vetting.popitem(last=False)[1][1].cancel()
+
+    async def _vet(self, stream: trio.SocketStream, arrival: int, scope: trio.CancelScope) -> None:
         """Read the connection's token (never a byte more) and hand the connection to the
         transfer that awaits it."""
-        async with self._handshakes:
-            token = b""
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                try:
-                    while len(token) < TOKEN_BYTES:
-                        part = await stream.receive_some(TOKEN_BYTES - len(token))
-                        if not part:
-                            break
-                        token += part
-                except trio.BrokenResourceError as exc:
-                    logger.debug("bulk connection broke before its token: %s", exc)
-            if len(token) < TOKEN_BYTES:
-                self.refused += 1
-                await stream.aclose()
-                return
-            sock = await _blocking_socket(stream)
-            waiter = self._waiting.pop(token, None)  # no checkpoint from here to the send
-            if waiter is None:
-                self.refused += 1
-                close_connection(sock)
-                return
-            waiter.send_nowait(sock)
+        token = b""
+        with scope:
+            try:
+                while len(token) < TOKEN_BYTES:
+                    part = await stream.receive_some(TOKEN_BYTES - len(token))
+                    if not part:
+                        break
+                    token += part
+            except trio.BrokenResourceError as exc:
+                logger.debug("bulk connection broke before its token: %s", exc)
+        self._vetting.pop(arrival, None)
+        if len(token) < TOKEN_BYTES:
+            self.refused += 1
+            await stream.aclose()
+            return
+        sock = await _blocking_socket(stream)
+        waiter = self._waiting.pop(token, None)  # no checkpoint from here to the send
+        if waiter is None:
+            self.refused += 1
+            close_connection(sock)
+            return
+        waiter.send_nowait(sock)
 
     def status(self) -> dict[str, int]:
         return {
@@ -268,7 +291,8 @@ class BulkPath:
     ) -> tuple[memoryview, bytes]:
         """The ``size``-byte body from the invited connection, opened with the invitation's
         key (its receive buffer, which tensors can view without a copy), and its sha256."""
-        with trio.move_on_after(HANDSHAKE_TIMEOUT + pace.idle_timeout) as scope:
+        wait = min(HANDSHAKE_TIMEOUT + pace.idle_timeout, pace.start_timeout)
+        with trio.move_on_after(wait) as scope:
             sock: socket.socket = await connection.receive()
         if scope.cancelled_caught:
             raise NetworkError("the sender said it connected to the bulk port but did not")

@@ -229,7 +229,7 @@ class Daemon:
         """Decide on a signed offer before its body is read: the kind must be one this node
         takes, the size within that kind's limit and the budgets; returns the budget
         reservation held while the body is in memory."""
-        kind, size = offer.kind, offer.size
+        kind, size, unsolicited = offer.kind, offer.size, False
         if kind in LEARNER_KINDS and self.learner is not None:
             limit = self.learner.max_model_bytes
             if size > limit:
@@ -241,9 +241,10 @@ class Daemon:
         elif kind == MODEL_UPDATE_KIND:
             if self.received_bytes + size > self.config.received_quota:
                 raise blob.BlobBusy(self._quota_full())
+            unsolicited = True
         else:
             raise RemoteProtocolError(f"unexpected blob kind {kind[:40]!r}")
-        return self.blob_budget.reserve(sender, size)
+        return self.blob_budget.reserve(sender, size, unsolicited=unsolicited)
 
     def _quota_full(self) -> str:
         return (

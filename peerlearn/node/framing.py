@@ -35,13 +35,18 @@ class Pace:
     # Also how long the first byte of a reply may take: a busy peer (a whole swarm sharing
     # two cores, say) can take several seconds to get to a new stream.
     grace: float = 20.0  # seconds before the rate counts
+    start_timeout: float = float("inf")  # seconds the first byte may take (a body's: short)
 
     def deadline(self, started: float, done: int, last_progress: float) -> float:
         """When the transfer fails unless another byte moves."""
         by_rate = started + self.grace + (done + 1) / self.min_rate
+        if done == 0:
+            by_rate = min(by_rate, started + self.start_timeout)
         return min(last_progress + self.idle_timeout, by_rate)
 
     def why(self, started: float, done: int, last_progress: float, now: float) -> str:
+        if done == 0 and now >= started + self.start_timeout:
+            return f"nothing within {self.start_timeout:.0f} s"
         if now >= last_progress + self.idle_timeout:
             return f"no data for {self.idle_timeout:.0f} s"
         rate = done / max(now - started, 1e-9)
