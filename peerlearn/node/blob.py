@@ -22,7 +22,8 @@ not an offence). A reservation lives only while its body moves: the body must st
 ``BODY_START_TIMEOUT`` seconds of the acceptance and then keep a pace (``framing.Pace``), so
 an offer whose body never comes holds memory for seconds, not for the transfer timeout.
 Bodies nobody asked for (``model_update``, what ``node share`` sends) may hold half of the
-budget at most, so they never crowd out the models a node learns from. The sender only
+budget at most (one peer's share, if larger), so they never crowd out the models a node
+learns from. The sender only
 reports success after the receiver's final ``ok``: nothing is dropped silently.
 """
 
@@ -107,14 +108,14 @@ class BlobBusy(Exception):
 
 class BlobBudget:
     """Memory for inbound blob bodies: at most ``total`` bytes held at once, at most
-    ``per_peer`` of them (and ``MAX_BLOBS_PER_PEER`` bodies) for one peer, and at most
-    ``total // 2`` for *unsolicited* bodies (shared files, not models to learn from).
-    Reserved from the offer, before the body is read."""
+    ``per_peer`` of them (and ``MAX_BLOBS_PER_PEER`` bodies) for one peer, and at most half
+    of ``total`` (or one peer's share, if larger) for *unsolicited* bodies (shared files,
+    not models to learn from). Reserved from the offer, before the body is read."""
 
     def __init__(self, total: int, per_peer: int) -> None:
         self.total = total
         self.per_peer = per_peer
-        self.unsolicited_total = total // 2
+        self.unsolicited_total = max(total // 2, per_peer)
         self.held = 0
         self.unsolicited_held = 0
         self._by_peer: Counter[str] = Counter()

@@ -149,7 +149,9 @@ async def _in_thread(work: Callable[[], T], fd: int, limiter: trio.CapacityLimit
 
 
 async def _blocking_socket(stream: trio.SocketStream) -> socket.socket:
-    """The stdlib socket behind a trio TCP stream, in blocking mode, owned by the caller."""
+    """The stdlib socket behind a trio TCP stream, in blocking mode, owned by the caller
+    (no checkpoint once it exists: a cancellation cannot leave it unowned)."""
+    await trio.lowlevel.checkpoint()
     trio_socket = stream.socket
     sock = socket.socket(trio_socket.family, trio_socket.type, fileno=trio_socket.detach())
     sock.setblocking(True)
@@ -157,7 +159,6 @@ async def _blocking_socket(stream: trio.SocketStream) -> socket.socket:
         # which costs a bulk sender a wake-up per 16 KiB (half its speed); back to no limit
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NO_LOWAT)
-    await trio.lowlevel.checkpoint()
     return sock
 
 
@@ -225,19 +226,21 @@ class BulkPath:
         """Read the connection's token (never a byte more) and hand the connection to the
         transfer that awaits it."""
         token = b""
-        with scope:
-            try:
+        try:
+            with scope:
                 while len(token) < TOKEN_BYTES:
                     part = await stream.receive_some(TOKEN_BYTES - len(token))
                     if not part:
                         break
                     token += part
-            except trio.BrokenResourceError as exc:
-                logger.debug("bulk connection broke before its token: %s", exc)
-        self._vetting.pop(arrival, None)
+        except trio.BrokenResourceError as exc:
+            logger.debug("bulk connection broke before its token: %s", exc)
+        finally:
+            self._vetting.pop(arrival, None)
+            if len(token) < TOKEN_BYTES:  # closed at once, even when we are cancelled
+                stream.socket.close()
         if len(token) < TOKEN_BYTES:
             self.refused += 1
-            await stream.aclose()
             return
         sock = await _blocking_socket(stream)
         waiter = self._waiting.pop(token, None)  # no checkpoint from here to the send
@@ -374,7 +377,11 @@ class BulkPath:
             )
             self._unreachable[peer_id] = now
             return None
-        return await _blocking_socket(stream)
+        try:
+            return await _blocking_socket(stream)
+        except BaseException:
+            stream.socket.close()
+            raise
 
     async def send_body(
         self, sock: socket.socket, invitation: Invitation, data: Body, pace: Pace

@@ -463,6 +463,7 @@ class Daemon:
             "boundary": {
                 **self.boundary.status(),
                 "blob_memory_held": self.blob_budget.held,
+                "blob_memory_held_unsolicited": self.blob_budget.unsolicited_held,
                 "blobs_refused_busy": self.blob_budget.refused,
                 "received_bytes": self.received_bytes,
                 "library_faults": self.host.library_faults,

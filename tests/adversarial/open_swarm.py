@@ -24,7 +24,7 @@ from peerlearn.identity import Identity
 from peerlearn.node.config import NodeConfig
 from peerlearn.node.daemon import Daemon
 from peerlearn.node.framing import receive_frame, send_frame
-from peerlearn.node.host_api import OpenGate, Stream
+from peerlearn.node.host_api import OpenGate, Stream, StreamHandler
 from peerlearn.node.swarm import topic
 from tests.memory_host import WALL_CLOCK_EPOCH, MemoryHost, MemoryNetwork
 from tests.virtual import Swarm, swarm, until
@@ -93,6 +93,29 @@ class Flooder:
                 await trio.sleep_forever()
             await trio.sleep(self.resign_every)
             self._sign_all()
+
+
+def serve_member(swarm_name: str, host: MemoryHost) -> tuple[str, StreamHandler]:
+    """The sync protocol and a handler that answers every pull with ``host``'s member
+    record and nothing else: an honest node that connects to ``host`` syncs with it and
+    so admits it as a member (open admission)."""
+    member = sign_entry(
+        host.identity, swarm_name, "member", clock_at(WALL_CLOCK_EPOCH), {"addrs": []}
+    )
+
+    async def serve(stream: Stream) -> None:
+        await receive_frame(stream, sync.MAX_SYNC_FRAME)
+        await send_frame(stream, sync.encode_hello(member))
+        while True:
+            want = sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME))
+            if not isinstance(want, sync.Want):
+                return
+            for data in sync.encode_entries([]):
+                await send_frame(stream, data)
+            if want.page.hi is None:
+                return
+
+    return sync.SYNC_PROTOCOL, serve
 
 
 @dataclass(frozen=True)

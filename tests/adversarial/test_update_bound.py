@@ -18,25 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import trio
 
-from peerlearn import wire
-from peerlearn.gossip import sync
-from peerlearn.gossip.crdt import clock_at, sign_entry
 from peerlearn.identity import Identity
 from peerlearn.learning import attacks
 from peerlearn.learning.hygiene import update_norm_bound
 from peerlearn.node import blob
 from peerlearn.node.daemon import Daemon
-from peerlearn.node.framing import receive_frame, send_frame
-from peerlearn.node.host_api import OpenGate, Stream
+from peerlearn.node.host_api import OpenGate
 from peerlearn.node.learning_transport import MODEL_KIND
 from peerlearn.tensors import state_dict_to_bytes
-from tests.adversarial.open_swarm import swarm_config
+from tests.adversarial.open_swarm import serve_member, swarm_config
 from tests.memory_host import WALL_CLOCK_EPOCH, MemoryHost
 from tests.virtual import swarm, until, virtual
 
@@ -89,27 +84,6 @@ async def _ratchet(host: MemoryHost, victim: Daemon, rounds: int) -> int:
     return taken
 
 
-def _member_of(swarm_name: str, host: MemoryHost) -> Any:
-    """Answer pulls with our member record: an honest node that connects syncs with us
-    and so admits us (open admission)."""
-    member = sign_entry(
-        host.identity, swarm_name, "member", clock_at(WALL_CLOCK_EPOCH), {"addrs": []}
-    )
-
-    async def serve(stream: Stream) -> None:
-        await receive_frame(stream, sync.MAX_SYNC_FRAME)
-        await send_frame(stream, sync.encode_hello(member))
-        while True:
-            want = sync.decode_frame(await receive_frame(stream, sync.MAX_SYNC_FRAME))
-            if not isinstance(want, sync.Want):
-                return
-            await send_frame(stream, wire.pack({"t": "entries", "entries": [], "more": False}))
-            if want.page.hi is None:
-                return
-
-    return serve
-
-
 def _attack(root: Path, clip: float) -> tuple[float, float, float, int]:
     """(victim's accuracy before, after; the others' mean after; models taken)."""
     out: list[tuple[float, float, float, int]] = []
@@ -126,7 +100,7 @@ def _attack(root: Path, clip: float) -> tuple[float, float, float, int]:
             before = _accuracy(victim)
             identity = Identity.from_seed(b"ratchet".ljust(32, b"\0"))
             async with s.network._open(identity, OpenGate(), swarm_services=True) as host:
-                host.set_handler(sync.SYNC_PROTOCOL, _member_of("ratchet", host))
+                host.set_handler(*serve_member("ratchet", host))
                 await host.connect(victim.addrs()[0])
                 await until(
                     lambda: victim.swarm is not None and victim.swarm.is_member(identity.peer_id),
