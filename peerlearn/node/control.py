@@ -8,6 +8,7 @@ sockets so the CLI stays synchronous.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import socket
 import struct
@@ -44,16 +45,27 @@ def decode_request(data: bytes) -> tuple[str, dict[str, Any]]:
 
 
 async def _serve_connection(
-    stream: trio.SocketStream, handlers: Mapping[str, Handler], request_timeout: float
+    stream: trio.SocketStream,
+    handlers: Mapping[str, Handler],
+    request_timeout: float,
+    reading: trio.CancelScope,
+    on_request: Callable[[], None],
 ) -> None:
+    """Read one request (within ``reading``, which may be cancelled to make room for a
+    newer connection), tell ``on_request``, run its handler and answer."""
     async with stream:
-        try:
-            pace = Pace(idle_timeout=request_timeout, min_rate=1024, grace=request_timeout)
-            with trio.fail_after(request_timeout):
-                op, args = decode_request(await receive_frame(stream, MAX_REQUEST, pace))
-        except (PeerlearnError, trio.TooSlowError) as exc:
-            logger.warning("bad control request: %s", exc or "too slow")
+        with reading:
+            try:
+                pace = Pace(idle_timeout=request_timeout, min_rate=1024, grace=request_timeout)
+                with trio.fail_after(request_timeout):
+                    op, args = decode_request(await receive_frame(stream, MAX_REQUEST, pace))
+            except (PeerlearnError, trio.TooSlowError) as exc:
+                logger.warning("bad control request: %s", exc or "too slow")
+                return
+        if reading.cancelled_caught:
+            logger.debug("closed an idle control connection to make room for a new one")
             return
+        on_request()
         handler = handlers.get(op)
         if handler is None:
             response = {
@@ -83,7 +95,9 @@ async def serve_control(
 ) -> None:
     """Listen on ``path`` until cancelled; the socket file is removed afterwards. A client
     has ``request_timeout`` seconds to send its request (at most ``MAX_REQUEST`` bytes);
-    at most ``MAX_CONNECTIONS`` are served at once."""
+    at most ``MAX_CONNECTIONS`` are served at once. When they are all taken, the one that
+    has waited longest without a whole request is closed for the newcomer (200 idle
+    connections used to make ``status`` fail until they timed out)."""
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -91,25 +105,34 @@ async def serve_control(
         path.chmod(0o600)
         sock.listen(16)
         listener = trio.SocketListener(sock)
-        slots = trio.CapacityLimiter(MAX_CONNECTIONS)
+        reading: dict[int, trio.CancelScope] = {}  # connections without a request, oldest first
+        running: set[int] = set()  # connections whose request is being answered
+        numbers = itertools.count()
 
-        async def serve(stream: trio.SocketStream) -> None:
+        async def serve(stream: trio.SocketStream, number: int, scope: trio.CancelScope) -> None:
+            def answering() -> None:
+                reading.pop(number, None)
+                running.add(number)
+
             try:
-                await _serve_connection(stream, handlers, request_timeout)
+                await _serve_connection(stream, handlers, request_timeout, scope, answering)
             finally:
-                slots.release_on_behalf_of(stream)
+                reading.pop(number, None)
+                running.discard(number)
 
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
                 stream = await listener.accept()
-                try:
-                    slots.acquire_on_behalf_of_nowait(stream)
-                except trio.WouldBlock:
-                    logger.warning("control socket busy: %d connections open", MAX_CONNECTIONS)
+                if len(reading) + len(running) >= MAX_CONNECTIONS and reading:
+                    reading.pop(next(iter(reading))).cancel()  # the longest idle makes room
+                if len(running) >= MAX_CONNECTIONS:
+                    logger.warning("control socket busy: %d requests running", MAX_CONNECTIONS)
                     await stream.aclose()
                     continue
-                nursery.start_soon(serve, stream)
+                number = next(numbers)
+                scope = reading[number] = trio.CancelScope()
+                nursery.start_soon(serve, stream, number, scope)
     finally:
         sock.close()
         path.unlink(missing_ok=True)

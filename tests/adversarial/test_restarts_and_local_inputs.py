@@ -3,22 +3,27 @@ the received/ folder) are bounded and checked like remote ones."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peerlearn import wire
+from peerlearn.errors import LocalProtocolError
 from peerlearn.node.checkpoints import MAGIC, CheckpointStore
-from peerlearn.node.control import MAX_REQUEST, serve_control
+from peerlearn.node.control import MAX_REQUEST, call, serve_control
 from peerlearn.node.daemon import Daemon
 from peerlearn.node.learner import CHECKPOINT_FILE
-from peerlearn.tensors import state_dict_to_bytes
+from peerlearn.tensors import load_state_dict_file, state_dict_to_bytes
 from tests.adversarial.hostile import daemon, eventually, node_config, run
 
 pytestmark = pytest.mark.integration
@@ -171,3 +176,43 @@ def test_checksums_cover_the_whole_payload(tmp_path: Path) -> None:
     store.save(b"payload")
     raw = (tmp_path / "c").read_bytes()
     assert raw == MAGIC + hashlib.sha256(b"payload").digest() + b"payload"
+
+
+def test_idle_control_connections_do_not_keep_status_out(tmp_path: Path) -> None:
+    """200 idle connections to the control socket made `status` fail until they timed
+    out (10 s); now the longest idle one is closed for each newcomer."""
+    path = tmp_path / "control.sock"
+
+    async def status(args: dict[str, object]) -> dict[str, object]:
+        return {"ok": True}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve_control(path, {"status": status}, task_status=task_status)
+            )
+            idle = [await trio.open_unix_socket(str(path)) for _ in range(200)]
+            with trio.fail_after(2):  # not the 10 s request timeout
+                assert await trio.to_thread.run_sync(lambda: call(path, "status")) == {"ok": True}
+            for stream in idle:
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+@settings(max_examples=50)
+@given(st.binary(max_size=2000))
+def test_any_file_given_to_share_is_a_one_line_local_error(data: bytes) -> None:
+    """`node share /etc/passwd` answered "internal error: IndexError"."""
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ("model.pt", "model.safetensors"):
+            path = Path(folder) / name
+            path.write_bytes(data)
+            with contextlib.suppress(LocalProtocolError):
+                load_state_dict_file(path)
+
+
+def test_sharing_a_text_file_says_what_is_wrong() -> None:
+    with pytest.raises(LocalProtocolError, match="is not a torch state_dict file"):
+        load_state_dict_file(Path("/etc/passwd"))
