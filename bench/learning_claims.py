@@ -161,11 +161,14 @@ def bristle_claims(seeds: Sequence[int]) -> None:
     common = BRISTLE_SETTING
     clean = mean_over_seeds(lambda s: SimConfig(filter="none", seed=s, **common), seeds)
     clean_accs = [r.final(BRISTLE_ACCURACY_ROUNDS) for r in clean]
+    calm = mean_over_seeds(lambda s: SimConfig(filter="bristle", seed=s, **common), seeds)
+    calm_accs = [r.final(BRISTLE_ACCURACY_ROUNDS) for r in calm]
     row(
-        "Plain mean, no attack (the yardstick of each attack's harm; 10 nodes, 4 classes "
-        f"per node, 4 peers per round, 160 rounds, transfer model; accuracy: honest mean over "
-        f"the last {BRISTLE_ACCURACY_ROUNDS} rounds)",
-        f"honest acc {spread(clean_accs)}",
+        "No attack (the yardsticks; 10 nodes, 4 classes per node, 4 peers per round, 160 "
+        f"rounds, transfer model; accuracy: honest mean over the last {BRISTLE_ACCURACY_ROUNDS} "
+        "rounds)",
+        f"plain mean {spread(clean_accs)}, Bristle {spread(calm_accs)} "
+        f"(worst node {min(r.records[-1].acc_min for r in calm):.3f})",
         None,
     )
     for attack in ("label-flip", "sign-flip", "alie", "ipm"):
@@ -184,8 +187,12 @@ def bristle_claims(seeds: Sequence[int]) -> None:
         harm = [c - p for c, p in zip(clean_accs, p_accs, strict=True)]
         b_min = min(r.records[-1].acc_min for r in defended)
         if attack == "label-flip":
-            claim = ": >= 90% honest vs plain mean < 70%"
-            verdict: bool | None = avg(b_accs) >= 0.9 and avg(p_accs) < 0.7
+            claim = ": >= 90% honest (>= 85% on the worst node) vs plain mean < 70%"
+            verdict: bool | None = avg(b_accs) >= 0.9 and b_min >= 0.85 and avg(p_accs) < 0.7
+        elif attack == "alie":
+            cost = avg(calm_accs) - avg(b_accs)
+            claim = f": costs Bristle <= 2 pp (measured {100 * cost:.1f} pp)"
+            verdict = cost <= 0.02
         else:
             claim = ": harms the plain mean (>= 1 pp on every seed)"
             verdict = all(h >= 0.01 for h in harm)

@@ -50,14 +50,17 @@ def test_prioritizer_takes_all_when_few_and_alpha_split_when_many() -> None:
     assert chosen == bristle.prioritize(own, many, random.Random(0), keep=10, alpha=0.4)
 
 
-def test_integrate_uses_self_weight_one_and_centres_rows() -> None:
-    own = torch.zeros(2, 3)
+def test_integrate_weighs_ourselves_for_familiar_classes_only_and_centres_rows() -> None:
+    own = torch.tensor([[0.0, 0.0, 0.0], [9.0, 0.0, 0.0]])
     peer = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 6.0]])
     weights = [bristle.PeerWeights(per_class={0: 2.0}, foreign=0.5)]
     out = bristle.integrate(own, [peer], weights, familiar=[0])
-    row0 = torch.tensor([2.0, 0.0, 0.0]) - 2.0 / 3  # (0 + 2*peer) / 3, centred
-    row1 = torch.tensor([0.0, 0.0, 2.0]) - 2.0 / 3  # (0 + 0.5*peer) / 1.5, centred
+    row0 = torch.tensor([2.0, 0.0, 0.0]) - 2.0 / 3  # (1*own + 2*peer) / 3, centred
+    row1 = torch.tensor([0.0, 0.0, 6.0]) - 2.0  # foreign: the trusted peer's row, centred
     assert torch.allclose(out, torch.stack([row0, row1]))
+    untrusted = [bristle.PeerWeights(per_class={0: 0.0}, foreign=0.0)]
+    kept = bristle.integrate(own, [peer], untrusted, familiar=[0])
+    assert torch.allclose(kept, own - own.mean(dim=1, keepdim=True))  # nobody to learn from
 
 
 def test_per_class_f1() -> None:
