@@ -18,7 +18,8 @@ A task is a class with three required methods; a *factory* (any callable taking 
 Optional: ``create_optimizer`` (default: SGD with the swarm's ``lr``), ``exchanged`` (which
 state_dict entries travel; default: every floating-point one), ``state_dict`` /
 ``load_state_dict`` (the task's own state, saved in each checkpoint with the model and the
-optimizer).
+optimizer), ``contribution_loss`` (a model's loss on a small fixed batch of this node's own
+data: it scores the models peers send).
 
 ``--task`` takes a built-in name (``digits``, ``textlm``), the name of an installed entry
 point of group ``peerlearn.tasks``, or ``module:attribute``. Names are checked without
@@ -115,6 +116,12 @@ class Task(abc.ABC):
     def default_lr(self) -> float:
         """Learning rate when the swarm's ``lr`` setting is 0."""
         return 0.1
+
+    def contribution_loss(self, model: torch.nn.Module) -> float | None:
+        """``model``'s loss on a small fixed batch of this node's own data, which scores
+        the models peers send (``contribution``); None: the task does not score them."""
+        del model
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """The task's own state for checkpoints: msgpack-able values (str, int, float, bytes,

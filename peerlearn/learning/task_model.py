@@ -126,6 +126,17 @@ class TaskModel:
             raise TaskError(f"evaluate() returned no {self.task.metric!r} (the task's metric)")
         return metrics
 
+    def contribution_loss(self, state: StateDict) -> float | None:
+        """The task's ``contribution_loss`` of ``state`` (None: the task does not score);
+        a non-finite loss counts as infinitely bad."""
+        with self._lock:
+            self._load(state)
+            self.model.eval()
+            loss = self.task.contribution_loss(self.model)
+        if loss is None:
+            return None
+        return float(loss) if math.isfinite(loss) else math.inf
+
     def score(self, metrics: Mapping[str, float]) -> float:
         return float(metrics[self.task.metric])
 

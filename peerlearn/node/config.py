@@ -130,6 +130,12 @@ class NodeConfig:
     median distance of the other recent senders' models (so no one peer can move the bound;
     Bristle is exempt); 0: no clipping."""
 
+    contribution_filter: bool = False
+    """Leave out of merges (and count against their sender) the models of peers whose
+    contribution score (how their models do on a batch of our data) lies far below the other
+    peers'. Off by default: it catches sign flips somewhat, not ALIE nor a ratchet (see
+    docs/security.md). The scores show in status either way."""
+
     fresh: bool = False
     """Set unusable (or any) checkpoints aside and start learning from round 0."""
 

@@ -25,11 +25,13 @@ import torch
 import trio
 
 from peerlearn import wire
+from peerlearn.errors import Offence, RemoteProtocolError
 from peerlearn.gossip.crdt import Entry
-from peerlearn.identity import public_key_from_peer_id
+from peerlearn.identity import peer_id_from_public_key, public_key_from_peer_id
 from peerlearn.learning import attacks, robust
 from peerlearn.learning.aggregate import StateDict
 from peerlearn.learning.compression import decode_from_peer
+from peerlearn.learning.contribution import ContributionScores
 from peerlearn.learning.hygiene import Admitted, UpdateBound, admit_received
 from peerlearn.learning.task import (
     TaskContext,
@@ -131,6 +133,8 @@ class Learner:
         self.rule = robust.create_rule(
             "mean" if config.filter == "bristle" else config.filter, f=config.byzantine_bound
         )
+        self.contribution = ContributionScores()
+        self._own_loss: tuple[StateDict, float | None] | None = None  # (model, its loss)
         self.bound = UpdateBound.for_merge(
             config.algo, config.filter, config.max_update_ratio, config.update_clip_ratio
         )
@@ -187,6 +191,7 @@ class Learner:
             "attack": self.config.attack,
             "gossip_undelivered": self.host.publish_failures,
             **self.bound.status(),
+            "contribution": self.contribution.status(peer_id_from_public_key),
         }
 
     def current_round(self) -> int:
@@ -288,17 +293,36 @@ class Learner:
         pk = public_key_from_peer_id(received.sender_id)  # checked against the signed offer
         limit = self.bound.limit_for(pk)
 
-        def decode_and_check() -> Admitted:
+        def decode_and_check() -> tuple[Admitted, float | None, float | None]:
             model = state_dict_from_bytes(received.data, size)
             if codec is not None:
                 model = decode_from_peer(model, own, codec, reference)
-            return admit_received(model, own, max_update_ratio=ratio, limit=limit)
+            admitted = admit_received(model, own, max_update_ratio=ratio, limit=limit)
+            return admitted, self._loss_of_own(own), self.learning.contribution_loss(model)
 
-        admitted = await self.offload(decode_and_check)
+        admitted, own_loss, loss = await self.offload(decode_and_check)
         self.bound.record(pk, admitted, limit)
+        if own_loss is not None and loss is not None:
+            gain = self.contribution.record(pk, own_loss, loss)
+            if self.config.contribution_filter and self.contribution.excluded(pk):
+                self.contribution.excluded_models += 1
+                raise RemoteProtocolError(
+                    f"its models score far below the other peers' on our data "
+                    f"(this one {gain:+.2f} against ours)",
+                    Offence.BAD_MODEL,
+                )
         self.driver.receive_model(pk, received.offer.kind, meta, admitted.model)
         self.transport.model_received(received.offer.size)
         self.swarm.establish(received.sender_id)
+
+    def _loss_of_own(self, own: StateDict) -> float | None:
+        """Our model's contribution loss, computed once per model (off the event loop)."""
+        cached = self._own_loss
+        if cached is not None and cached[0] is own:
+            return cached[1]
+        loss = self.learning.contribution_loss(own)
+        self._own_loss = (own, loss)
+        return loss
 
     # -- main loop --------------------------------------------------------------------------
 

@@ -96,6 +96,25 @@ class StatusCollector(Collector):
                 "Models the learner received.",
                 learning["models_received"],
             )
+            yield from _counter(
+                "peerlearn_models_clipped",
+                "Received models scaled back to the update bound.",
+                learning.get("updates_clipped"),
+            )
+            contribution = learning.get("contribution") or {}
+            yield from _counter(
+                "peerlearn_models_excluded",
+                "Received models left out for their sender's contribution score.",
+                contribution.get("models_excluded"),
+            )
+            scores = GaugeMetricFamily(
+                "peerlearn_contribution_score",
+                "Each peer's contribution score (how its models do on our data; 0: as ours).",
+                labels=["peer"],
+            )
+            for peer, value in sorted((contribution.get("scores") or {}).items()):
+                scores.add_metric([peer], float(value))
+            yield scores
             task_metrics = GaugeMetricFamily(
                 "peerlearn_task_metric",
                 "The task's metrics after the last round.",

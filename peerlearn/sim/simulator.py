@@ -51,6 +51,7 @@ from peerlearn.learning.choices import (
     experiment_shards,
 )
 from peerlearn.learning.compression import ErrorFeedback
+from peerlearn.learning.contribution import ContributionScores
 from peerlearn.learning.hygiene import (
     DEFAULT_CLIP_RATIO,
     DEFAULT_MAX_UPDATE_RATIO,
@@ -99,6 +100,7 @@ class SimConfig:
     compression: str = "none"  # none, int8, int4 or topk:F: every model a node sends
     max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO  # as the daemon's setting
     clip_ratio: float = DEFAULT_CLIP_RATIO  # as the daemon's update_clip_ratio (0: none)
+    contribution_filter: bool = False  # as the daemon's setting: leave low scorers out
 
     def resolved(self) -> SimConfig:
         if self.algo not in ALGORITHMS:
@@ -167,6 +169,7 @@ class _Node:
     generator: torch.Generator  # the node's attacks
     model: StateDict  # its exchanged state
     bound: UpdateBound  # how far a received model may lie from its own
+    scores: ContributionScores = field(default_factory=ContributionScores)
     alive: bool = True
     feedback: ErrorFeedback | None = None  # with compression: what it has not sent yet
     direction: StateDict | None = None  # a ratchet attacker's
@@ -302,11 +305,21 @@ class Simulation:
         """The received models ``node`` may merge, each checked (and clipped) against its
         model as the daemon does; the refused are left out."""
         out = []
+        scoring = self.config.contribution_filter
+        own_loss = node.learner.contribution_loss(node.model) if scoring else None
         for sender, model in zip(senders, models, strict=True):
             try:
-                out.append(node.bound.admit(sender, model, node.model))
+                admitted = node.bound.admit(sender, model, node.model)
             except RemoteProtocolError:
                 self.trace.add("refused", node.index, self.by_pk[sender].index)
+                continue
+            if own_loss is not None:
+                loss = node.learner.contribution_loss(admitted)
+                node.scores.record(sender, own_loss, loss if loss is not None else own_loss)
+                if node.scores.excluded(sender):
+                    node.scores.excluded_models += 1
+                    continue
+            out.append(admitted)
         return out
 
     def _send(self, node: _Node, model: StateDict, reference: StateDict | None = None) -> StateDict:

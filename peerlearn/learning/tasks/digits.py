@@ -25,6 +25,8 @@ from peerlearn.learning.task import Task, TaskContext, TaskError, TaskOptions
 FEATURE_SEED = 20211021  # fixed: every node must have the same frozen extractor
 INPUT_FEATURES = 64
 OUTPUT_LAYER = "out.weight"
+SCORE_BATCH = 64  # samples of a node's shard its contribution scores are measured on
+SCORE_SEED_OFFSET = 424_242  # their draw has a generator of its own
 
 
 @cache
@@ -127,6 +129,10 @@ class DigitsTask(Task):
             local = Dataset(local.x, attacks.flip_labels(local.y))
         self.train = local
         self.generator = torch.Generator().manual_seed(context.seed)
+        scored = torch.Generator().manual_seed(context.seed + SCORE_SEED_OFFSET)
+        self.score_batch = local.subset(
+            torch.randint(0, len(local), (SCORE_BATCH,), generator=scored).numpy()
+        )
 
     def create_model(self, generator: torch.Generator) -> torch.nn.Module:
         return DigitsNet(self.kind, self.hidden, generator)
@@ -153,6 +159,14 @@ class DigitsTask(Task):
             optimizer.step()
             total += float(loss.detach())
         return {"loss": total / max(steps, 1)}
+
+    def contribution_loss(self, model: torch.nn.Module) -> float:
+        """Cross-entropy on ``SCORE_BATCH`` samples of our shard (drawn once; they are
+        also trained on: the shard is too small to set them aside)."""
+        assert isinstance(model, DigitsNet)
+        with torch.no_grad():
+            logits = model.head(self.score_batch.x)
+            return float(torch.nn.functional.cross_entropy(logits, self.score_batch.y))
 
     def evaluate(self, model: torch.nn.Module) -> Mapping[str, float]:
         assert isinstance(model, DigitsNet)

@@ -126,6 +126,9 @@ class TinyLM(torch.nn.Module):
         return self.head(self.norm(x))  # type: ignore[no-any-return]
 
 
+SCORE_SEQUENCES = 16  # held-out sentences a node's contribution scores are measured on
+
+
 @cache
 def _test_set(data_seed: int, context: int) -> torch.Tensor:
     return Sentences(data_seed * 7 + 1).batch(TEST_SEQUENCES, context)
@@ -151,6 +154,9 @@ class TextLMTask(Task):
         # Every shard is its own stream; the data seed keeps shards apart across swarms.
         self.stream = Sentences(context.data_seed * 1_000_003 + context.shard * 2 + 2)
         self.test = _test_set(context.data_seed, self.context_length)
+        # held out: sentences of our shard's kind that training never sees
+        held_out = Sentences(context.data_seed * 1_000_003 + context.shard * 2 + 3)
+        self.score_batch = held_out.batch(SCORE_SEQUENCES, self.context_length)
 
     def create_model(self, generator: torch.Generator) -> torch.nn.Module:
         return TinyLM(self.width, self.layers, self.context_length, generator)
@@ -184,6 +190,12 @@ class TextLMTask(Task):
             optimizer.step()
             total += float(loss.detach())
         return {"loss": total / max(steps, 1)}
+
+    def contribution_loss(self, model: torch.nn.Module) -> float:
+        """Next-character loss on ``SCORE_SEQUENCES`` held-out sentences of our shard."""
+        with torch.no_grad():
+            loss, _ = self._loss(model, self.score_batch)
+        return float(loss)
 
     def evaluate(self, model: torch.nn.Module) -> Mapping[str, float]:
         with torch.no_grad():
