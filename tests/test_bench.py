@@ -71,3 +71,8 @@ def test_exchange_bench_runs_at_a_tiny_size() -> None:
     rows = [line for line in out.splitlines() if line.startswith("| 2 x 0.1 MB | ")]
     assert len(rows) == 2
     assert all(" | 2/2 | " in row for row in rows)  # every round complete
+
+
+def test_open_swarm_bench_runs_at_a_tiny_size() -> None:
+    out = run_bench("open_swarm.py", "--nodes", "3", "--only", "dilution", "--scale", "0.01")
+    assert "| dilution | 30 |" in out
