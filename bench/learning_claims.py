@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from peerlearn.sim.simulator import SimConfig, SimResult, run_simulation
+from peerlearn.sim.simulator import SimConfig, SimResult, Simulation, run_simulation
 
 VCA_TARGET = 0.90  # accuracy for "rounds to target"
 
@@ -227,20 +227,32 @@ def bound_claims(seeds: Sequence[int]) -> None:
     print("| attack | " + " | ".join(BOUND_DEFENCES) + " |")
     print("|---" * (len(BOUND_DEFENCES) + 1) + "|")
     table: dict[tuple[str, str], list[float]] = {}
+    gains: dict[str, tuple[list[float], list[float]]] = {}  # attack: (honest, attackers)
     for attack, fraction in BOUND_ATTACKS:
         cells = []
         for name, defence in BOUND_DEFENCES.items():
-            runs = mean_over_seeds(
-                lambda s, a=attack, f=fraction, d=defence: SimConfig(
-                    attack=a, byzantine=f, seed=s, **BOUNDS, **d
-                ),
-                seeds,
-            )
+            runs = []
+            for seed in seeds:
+                sim = Simulation(
+                    SimConfig(attack=attack, byzantine=fraction, seed=seed, **BOUNDS, **defence)
+                )
+                runs.append(sim.run())
+                if defence.get("contribution_filter"):
+                    scored = gains.setdefault(f"{attack} {fraction:.0%}", ([], []))
+                    for node in sim.honest:
+                        for sender in sim.nodes:
+                            score = node.scores.score(sender.pk)
+                            if score is not None and sender is not node:
+                                scored[sender.byzantine].append(score)
             accs = [r.final(3) for r in runs]
             table[(f"{attack} {fraction:.0%}", name)] = accs
             worst = min(r.records[-1].acc_min for r in runs)
             cells.append(f"{spread(accs)} ({worst:.3f})")
         print(f"| {attack} {fraction:.0%} | " + " | ".join(cells) + " |", flush=True)
+    print("\ncontribution scores, median over honest receivers (honest senders; attackers):")
+    for label, (honest, attackers) in gains.items():
+        shown = f"{statistics.median(attackers):+.2f}" if attackers else "-"
+        print(f"  {label}: {statistics.median(honest):+.2f}; {shown}")
     calm = avg(table[("none 0%", "mean (default)")])
     hit = avg(table[("ratchet 10%", "mean (default)")])
     before = avg(table[("ratchet 10%", "mean, no clipping (before)")])
