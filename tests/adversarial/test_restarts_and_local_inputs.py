@@ -9,6 +9,8 @@ import logging
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -121,19 +123,28 @@ def test_an_invalid_value_in_a_checkpoint_is_a_one_line_error(tmp_path: Path) ->
     assert "round must be a non-negative integer" in one_line_error(err)
 
 
-def test_the_control_socket_bounds_slow_and_large_requests(tmp_path: Path) -> None:
-    path = tmp_path / "control.sock"
+@asynccontextmanager
+async def control_server(path: Path, **options: float) -> AsyncIterator[None]:
+    """A control socket at ``path`` whose one operation, ``status``, answers {"ok": True}."""
 
     async def status(args: dict[str, object]) -> dict[str, object]:
         return {"ok": True}
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve_control(
-                    path, {"status": status}, request_timeout=0.5, task_status=task_status
-                )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: serve_control(
+                path, {"status": status}, task_status=task_status, **options
             )
+        )
+        yield
+        nursery.cancel_scope.cancel()
+
+
+def test_the_control_socket_bounds_slow_and_large_requests(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+
+    async def main() -> None:
+        async with control_server(path, request_timeout=0.5):
             async with await trio.open_unix_socket(str(path)) as silent:
                 with trio.fail_after(3):
                     assert await silent.receive_some(1) == b""  # closed after the timeout
@@ -141,7 +152,6 @@ def test_the_control_socket_bounds_slow_and_large_requests(tmp_path: Path) -> No
                 await huge.send_all((MAX_REQUEST + 1).to_bytes(4, "big"))
                 with trio.fail_after(3):
                     assert await huge.receive_some(1) == b""  # refused before reading a body
-            nursery.cancel_scope.cancel()
 
     run(main)
 
@@ -183,20 +193,13 @@ def test_idle_control_connections_do_not_keep_status_out(tmp_path: Path) -> None
     out (10 s); now the longest idle one is closed for each newcomer."""
     path = tmp_path / "control.sock"
 
-    async def status(args: dict[str, object]) -> dict[str, object]:
-        return {"ok": True}
-
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve_control(path, {"status": status}, task_status=task_status)
-            )
+        async with control_server(path):
             idle = [await trio.open_unix_socket(str(path)) for _ in range(200)]
             with trio.fail_after(2):  # not the 10 s request timeout
                 assert await trio.to_thread.run_sync(lambda: call(path, "status")) == {"ok": True}
             for stream in idle:
                 await stream.aclose()
-            nursery.cancel_scope.cancel()
 
     run(main)
 
