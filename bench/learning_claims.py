@@ -209,7 +209,7 @@ BOUND_ATTACKS = (("none", 0.0), ("ratchet", 0.1), ("alie", 0.1), ("alie", 0.3), 
 BOUND_DEFENCES: dict[str, dict[str, Any]] = {
     "mean, no clipping (before)": {"filter": "none", "clip_ratio": 0.0},
     "mean (default)": {"filter": "none"},
-    "mean + contribution filter": {"filter": "none", "contribution_filter": True},
+    "mean + contribution filter": {"filter": "none", "contribution": "filter"},
     "trimmed": {"filter": "trimmed"},
     "krum": {"filter": "krum"},
     "median": {"filter": "median"},
@@ -237,7 +237,7 @@ def bound_claims(seeds: Sequence[int]) -> None:
                     SimConfig(attack=attack, byzantine=fraction, seed=seed, **BOUNDS, **defence)
                 )
                 runs.append(sim.run())
-                if defence.get("contribution_filter"):
+                if defence.get("contribution") == "filter":
                     scored = gains.setdefault(f"{attack} {fraction:.0%}", ([], []))
                     for node in sim.honest:
                         for sender in sim.nodes:

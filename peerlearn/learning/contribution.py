@@ -6,14 +6,16 @@ A received model's *gain* is ``(L(own) - L(model)) / L(own)``, ``L`` being the t
 negative when worse. A peer's score is an exponential average of its gains. Honest peers'
 models do worse on our data than our own (they learned elsewhere), so a score means
 something only beside the other peers': a peer whose score lies more than
-``exclude_margin`` below the median of the scored peers' is *excluded* (with
-``contribution_filter`` on, its models are left out of merges and each one counts as a bad
-model against it, so a persistent one is banned).
+``exclude_margin`` below the median of the scored peers' is *excluded*. A node's
+``contribution`` setting (``CONTRIBUTION_MODES``) is ``off``, ``score`` (scores in
+``status``; each received model costs two forward passes of the batch) or ``filter`` (an
+excluded peer's models are left out of merges and each counts as a bad model against it, so
+a persistent one is banned).
 
 What they catch, measured in the simulator (``bench/learning_claims.py --only bounds``):
 sign flips, somewhat; not ALIE, whose models sit among the honest ones by design, nor a
 ratchet, whose models are our own plus a change and so score *better* than honest ones.
-Off by default for that reason; the scores are shown in ``status`` either way.
+Off by default for that reason (and for the forward passes).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+CONTRIBUTION_MODES = ("off", "score", "filter")
 DECAY = 0.7  # weight of a peer's previous score in its next one
 EXCLUDE_MARGIN = 0.5  # below the peers' median score: excluded
 MIN_MODELS = 3  # models scored before a peer can be excluded

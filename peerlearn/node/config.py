@@ -130,11 +130,12 @@ class NodeConfig:
     median distance of the other recent senders' models (so no one peer can move the bound;
     Bristle is exempt); 0: no clipping."""
 
-    contribution_filter: bool = False
-    """Leave out of merges (and count against their sender) the models of peers whose
-    contribution score (how their models do on a batch of our data) lies far below the other
-    peers'. Off by default: it catches sign flips somewhat, not ALIE nor a ratchet (see
-    docs/security.md). The scores show in status either way."""
+    contribution: str = "off"
+    """Contribution scores (how each peer's models do on a batch of our data): off; score
+    (shown in status and metrics; two forward passes of the batch per received model); or
+    filter (also leave out of merges, and count against their sender, the models of peers
+    scoring far below the others). Off by default: it catches sign flips somewhat, not ALIE
+    nor a ratchet (docs/security.md)."""
 
     fresh: bool = False
     """Set unusable (or any) checkpoints aside and start learning from round 0."""
@@ -351,6 +352,11 @@ def _validate_learning(config: NodeConfig) -> None:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
     if not 0.0 <= config.beta <= 1.0:
         raise ConfigError(f"beta must be in [0, 1], got {config.beta}")
+    from peerlearn.learning.contribution import CONTRIBUTION_MODES
+
+    if config.contribution not in CONTRIBUTION_MODES:
+        choices = ", ".join(CONTRIBUTION_MODES)
+        raise ConfigError(f"contribution must be one of {choices}, not {config.contribution!r}")
     if config.attack not in NODE_ATTACKS:
         raise ConfigError(f"attack must be one of {', '.join(NODE_ATTACKS)}")
     if config.attack in MODEL_ATTACKS and config.algo == "modest":

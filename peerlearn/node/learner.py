@@ -293,18 +293,22 @@ class Learner:
         pk = public_key_from_peer_id(received.sender_id)  # checked against the signed offer
         limit = self.bound.limit_for(pk)
 
+        scoring = self.config.contribution != "off"
+
         def decode_and_check() -> tuple[Admitted, float | None, float | None]:
             model = state_dict_from_bytes(received.data, size)
             if codec is not None:
                 model = decode_from_peer(model, own, codec, reference)
             admitted = admit_received(model, own, max_update_ratio=ratio, limit=limit)
+            if not scoring:
+                return admitted, None, None
             return admitted, self._loss_of_own(own), self.learning.contribution_loss(model)
 
         admitted, own_loss, loss = await self.offload(decode_and_check)
         self.bound.record(pk, admitted, limit)
         if own_loss is not None and loss is not None:
             gain = self.contribution.record(pk, own_loss, loss)
-            if self.config.contribution_filter and self.contribution.excluded(pk):
+            if self.config.contribution == "filter" and self.contribution.excluded(pk):
                 self.contribution.excluded_models += 1
                 raise RemoteProtocolError(
                     f"its models score far below the other peers' on our data "

@@ -100,7 +100,7 @@ class SimConfig:
     compression: str = "none"  # none, int8, int4 or topk:F: every model a node sends
     max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO  # as the daemon's setting
     clip_ratio: float = DEFAULT_CLIP_RATIO  # as the daemon's update_clip_ratio (0: none)
-    contribution_filter: bool = False  # as the daemon's setting: leave low scorers out
+    contribution: str = "off"  # as the daemon's setting: off, score or filter
 
     def resolved(self) -> SimConfig:
         if self.algo not in ALGORITHMS:
@@ -305,7 +305,8 @@ class Simulation:
         """The received models ``node`` may merge, each checked (and clipped) against its
         model as the daemon does; the refused are left out."""
         out = []
-        scoring = self.config.contribution_filter
+        scoring = self.config.contribution != "off"
+        filtering = self.config.contribution == "filter"
         own_loss = node.learner.contribution_loss(node.model) if scoring else None
         for sender, model in zip(senders, models, strict=True):
             try:
@@ -316,7 +317,7 @@ class Simulation:
             if own_loss is not None:
                 loss = node.learner.contribution_loss(admitted)
                 node.scores.record(sender, own_loss, loss if loss is not None else own_loss)
-                if node.scores.excluded(sender):
+                if filtering and node.scores.excluded(sender):
                     node.scores.excluded_models += 1
                     continue
             out.append(admitted)
