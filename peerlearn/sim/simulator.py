@@ -51,7 +51,7 @@ from peerlearn.learning.choices import (
     experiment_shards,
 )
 from peerlearn.learning.compression import ErrorFeedback
-from peerlearn.learning.contribution import ContributionScores
+from peerlearn.learning.contribution import CONTRIBUTION_MODES, ContributionScores
 from peerlearn.learning.hygiene import (
     DEFAULT_CLIP_RATIO,
     DEFAULT_MAX_UPDATE_RATIO,
@@ -111,6 +111,8 @@ class SimConfig:
             raise LocalProtocolError(f"unknown partition {self.partition!r}")
         if self.attack not in ATTACKS:
             raise LocalProtocolError(f"unknown attack {self.attack!r}")
+        if self.contribution not in CONTRIBUTION_MODES:
+            raise LocalProtocolError(f"contribution must be one of {CONTRIBUTION_MODES}")
         if self.filter == "bristle" and self.algo not in ("gossip", "gossip-vca", "dpsgd"):
             raise LocalProtocolError(
                 "bristle merges gossiped layers: use gossip, gossip-vca or dpsgd"
@@ -314,9 +316,9 @@ class Simulation:
             except RemoteProtocolError:
                 self.trace.add("refused", node.index, self.by_pk[sender].index)
                 continue
-            if own_loss is not None:
-                loss = node.learner.contribution_loss(admitted)
-                node.scores.record(sender, own_loss, loss if loss is not None else own_loss)
+            loss = node.learner.contribution_loss(model) if own_loss is not None else None
+            if own_loss is not None and loss is not None:  # the model as sent, as the daemon
+                node.scores.record(sender, own_loss, loss)
                 if filtering and node.scores.excluded(sender):
                     node.scores.excluded_models += 1
                     continue
